@@ -1,0 +1,1 @@
+"""Stage 2: an LLM reads one hybrid prompt and scores the candidates' index letters."""

@@ -1,0 +1,1 @@
+"""Ranker backends: one interface, in-process (transformers) and remote (vLLM) implementations."""

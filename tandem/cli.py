@@ -1,0 +1,20 @@
+"""The ``tandem`` command line. Stage packages are imported lazily inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+from tandem.commands import data, evaluate, retriever
+
+app = typer.Typer(
+    name="tandem",
+    help="Tandem: a two-stage recommender (sequential retrieval + LLM ranking).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data.app, name="data")
+app.add_typer(retriever.app, name="retriever")
+app.command("evaluate")(evaluate.evaluate)
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,5 @@
+"""Fixture modules live in tests/fixtures/, one per real component they start or build."""
+
+pytest_plugins = [
+    "tests.fixtures.data",
+]
