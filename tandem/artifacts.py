@@ -46,7 +46,9 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     parents: dict[str, str] = field(default_factory=dict)
-    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    created_at: str = field(
+        default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    )
     versions: dict[str, str] = field(
         default_factory=lambda: {"tandem": tandem.__version__, "python": platform.python_version()}
     )

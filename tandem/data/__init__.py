@@ -3,8 +3,8 @@
 from tandem.data.catalog import PADDING_INDEX, Catalog, UnknownItemsError
 from tandem.data.dataset import (
     DEFAULT_MIN_INTERACTIONS,
-    DataSummary,
     Dataset,
+    DataSummary,
     build_dataset,
     prepare_files,
     prepare_movielens_100k,

@@ -41,7 +41,7 @@ def _first_bad(mask: pd.Series) -> int:
 def _check_ids(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
     values = frame[column].astype(str).str.strip()
     bad = frame[column].isna() | (values == "") | (values.str.len() > MAX_ID_LENGTH)
-    bad |= ~values.str.isprintable()
+    bad |= ~values.map(str.isprintable).astype(bool)
     if bad.any():
         row = _first_bad(bad)
         raise DataFormatError(
@@ -96,7 +96,7 @@ def read_interactions(path: Path) -> pd.DataFrame:
 
 
 def read_items(path: Path) -> Catalog:
-    """Items file with item_id and title; optional year, genres ("|"-separated), text, image_path."""
+    """Items with item_id and title; optional year, genres ("|"-separated), text, image_path."""
     frame = read_table(path)
     for column in ("item_id", "title"):
         if column not in frame.columns:
