@@ -2,5 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.data",
+    "tests.fixtures.redis",
     "tests.fixtures.tiny_llm",
 ]
