@@ -1,0 +1,1 @@
+"""Tandem's online services: the ``POST /recommend`` gateway and the retrieval service."""

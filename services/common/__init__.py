@@ -1,0 +1,1 @@
+"""What both services share: settings, problem+json errors, middleware, metrics, health, logs."""

