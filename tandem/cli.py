@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tandem.commands import data, evaluate, retriever
+from tandem.commands import data, evaluate, retriever, serve
 
 app = typer.Typer(
     name="tandem",
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
 app.command("evaluate")(evaluate.evaluate)
+app.command("serve")(serve.serve)
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,110 @@
+"""Running the services: the embedded stack (``tandem serve``) and the separate roles.
+
+Embedded = one process: the gateway with the retriever in-process (no HTTP hop), the embedded
+Redis (features published when the store is empty) and the in-process ranker. The roles
+``gateway`` and ``retrieval`` are the separate services compose and Kubernetes run. Artifacts
+load before the port is bound, so a missing run fails at once with what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import uvicorn
+from fastapi import FastAPI
+
+from services.common.logs import configure_logging
+from services.common.settings import GatewaySettings, RetrievalSettings
+
+Role = Literal["embedded", "gateway", "retrieval"]
+GRACEFUL_SHUTDOWN_S = 10  # in-flight requests get this long after SIGTERM
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """Serving cannot start; the message says what is missing and how to make it."""
+
+
+def build_gateway(settings: GatewaySettings, *, embedded: bool) -> FastAPI:
+    """Load everything the gateway needs now (not in the lifespan) and return the app."""
+    from services.gateway.app import create_app
+    from services.gateway.wiring import load_artifacts, redis_url
+
+    if embedded:
+        settings = settings.model_copy(update={"retrieval_url": None})
+    settings = settings.model_copy(update={"redis_url": redis_url(settings)})
+    artifacts = _loaded(lambda: load_artifacts(settings))
+    if embedded and settings.publish_if_empty:
+        publish_if_empty(settings, artifacts.retriever.manifest.dataset)
+    return create_app(settings, artifacts=artifacts)
+
+
+def build_retrieval(settings: RetrievalSettings) -> FastAPI:
+    from services.retrieval.app import create_app, load_retriever
+
+    return create_app(settings, retriever=_loaded(lambda: load_retriever(settings)))
+
+
+def publish_if_empty(settings: GatewaySettings, dataset: str) -> int | None:
+    """Publish the dataset's users and items when the namespace has no version yet."""
+    from feature_store.writer import FeatureWriter
+
+    assert settings.redis_url is not None
+    writer = FeatureWriter(settings.redis_url, settings.namespace)
+    current = writer.current_version()
+    if current is not None:
+        return current
+    from feature_store.dataset import records_from_dataset
+
+    from tandem.data import Dataset
+    from tandem.paths import dataset_dir
+
+    data = _loaded(lambda: Dataset.load(dataset_dir(dataset)))
+    users, items = records_from_dataset(data)
+    log.info("feature store empty: publishing %s", dataset)
+    return writer.publish(users, items, manifest_id=f"{dataset}-serve", embedding_dim=None)
+
+
+def _loaded(load):  # type: ignore[no-untyped-def]
+    """Run a loader, turning expected failures (missing files, bad config) into StartupError."""
+    try:
+        return load()
+    except (FileNotFoundError, ValueError, OSError, RuntimeError) as exc:
+        log.debug("start-up failed", exc_info=True)
+        raise StartupError(str(exc)) from exc
+
+
+def run(
+    role: Role,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    gateway: GatewaySettings | None = None,
+    retrieval: RetrievalSettings | None = None,
+) -> None:
+    """Build the app for ``role`` and serve it until SIGINT/SIGTERM (graceful shutdown)."""
+    if role == "retrieval":
+        settings: GatewaySettings | RetrievalSettings = retrieval or RetrievalSettings()
+        configure_logging(settings.log_level, "retrieval")
+        app = build_retrieval(settings)
+    else:
+        settings = gateway or GatewaySettings()
+        configure_logging(settings.log_level, "gateway")
+        app = build_gateway(settings, embedded=role == "embedded")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+
+
+def run_embedded(
+    settings: GatewaySettings | None = None, host: str = "127.0.0.1", port: int = 8000
+) -> None:
+    """The whole online stack in this process (what ``tandem quickstart`` ends with)."""
+    run("embedded", host, port, gateway=settings)
