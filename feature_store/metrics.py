@@ -1,0 +1,78 @@
+"""Prometheus metrics of feature reads: latency per stage, errors by type, hits and misses.
+
+Labels are closed sets (``stage`` in user/items, ``error_type`` in ERROR_TYPES, ``result`` in
+hit/miss): never user or item ids. Buckets span 50 µs .. 1 s, where Redis latencies live.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+STAGES = ("user", "items")
+ERROR_TYPES = ("timeout", "connection", "corrupt", "redis")
+BUCKETS = (
+    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FeatureStoreMetrics:
+    read_seconds: Histogram
+    errors: Counter
+    lookups: Counter
+    version: Gauge
+
+    def observe_error(self, stage: str, error_type: str, count: int = 1) -> None:
+        self.errors.labels(stage=stage, error_type=error_type).inc(count)
+
+    def observe_lookups(self, stage: str, hits: int, misses: int) -> None:
+        if hits:
+            self.lookups.labels(stage=stage, result="hit").inc(hits)
+        if misses:
+            self.lookups.labels(stage=stage, result="miss").inc(misses)
+
+
+_BY_REGISTRY: dict[int, FeatureStoreMetrics] = {}
+
+
+def metrics_for(registry: CollectorRegistry = REGISTRY) -> FeatureStoreMetrics:
+    """The metric set registered in ``registry`` (created once; clients share it)."""
+    existing = _BY_REGISTRY.get(id(registry))
+    if existing is not None:
+        return existing
+    metrics = FeatureStoreMetrics(
+        read_seconds=Histogram(
+            "tandem_feature_store_read_seconds",
+            "Feature store read latency per request stage (one round trip each).",
+            ["stage"],
+            buckets=BUCKETS,
+            registry=registry,
+        ),
+        errors=Counter(
+            "tandem_feature_store_errors_total",
+            "Feature store read errors by stage and type (corrupt values are counted per value).",
+            ["stage", "error_type"],
+            registry=registry,
+        ),
+        lookups=Counter(
+            "tandem_feature_store_lookups_total",
+            "Records looked up, by stage and result (hit or miss).",
+            ["stage", "result"],
+            registry=registry,
+        ),
+        version=Gauge(
+            "tandem_feature_store_version",
+            "Feature version the client last resolved from the alias (0 = none published).",
+            registry=registry,
+        ),
+    )
+    for stage in STAGES:
+        metrics.read_seconds.labels(stage=stage)
+        for error_type in ERROR_TYPES:
+            metrics.errors.labels(stage=stage, error_type=error_type)
+        for result in ("hit", "miss"):
+            metrics.lookups.labels(stage=stage, result=result)
+    _BY_REGISTRY[id(registry)] = metrics
+    return metrics
