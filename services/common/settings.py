@@ -69,7 +69,8 @@ class GatewaySettings(ServiceSettings):
     ranker_run: Path | None = None  # None = <dataset>/ranker/latest if any, else zero-shot
     llm_dir: Path | None = None  # base LLM checkpoint; None = <artifacts>/llm
     vllm_url: str = "http://127.0.0.1:8011"  # vLLM OpenAI server (ranker_backend=vllm)
-    vllm_adapter: str | None = None  # served LoRA name, e.g. rec-v1; None = the base model
+    vllm_adapter: str | None = None  # served LoRA name, e.g. rec-v1; None = newest rec-v<n>
+    ranker_retry_s: float = Field(5.0, gt=0)  # a ranker down at start-up is retried this often
     # Final score = (1 - w) * log_softmax(retriever) + w * ranker letter log-prob.
     rank_weight: float = Field(0.5, ge=0.0, le=1.0)
     num_candidates: int = Field(20, ge=1, le=20)  # retrieved and ranked per request (letters A..T)

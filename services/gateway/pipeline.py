@@ -10,6 +10,8 @@ Stages are cheap to construct; ``load()`` connects/warms them in the app's lifes
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -18,9 +20,10 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
-from ranker.backends.base import RankerBackend, RankerError, RenderedPrompt
+from ranker.backends.base import RankerBackend, RankerError, RankerUnavailable, RenderedPrompt
 from ranker.prompts import PromptInput, PromptItem
 from ranker.verbalizer import to_candidate_order
+from services.common.context import current_request_id
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.gateway.fusion import fuse, order
@@ -171,18 +174,53 @@ class PromptStage:
 
 
 class RankerStage:
-    """ranker: one forward pass per order -> log-probabilities of the candidates' letters."""
+    """ranker: one forward pass per order -> log-probabilities of the candidates' letters.
+
+    A backend that is down at start-up (e.g. vLLM still loading) is started again in the
+    background every ``retry_s``; until then requests fall back to retriever order.
+    """
 
     name = "ranker"
 
-    def __init__(self, backend: RankerBackend):
+    def __init__(self, backend: RankerBackend, retry_s: float = 5.0):
         self.backend = backend
+        self.retry_s = retry_s
+        self._retry: asyncio.Task[None] | None = None
+        params = inspect.signature(backend.score).parameters
+        self._passes_context = "request_id" in params and "deadline_s" in params
 
     async def load(self) -> None:
-        await self.backend.start()
+        try:
+            await self.backend.start()
+        except RankerUnavailable as exc:
+            log.warning("ranker unavailable at start-up, retrying in the background: %s", exc)
+            self._retry = asyncio.create_task(self._start_later(), name="ranker-start")
 
-    async def __call__(self, prompts: Prompts) -> np.ndarray:
-        scores = await self.backend.score(prompts.prompts)
+    async def _start_later(self) -> None:
+        while True:
+            await asyncio.sleep(self.retry_s)
+            try:
+                await self.backend.start()
+            except RankerUnavailable as exc:
+                log.warning("ranker still unavailable: %s", exc)
+                continue
+            log.info("ranker started")
+            return
+
+    async def close(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+        await self.backend.close()
+
+    async def __call__(self, prompts: Prompts, deadline_s: float) -> np.ndarray:
+        if self._passes_context:  # the vLLM client: request id header + its own budget
+            scores = await self.backend.score(  # type: ignore[call-arg]
+                prompts.prompts, request_id=current_request_id(), deadline_s=deadline_s
+            )
+        else:
+            scores = await self.backend.score(prompts.prompts)
         return to_candidate_order(np.stack(scores), prompts.orders).astype(np.float64)
 
 
@@ -241,7 +279,7 @@ class RecommendPipeline:
             await self.user.store.close()
         await self.retrieval.source.close()
         if self.ranker is not None:
-            await self.ranker.backend.close()
+            await self.ranker.close()
 
     async def __call__(self, request: RecommendRequest, request_id: str) -> RecommendResponse:
         s = self.settings
@@ -352,15 +390,16 @@ class RecommendPipeline:
             start = time.perf_counter()
             rendered = self.prompt(inp)
             trace.record(self.prompt.name, time.perf_counter() - start)
-            deadline = self.settings.ranker_deadline_ms / 1000
-            letters = await trace.run(self.ranker.name, self.ranker(rendered), deadline)
+            deadline = min(self.settings.ranker_deadline_ms / 1000, trace.remaining_s())
+            letters = await trace.run(self.ranker.name, self.ranker(rendered, deadline), deadline)
             fused = fuse(base, letters, self.settings.rank_weight)
         except StageDeadline as exc:
             trace.degrade("deadline_exceeded" if exc.overall else "ranker_timeout")
             return self._ranked(ids, fuse(base, None, 0.0), records)
         except (RankerError, ValueError) as exc:
             log.warning("ranker failed: %s", exc)
-            trace.degrade("ranker_unavailable")
+            timeout = getattr(exc, "error_type", None) == "timeout"  # the backend's own deadline
+            trace.degrade("ranker_timeout" if timeout else "ranker_unavailable")
             return self._ranked(ids, fuse(base, None, 0.0), records)
         except Exception as exc:
             log.exception("ranker raised an unexpected error: %s", exc)

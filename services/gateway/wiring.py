@@ -58,12 +58,12 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
 
 
 def vllm_backend(settings: GatewaySettings) -> RankerBackend:
-    from ranker.backends.vllm import VLLMBackend, VLLMBackendConfig
+    from ranker.backends.vllm import AUTO, VLLMBackend, VLLMConfig
 
-    config = VLLMBackendConfig(
-        url=settings.vllm_url,
-        llm_dir=settings.llm_path(),
-        model=settings.vllm_adapter or "base",
+    config = VLLMConfig(
+        base_url=settings.vllm_url,
+        model_dir=settings.llm_path(),
+        model=settings.vllm_adapter or AUTO,
         deadline_s=settings.ranker_deadline_ms / 1000,
     )
     return VLLMBackend(config)
@@ -124,7 +124,7 @@ def build_pipeline(
         user=UserStage(store),
         items=ItemStage(store),
         prompt=PromptStage(ranker) if ranker is not None else None,
-        ranker=RankerStage(ranker.backend) if ranker is not None else None,
+        ranker=RankerStage(ranker.backend, settings.ranker_retry_s) if ranker is not None else None,
         model=ModelInfo(
             retriever_run=retriever_run,
             ranker_run=ranker_run,
