@@ -265,7 +265,7 @@ class FeatureWriter:
                     return version
             raise FeatureStoreError(
                 f"no previous version of namespace {self.keys.namespace!r} to roll back to "
-                f"(serving v{history[0]}; raise keep_versions to keep more)"
+                f"(serving v{history[0]}; older versions were not kept or never existed)"
             )
 
     def _drop_old_versions(self, token: str) -> None:

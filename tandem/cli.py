@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tandem.commands import data, evaluate, retriever, serve
+from tandem.commands import data, evaluate, features, retriever, serve
 
 app = typer.Typer(
     name="tandem",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
+app.add_typer(features.app, name="features")
 app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)
 

