@@ -47,24 +47,30 @@ def build_retrieval(settings: RetrievalSettings) -> FastAPI:
     return create_app(settings, retriever=_loaded(lambda: load_retriever(settings)))
 
 
-def publish_if_empty(settings: GatewaySettings, dataset: str) -> int | None:
+def publish_if_empty(settings: GatewaySettings, dataset: str) -> int:
     """Publish the dataset's users and items when the namespace has no version yet."""
+    from feature_store.dataset import load_sources
     from feature_store.writer import FeatureWriter
+    from tandem.data import Dataset
 
     assert settings.redis_url is not None
-    writer = FeatureWriter(settings.redis_url, settings.namespace)
-    current = writer.current_version()
-    if current is not None:
-        return current
-    from feature_store.dataset import records_from_dataset
-
-    from tandem.data import Dataset
-    from tandem.paths import dataset_dir
-
-    data = _loaded(lambda: Dataset.load(dataset_dir(dataset)))
-    users, items = records_from_dataset(data)
-    log.info("feature store empty: publishing %s", dataset)
-    return writer.publish(users, items, manifest_id=f"{dataset}-serve", embedding_dim=None)
+    writer = FeatureWriter(settings.redis_url, settings.namespace, cluster=settings.redis_cluster)
+    try:
+        current = writer.current_version()
+        if current is not None:
+            return current
+        data = _loaded(lambda: Dataset.load(settings.artifacts_dir / dataset / "data"))
+        sources = load_sources(data)
+        log.info("feature store empty: publishing %s", dataset)
+        return writer.publish(
+            sources.users,
+            sources.items,
+            manifest_id=sources.manifest_id,
+            embedding_dim=sources.embedding_dim,
+            progress=False,
+        )
+    finally:
+        writer.close()
 
 
 def _loaded(load):  # type: ignore[no-untyped-def]
