@@ -1,0 +1,190 @@
+"""``Ranker``: what serving uses to turn a ``PromptInput`` into one score per candidate.
+
+It owns the tokenizer, the prompt switches, the projectors and the verbalizer's permutation
+policy, and delegates the forward pass to a ``RankerBackend`` (in-process transformers, or the
+vLLM server). A trained run folder holds everything except the base LLM:
+
+    ranker.json                  RankerConfig (prompt switches, permutations, embedding sizes)
+    adapter/                     peft LoRA adapter (adapter_config.json + adapter_model.safetensors)
+    item_projector.safetensors   present when item soft tokens are on
+    user_projector.safetensors   present when the user soft token is on
+    manifest.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ranker.backends.base import RankerBackend, RenderedPrompt
+from ranker.projector import Projector
+from ranker.prompts import (
+    PromptConfig,
+    PromptInput,
+    PromptLayout,
+    PromptTokenizer,
+    render_prompt,
+    reorder,
+)
+from ranker.verbalizer import candidate_key, permutations, to_candidate_order
+
+CONFIG_FILE = "ranker.json"
+ADAPTER_DIR = "adapter"
+ITEM_PROJECTOR = "item_projector.safetensors"
+USER_PROJECTOR = "user_projector.safetensors"
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    permutations: int = 1  # orders averaged per request (1 = one pass)
+    shuffle: bool = False  # False: the first order is the given (retriever) order, as LlamaRec
+    seed: int = 0  # permutation seed; with the candidates it fixes each prompt's order
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RankerConfig:
+        raw = json.loads(text)
+        return cls(**{**raw, "prompt": PromptConfig(**raw.get("prompt", {}))})
+
+
+class Ranker:
+    """Renders hybrid prompts and scores them through a backend."""
+
+    def __init__(
+        self,
+        tokenizer,
+        config: RankerConfig,
+        backend: RankerBackend,
+        item_projector: Projector | None = None,
+        user_projector: Projector | None = None,
+    ):
+        if config.prompt.item_soft_tokens and item_projector is None:
+            raise ValueError("item soft tokens are on but no item projector was given")
+        if config.prompt.user_soft_token and user_projector is None:
+            raise ValueError("the user soft token is on but no user projector was given")
+        self.tokens = (
+            tokenizer if isinstance(tokenizer, PromptTokenizer) else PromptTokenizer(tokenizer)
+        )
+        self.config = config
+        self.backend = backend
+        self.projectors = {"item": item_projector, "user": user_projector}
+
+    @classmethod
+    def load(
+        cls,
+        run_dir: Path | None,
+        llm_dir: Path,
+        backend: RankerBackend | str = "transformers",
+        *,
+        config: RankerConfig | None = None,
+        **backend_options,
+    ) -> Ranker:
+        """A ranker from a trained run (or zero-shot from the bare LLM when ``run_dir`` is None).
+
+        ``backend`` is a constructed backend (e.g. the vLLM client) or "transformers";
+        ``backend_options`` go to ``TransformersBackendConfig``. ``config`` overrides the run's.
+        """
+        from ranker.llm import load_tokenizer
+
+        tokenizer = load_tokenizer(llm_dir)
+        item_projector = user_projector = None
+        adapter = None
+        if run_dir is not None:
+            from tandem.artifacts import resolve_run
+
+            run_dir = resolve_run(run_dir)
+            config = config or RankerConfig.from_json((run_dir / CONFIG_FILE).read_text())
+            if (run_dir / ITEM_PROJECTOR).is_file():
+                item_projector = Projector.load(run_dir / ITEM_PROJECTOR)
+            if (run_dir / USER_PROJECTOR).is_file():
+                user_projector = Projector.load(run_dir / USER_PROJECTOR)
+            if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
+                adapter = run_dir / ADAPTER_DIR
+        config = config or RankerConfig()
+        if isinstance(backend, str):
+            if backend != "transformers":
+                raise ValueError(f"unknown backend {backend!r}: pass 'transformers' or an instance")
+            from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
+
+            backend = TransformersBackend(
+                TransformersBackendConfig(llm_dir=llm_dir, adapter_dir=adapter, **backend_options)
+            )
+        return cls(tokenizer, config, backend, item_projector, user_projector)
+
+    # -- rendering -----------------------------------------------------------------------
+
+    def layout(self, inp: PromptInput) -> PromptLayout:
+        return render_prompt(inp, self.config.prompt, self.tokens)
+
+    def project(self, layout: PromptLayout) -> np.ndarray | None:
+        """Soft rows of ``layout`` through the matching projectors (float32, no grad)."""
+        if not layout.soft_positions:
+            return None
+        import torch
+
+        rows = []
+        with torch.inference_mode():
+            for kind, raw in zip(layout.soft_kinds, layout.soft_inputs, strict=True):
+                projector = self.projectors[kind]
+                if projector is None:
+                    raise ValueError(f"a {kind} soft slot but no {kind} projector")
+                if raw.shape != (projector.config.in_dim,):
+                    raise ValueError(
+                        f"{kind} embedding has shape {raw.shape}, the projector expects "
+                        f"({projector.config.in_dim},)"
+                    )
+                rows.append(projector(torch.from_numpy(raw)[None])[0])
+        return torch.stack(rows).float().numpy()
+
+    def render(self, inp: PromptInput) -> RenderedPrompt:
+        """The prompt with candidates in the given order."""
+        layout = self.layout(inp)
+        return layout.with_soft_vectors(self.project(layout))
+
+    def orders(self, inp: PromptInput) -> np.ndarray:
+        """The candidate orders this ranker shows ``inp`` in (``[P, n]``)."""
+        key = candidate_key([c.title for c in inp.candidates])
+        return permutations(
+            len(inp.candidates),
+            self.config.permutations,
+            shuffle=self.config.shuffle,
+            seed=self.config.seed,
+            key=key,
+        )
+
+    def render_all(self, inp: PromptInput) -> tuple[list[RenderedPrompt], np.ndarray]:
+        orders = self.orders(inp)
+        return [self.render(reorder(inp, order)) for order in orders], orders
+
+    # -- scoring -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def close(self) -> None:
+        await self.backend.close()
+
+    async def score(self, inp: PromptInput) -> np.ndarray:
+        """Log-probability per candidate, in the input's candidate order."""
+        prompts, orders = self.render_all(inp)
+        scores = await self.backend.score(prompts)
+        return to_candidate_order(np.stack(scores), orders)
+
+    async def score_many(
+        self, inputs: list[PromptInput], concurrency: int = 32
+    ) -> list[np.ndarray]:
+        """Score many inputs concurrently, so the backend batches them."""
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(inp: PromptInput) -> np.ndarray:
+            async with limit:
+                return await self.score(inp)
+
+        return list(await asyncio.gather(*(one(inp) for inp in inputs)))

@@ -1,0 +1,104 @@
+"""One forward pass over a batch of hybrid prompts -> letter log-probabilities.
+
+Shared by the in-process backend (no grad) and training (grad through LoRA and projectors).
+Prompts are left-padded with an attention mask and explicit position ids, so the last position
+is every prompt's answer slot and a prompt scores the same alone or in a batch. Soft rows
+replace the input embeddings of their placeholder tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ranker.backends.base import RenderedPrompt
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] left-padded
+    attention_mask: torch.Tensor  # [B, L] 1 on real tokens
+    position_ids: torch.Tensor  # [B, L] 0.. on real tokens
+    soft_index: tuple[torch.Tensor, torch.Tensor]  # (row, column) of each soft slot, batch order
+    letter_ids: torch.Tensor  # [B, C] letter token ids, padded with 0
+    letter_mask: torch.Tensor  # [B, C] True on real letters
+
+
+def collate(
+    token_ids: Sequence[Sequence[int]],
+    soft_positions: Sequence[Sequence[int]],
+    letter_token_ids: Sequence[Sequence[int]],
+    pad_id: int,
+) -> Batch:
+    """Left-pad a batch; soft slots are listed prompt by prompt, in position order."""
+    size = len(token_ids)
+    length = max(len(ids) for ids in token_ids)
+    width = max(len(letters) for letters in letter_token_ids)
+    input_ids = torch.full((size, length), pad_id, dtype=torch.long)
+    mask = torch.zeros((size, length), dtype=torch.long)
+    letters = torch.zeros((size, width), dtype=torch.long)
+    letter_mask = torch.zeros((size, width), dtype=torch.bool)
+    rows, cols = [], []
+    for b, ids in enumerate(token_ids):
+        offset = length - len(ids)
+        input_ids[b, offset:] = torch.as_tensor(ids, dtype=torch.long)
+        mask[b, offset:] = 1
+        rows.extend([b] * len(soft_positions[b]))
+        cols.extend(offset + p for p in soft_positions[b])
+        letters[b, : len(letter_token_ids[b])] = torch.as_tensor(letter_token_ids[b])
+        letter_mask[b, : len(letter_token_ids[b])] = True
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    soft_index = (torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long))
+    return Batch(input_ids, mask, positions, soft_index, letters, letter_mask)
+
+
+def collate_prompts(prompts: Sequence[RenderedPrompt], pad_id: int) -> tuple[Batch, torch.Tensor]:
+    """A batch of rendered prompts and their soft rows stacked in batch order (float32)."""
+    batch = collate(
+        [p.token_ids for p in prompts],
+        [p.soft_positions for p in prompts],
+        [p.letter_token_ids for p in prompts],
+        pad_id,
+    )
+    vectors = [torch.as_tensor(p.soft_vectors) for p in prompts if p.soft_positions]
+    soft = torch.cat(vectors).float() if vectors else torch.zeros((0, 0))
+    return batch, soft
+
+
+def autocast(precision: str):
+    """bf16 autocast on CPU, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+
+
+def letter_logits(model, batch: Batch, soft_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-position logits of each prompt's letters, ``[B, C]`` float32 (-inf on padding)."""
+    embeds = model.get_input_embeddings()(batch.input_ids)
+    if soft_rows is not None and soft_rows.numel():
+        if soft_rows.shape != (len(batch.soft_index[0]), embeds.shape[-1]):
+            raise ValueError(
+                f"soft rows {tuple(soft_rows.shape)} do not match "
+                f"{len(batch.soft_index[0])} slots of hidden size {embeds.shape[-1]}"
+            )
+        embeds = embeds.index_put(batch.soft_index, soft_rows.to(embeds.dtype))
+    out = model(
+        inputs_embeds=embeds,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    last = out.logits[:, -1, :].float()
+    picked = last.gather(1, batch.letter_ids)
+    return picked.masked_fill(~batch.letter_mask, float("-inf"))
+
+
+def letter_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the letters only (the verbalizer's score)."""
+    return torch.log_softmax(logits, dim=-1)

@@ -1,0 +1,60 @@
+"""Projector: a 2-layer MLP that maps an outside embedding into the LLM's input space (RSLLM).
+
+One projector per embedding source (item multimodal embeddings, the retriever's user vector).
+Its output replaces the input embedding of a placeholder token, so the LLM reads it as a "soft
+token". Saved as safetensors with its config in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    in_dim: int = 64  # embedding size of the source (item tower or retriever)
+    out_dim: int = 576  # the LLM's hidden size (SmolLM2-135M: 576)
+    hidden_dim: int = 0  # MLP width; 0 means out_dim
+    dropout: float = 0.0  # on the hidden layer, training only
+    out_scale: float = 0.02  # initial output scale, about the size of token embeddings
+
+
+class Projector(nn.Module):
+    """Linear -> GELU -> dropout -> Linear, with a learnable output scale."""
+
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_dim or config.out_dim
+        self.fc1 = nn.Linear(config.in_dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(config.dropout)
+        self.fc2 = nn.Linear(hidden, config.out_dim)
+        self.scale = nn.Parameter(torch.tensor(float(config.out_scale)))
+        self.norm = nn.LayerNorm(config.in_dim, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., in_dim]`` -> ``[..., out_dim]``; inputs are layer-normed (sources differ)."""
+        return self.scale * self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
+    def save(self, path: Path) -> None:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config))})
+
+    @classmethod
+    def load(cls, path: Path) -> Projector:
+        if not path.is_file():
+            raise FileNotFoundError(f"projector file {path} not found")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"{path} has no projector config in its metadata")
+        projector = cls(ProjectorConfig(**json.loads(metadata["config"])))
+        projector.load_state_dict(load_file(str(path)))
+        return projector.eval()

@@ -1,0 +1,345 @@
+"""Hybrid ranking prompts: text (LlamaRec / MLLM4Rec / CoT-Rec) plus soft-token slots (RSLLM).
+
+A prompt is a pure function of its inputs (``PromptInput``), its switches (``PromptConfig``) and
+the tokenizer. It names each candidate with a letter A..T and ends right where the model's next
+token is the answer letter. Soft slots (a projected item embedding after an item's text, a
+projected user vector at the start of the history) are placeholder tokens here; ``PromptLayout``
+keeps the raw embeddings so the caller's projector can fill them (``ranker.core``) or train
+through them (``ranker.train``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+import numpy as np
+
+from ranker.backends.base import RenderedPrompt
+from ranker.verbalizer import letter_token_ids, letters_for
+
+ITEM_SLOT = "<item>"  # how an item soft token shows in the rendered text
+USER_SLOT = "<user>"  # how the user soft token shows in the rendered text
+_ITEM_MARK = "\x00item\x00"
+_USER_MARK = "\x00user\x00"
+
+
+class PromptError(ValueError):
+    """The inputs cannot make a prompt (too many candidates, too long even without history)."""
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    title: str
+    caption: str | None = None
+    embedding: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    history: Sequence[PromptItem]  # oldest first
+    candidates: Sequence[PromptItem]  # in the order they are shown (A, B, ...)
+    preference: str | None = None
+    user_embedding: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Domain:
+    persona: str  # MLLM4Rec role-play opening
+    singular: str
+    plural: str
+    verb: str  # past tense of what the user did with an item
+
+
+DOMAINS = {
+    "movies": Domain(
+        "You are going to play a movie enthusiast who is selecting movies they are interested in.",
+        "movie",
+        "movies",
+        "watched",
+    ),
+    "books": Domain(
+        "You will play a book lover choosing the next book to read.", "book", "books", "read"
+    ),
+    "games": Domain(
+        "You will play as a gamer selecting the games you love.", "game", "games", "played"
+    ),
+    "toys": Domain(
+        "You will play the role of a guardian, purchasing children's toys for your own child.",
+        "toy",
+        "toys",
+        "bought",
+    ),
+    "beauty": Domain(
+        "You will play the role of a female, purchasing female items for yourself.",
+        "item",
+        "items",
+        "bought",
+    ),
+    "music": Domain(
+        "You will play a music fan choosing the artists you want to hear.",
+        "artist",
+        "artists",
+        "listened to",
+    ),
+    "items": Domain(
+        "You will play a shopper choosing the items you like.", "item", "items", "chose"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    domain: str = "movies"  # persona and nouns, a key of DOMAINS
+    persona: bool = True  # MLLM4Rec role-play opening (else LlamaRec's plain instruction)
+    captions: bool = True  # items as "title : caption" when a caption exists (MLLM4Rec)
+    preference: bool = True  # the user's preference text when given (CoT-Rec)
+    item_soft_tokens: bool = False  # a projected item embedding after each item (RSLLM, LLaRA)
+    user_soft_token: bool = False  # a projected user vector before the history (CIT-Rec)
+    item_titles: bool = True  # False: an item with an embedding is shown by its soft token only
+    max_history: int = 20  # most recent items kept (LlamaRec: 20)
+    max_title_tokens: int = 32  # titles are cut to this many tokens (LlamaRec: 32)
+    max_caption_tokens: int = 32
+    max_preference_tokens: int = 128
+    max_prompt_tokens: int = 1536  # oldest history items are dropped until the prompt fits
+    chat_template: bool = True  # wrap in the tokenizer's chat template when it has one
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise PromptError(f"unknown domain {self.domain!r}; choose one of {sorted(DOMAINS)}")
+        if self.max_history < 0 or self.max_title_tokens < 1 or self.max_prompt_tokens < 16:
+            raise PromptError("max_history >= 0, max_title_tokens >= 1, max_prompt_tokens >= 16")
+
+    @classmethod
+    def compact(cls, **overrides) -> PromptConfig:
+        """Fewer and shorter titles: several times cheaper to train and score on CPU."""
+        values = {"max_history": 10, "max_title_tokens": 10, "max_caption_tokens": 12}
+        return cls(**{**values, **overrides})
+
+    @property
+    def uses_soft_tokens(self) -> bool:
+        return self.item_soft_tokens or self.user_soft_token
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """A rendered prompt whose soft slots still hold raw (unprojected) embeddings."""
+
+    token_ids: tuple[int, ...]
+    letter_token_ids: tuple[int, ...]
+    text: str
+    soft_positions: tuple[int, ...] = ()
+    soft_kinds: tuple[str, ...] = ()  # "item" or "user", per soft position
+    soft_inputs: tuple[np.ndarray, ...] = field(default=(), compare=False)
+    history_used: int = 0  # history items that fit (the most recent ones)
+
+    def with_soft_vectors(self, soft_vectors: np.ndarray | None) -> RenderedPrompt:
+        """The backend-ready prompt, given the projected rows (``[n_soft, hidden]``)."""
+        return RenderedPrompt(
+            token_ids=self.token_ids,
+            letter_token_ids=self.letter_token_ids,
+            text=self.text,
+            soft_positions=self.soft_positions,
+            soft_vectors=soft_vectors if self.soft_positions else None,
+        )
+
+
+class PromptTokenizer:
+    """A tokenizer wrapper with cached encodes: prompts repeat the same titles many times."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.placeholder_id = _placeholder_id(tokenizer)
+        self.letter_ids = letter_token_ids(tokenizer)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.encode = lru_cache(maxsize=65536)(self._encode)
+        self.truncate = lru_cache(maxsize=65536)(self._truncate)
+
+    def _encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _truncate(self, text: str, max_tokens: int) -> str:
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return text
+        return self.tokenizer.decode(list(ids[:max_tokens])).strip()
+
+
+def _placeholder_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise PromptError("the tokenizer has no pad, unk or eos token to use as soft-token placeholder")
+
+
+def _clean(text: str) -> str:
+    """One line of prompt text: no newlines or marker characters from user data."""
+    return " ".join(text.replace("\x00", " ").split())
+
+
+def _item_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer) -> tuple[str, bool]:
+    """An item's text and whether it carries a soft slot."""
+    soft = config.item_soft_tokens and item.embedding is not None
+    parts = []
+    if config.item_titles or not soft:
+        parts.append(tok.truncate(_clean(item.title), config.max_title_tokens))
+    if config.captions and item.caption:
+        caption = tok.truncate(_clean(item.caption), config.max_caption_tokens)
+        if caption:
+            parts.append(": " + caption if parts else caption)
+    if soft:
+        parts.append(_ITEM_MARK)
+    return " ".join(parts), soft
+
+
+def _instruction(config: PromptConfig, with_captions: bool) -> str:
+    domain = DOMAINS[config.domain]
+    if config.persona:
+        text = (
+            f"{domain.persona} I will give you the {domain.plural} I {domain.verb} before, "
+            f"oldest first, and a candidate pool of {domain.plural}. Recommend the "
+            f"{domain.singular} from the candidate pool I am most likely to choose next "
+            "with its index letter."
+        )
+    else:
+        text = (
+            "Given user history in chronological order, recommend an item from the candidate "
+            "pool with its index letter."
+        )
+    if with_captions:
+        noun = domain.singular if config.persona else "item"
+        text += f" Each {noun} is written as title : description."
+    return text
+
+
+def _body(
+    history: list[str], candidates: list[str], preference: str | None, user_soft: bool
+) -> str:
+    lines = []
+    if preference:
+        lines.append(f"Preference: {preference}")
+    if user_soft:
+        lines.append(f"User: {_USER_MARK}")
+    lines.append("History:")
+    lines.extend(f"{n}. {text}" for n, text in enumerate(history, start=1))
+    if not history:
+        lines.append("(none)")
+    lines.append("Candidate pool:")
+    lines.extend(
+        f"{letter}. {text}"
+        for letter, text in zip(letters_for(len(candidates)), candidates, strict=True)
+    )
+    return "\n".join(lines)
+
+
+def _wrap(instruction: str, body: str, config: PromptConfig, tok: PromptTokenizer) -> str:
+    if config.chat_template and tok.has_chat_template:
+        messages = [
+            {"role": "system", "content": instruction},
+            {"role": "user", "content": body},
+        ]
+        return tok.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+    return f"### Instruction:\n{instruction}\n\n### Input:\n{body}\n\n### Response:\n"
+
+
+def _assemble(text: str, tok: PromptTokenizer) -> tuple[list[int], list[int], list[str], str]:
+    """Token ids, soft positions and kinds, and display text of marked prompt text."""
+    ids: list[int] = []
+    positions: list[int] = []
+    kinds: list[str] = []
+    display: list[str] = []
+    rest = text
+    while rest:
+        cut = [
+            (rest.find(mark), mark, kind)
+            for mark, kind in ((_ITEM_MARK, "item"), (_USER_MARK, "user"))
+        ]
+        cut = [c for c in cut if c[0] >= 0]
+        if not cut:
+            ids.extend(tok.encode(rest))
+            display.append(rest)
+            break
+        at, mark, kind = min(cut)
+        if at:
+            ids.extend(tok.encode(rest[:at]))
+            display.append(rest[:at])
+        positions.append(len(ids))
+        kinds.append(kind)
+        ids.append(tok.placeholder_id)
+        display.append(ITEM_SLOT if kind == "item" else USER_SLOT)
+        rest = rest[at + len(mark) :]
+    return ids, positions, kinds, "".join(display)
+
+
+def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) -> PromptLayout:
+    """Render ``inp`` (candidates in the given order) into token ids with soft slots.
+
+    History keeps the ``max_history`` most recent items; while the prompt is longer than
+    ``max_prompt_tokens`` the oldest remaining item is dropped.
+    """
+    num = len(inp.candidates)
+    letters_for(num)
+    candidates = [_item_text(item, config, tok) for item in inp.candidates]
+    history_items = list(inp.history)[-config.max_history :] if config.max_history else []
+    history = [_item_text(item, config, tok) for item in history_items]
+    with_captions = config.captions and any(
+        item.caption for item in [*history_items, *inp.candidates]
+    )
+    preference = None
+    if config.preference and inp.preference and inp.preference.strip():
+        preference = tok.truncate(_clean(inp.preference), config.max_preference_tokens)
+    user_soft = config.user_soft_token and inp.user_embedding is not None
+    instruction = _instruction(config, with_captions)
+    while True:
+        body = _body([t for t, _ in history], [t for t, _ in candidates], preference, user_soft)
+        ids, positions, kinds, display = _assemble(_wrap(instruction, body, config, tok), tok)
+        if len(ids) <= config.max_prompt_tokens:
+            break
+        if not history:
+            raise PromptError(
+                f"the prompt needs {len(ids)} tokens without any history, over max_prompt_tokens="
+                f"{config.max_prompt_tokens}: shorten titles or raise the limit"
+            )
+        history = history[1:]
+        history_items = history_items[1:]
+    soft_inputs = _soft_inputs(kinds, inp, history_items, history, candidates)
+    return PromptLayout(
+        token_ids=tuple(ids),
+        letter_token_ids=tok.letter_ids[:num],
+        text=display,
+        soft_positions=tuple(positions),
+        soft_kinds=tuple(kinds),
+        soft_inputs=soft_inputs,
+        history_used=len(history),
+    )
+
+
+def _soft_inputs(
+    kinds: list[str],
+    inp: PromptInput,
+    history_items: list[PromptItem],
+    history: list[tuple[str, bool]],
+    candidates: list[tuple[str, bool]],
+) -> tuple[np.ndarray, ...]:
+    """Raw embeddings in slot order: user first, then history items, then candidates."""
+    rows: list[np.ndarray] = []
+    if kinds and kinds[0] == "user":
+        rows.append(np.asarray(inp.user_embedding, dtype=np.float32))
+    items = [*history_items, *inp.candidates]
+    flags = [soft for _, soft in [*history, *candidates]]
+    rows.extend(
+        np.asarray(item.embedding, dtype=np.float32)
+        for item, soft in zip(items, flags, strict=True)
+        if soft
+    )
+    if len(rows) != len(kinds):
+        raise PromptError(f"{len(kinds)} soft slots but {len(rows)} embeddings")
+    return tuple(rows)
+
+
+def reorder(inp: PromptInput, order: Sequence[int]) -> PromptInput:
+    """The same input with candidates shown in ``order`` (position -> candidate index)."""
+    return replace(inp, candidates=[inp.candidates[i] for i in order])
