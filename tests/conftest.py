@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.data",
+    "tests.fixtures.deploy",
     "tests.fixtures.redis",
     "tests.fixtures.tiny_llm",
 ]
