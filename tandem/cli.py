@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from tandem.commands import data, evaluate, features, retriever, serve
+from tandem.commands import data, enrich, evaluate, features, retriever, serve
 
 app = typer.Typer(
     name="tandem",
@@ -15,6 +15,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
 app.add_typer(features.app, name="features")
+app.add_typer(enrich.app, name="enrich")
 app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)
 

@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.data",
     "tests.fixtures.deploy",
+    "tests.fixtures.enrichment",
     "tests.fixtures.redis",
     "tests.fixtures.tiny_llm",
 ]
