@@ -157,6 +157,10 @@ class FeatureStoreClient:
         replies = await pipe.execute(raise_on_error=False)
         current = self._parse_version(replies[0])
         if current is None:
+            # Nothing published (or Redis lost its data): version numbers may start over, so
+            # nothing cached may be trusted any more.
+            self._version = None
+            self._schemas.clear()
             return UserRead(None, None)
         if current == cached:
             return UserRead(current, self._decode_user(current, user_id, replies[1]))
