@@ -5,5 +5,6 @@ pytest_plugins = [
     "tests.fixtures.deploy",
     "tests.fixtures.enrichment",
     "tests.fixtures.redis",
+    "tests.fixtures.services",
     "tests.fixtures.tiny_llm",
 ]

@@ -1,0 +1,124 @@
+"""The deployed shape on loopback: redis-server + retrieval + gateway as separate uvicorn
+processes (``service_stack``). Fallbacks are provoked by really stopping a component."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
+
+
+@pytest.fixture
+def stack(service_stack):
+    """The session stack, whole again after each test (restarts what a test stopped)."""
+    yield service_stack
+    service_stack.ensure_running()
+
+
+def post(stack, body: dict, **headers: str) -> httpx.Response:
+    return httpx.post(
+        stack.gateway.url + "/recommend", json=body, headers=stack.headers(**headers), timeout=30
+    )
+
+
+def test_known_user_is_ranked_end_to_end(stack):
+    response = post(stack, {"user_id": stack.users[0], "k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["degraded"] == [] and len(body["items"]) == 5
+    assert {"feature_user", "retrieval", "feature_items", "prompt", "ranker"} <= set(
+        body["timings_ms"]
+    )
+    assert body["model"]["ranker_run"] == "tiny-ranker"
+
+
+def test_request_id_is_returned_and_reaches_the_retrieval_service(stack):
+    response = post(stack, {"user_id": stack.users[1]}, **{"X-Request-ID": "trace-me-42"})
+    assert response.headers["x-request-id"] == "trace-me-42"
+    assert response.json()["request_id"] == "trace-me-42"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [json.loads(x) for x in stack.retrieval.log_path.read_text().splitlines()
+                 if x.startswith("{")]  # fmt: skip
+        if any(
+            x.get("request_id") == "trace-me-42" and x.get("route") == "/retrieve" for x in lines
+        ):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the retrieval service never logged the gateway's request id")
+    gateway_lines = stack.gateway.log_path.read_text()
+    assert '"request_id": "trace-me-42"' in gateway_lines
+
+
+def test_auth_and_problem_bodies_over_http(stack):
+    missing = httpx.post(stack.gateway.url + "/recommend", json={"user_id": "u"}, timeout=10)
+    assert missing.status_code == 401
+    assert missing.headers["content-type"] == "application/problem+json"
+    bad = post(stack, {"user_id": "u", "k": 0})
+    assert bad.status_code == 422 and "k" in bad.json()["detail"]
+    assert httpx.get(stack.gateway.url + "/healthz").status_code == 200
+    assert httpx.get(stack.gateway.url + "/readyz").json()["checks"] == {
+        "artifacts": True, "retrieval": True, "feature_store": True, "ranker": True,
+    }  # fmt: skip
+    metrics = httpx.get(stack.gateway.url + "/metrics").text
+    assert "tandem_http_requests_total" in metrics
+    retrieval_metrics = httpx.get(stack.retrieval.url + "/metrics").text
+    assert "tandem_retrieval_duration_seconds_count" in retrieval_metrics
+
+
+def test_redis_stopped_then_restarted(stack):
+    user = stack.users[2]
+    stack.redis.stop()
+    down = post(stack, {"user_id": user, "k": 5})
+    assert down.status_code == 200 and down.json()["degraded"] == ["feature_store_unavailable"]
+    assert len(down.json()["items"]) == 5
+    stack.redis.start()
+    assert _eventually(lambda: post(stack, {"user_id": user}).json()["degraded"] == [])
+
+
+def test_redis_hung_times_out_within_the_deadline(stack):
+    stack.redis.pause()
+    try:
+        start = time.perf_counter()
+        hung = post(stack, {"user_id": stack.users[3], "k": 5})
+        elapsed = time.perf_counter() - start
+    finally:
+        stack.redis.resume()
+    assert hung.status_code == 200 and "feature_store_unavailable" in hung.json()["degraded"]
+    assert elapsed < 3.0
+
+
+def test_retrieval_stopped_then_restarted(stack):
+    user = stack.users[4]
+    stack.retrieval.stop(signal.SIGKILL)
+    down = post(stack, {"user_id": user, "k": 5})
+    assert down.status_code == 200 and down.json()["degraded"] == ["retrieval_unavailable"]
+    assert len(down.json()["items"]) == 5
+    stack.retrieval.start()
+    assert _eventually(lambda: post(stack, {"user_id": user}).json()["degraded"] == [])
+
+
+def test_graceful_shutdown_finishes_and_restarts_cleanly(stack):
+    code = stack.gateway.stop(signal.SIGTERM)
+    assert code == 0, stack.gateway.logs()
+    stack.gateway.start()
+    assert post(stack, {"user_id": stack.users[0]}).status_code == 200
+
+
+def _eventually(check, timeout_s: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False
