@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from tests.fixtures.deploy import (
+    GPU_LAUNCH,
     REPO,
     find_tool,
+    launcher,
     parse_dockerfile,
     read_env_file,
     run_tool,
@@ -225,3 +227,19 @@ def test_tandem_containers_are_hardened():
         assert any(mount.startswith("/tmp") for mount in service["tmpfs"]), name
         assert service["user"].split(":")[0] != "0", name
         assert service["cap_drop"] == ["ALL"], name
+
+
+def test_gpu_ranker_runs_the_launchers_gpu_argv():
+    launch = launcher()
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["ranker-gpu"]
+    expected = launch.build_command(launch.LaunchConfig(**GPU_LAUNCH))
+    assert raw["entrypoint"] + raw["command"] == expected
+
+
+def test_cpu_ranker_command_is_one_the_launcher_accepts():
+    launch = launcher()
+    command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["ranker-cpu"]["command"]
+    _, config = launch.parse_args(command)
+    assert config.profile == "cpu" and config.port == RANKER_PORT and config.host == "0.0.0.0"
+    assert config.lora_modules == ("rec-v1=/adapters/rec-v1",)
+    assert not config.extra_args, f"flags the launcher does not know: {config.extra_args}"

@@ -7,10 +7,12 @@ import pytest
 import yaml
 
 from tests.fixtures.deploy import (
+    GPU_LAUNCH,
     OVERLAYS,
     REPO,
     assemble_overlay,
     kustomize_command,
+    launcher,
     settings_env_names,
 )
 
@@ -312,3 +314,20 @@ def test_environment_names_are_settings_the_services_read(
                 patch.setenv(key, "k1" if value == "<secret>" else value)
             parsed = cls(_env_file=None)
         assert str(parsed.artifacts_dir) == "/artifacts"
+
+
+def test_ranker_argv_is_what_the_launcher_builds(rendered_overlays: dict):
+    launch = launcher()
+    gpu = _pod(_index(rendered_overlays["gpu-prod"])[("Deployment", "ranker")])["containers"][0]
+    expected = launch.build_command(launch.LaunchConfig(**GPU_LAUNCH))
+    assert gpu["command"] + gpu["args"] == expected
+    cpu = _pod(_index(rendered_overlays["cpu-dev"])[("Deployment", "ranker")])["containers"][0]
+    assert cpu["image"] == "tandem-ranker-cpu:dev" and "command" not in cpu  # image entrypoint
+    _, config = launch.parse_args(cpu["args"])
+    assert config.profile == "cpu" and config.host == "0.0.0.0" and not config.extra_args
+    port = next(p["containerPort"] for p in cpu["ports"] if p["name"] == "http")
+    assert config.port == port
+    mounts = {m["mountPath"] for m in cpu["volumeMounts"]}
+    for spec in config.lora_modules:
+        path = launch.parse_lora_module(spec)[1]
+        assert any(path.startswith(mount + "/") for mount in mounts), path
