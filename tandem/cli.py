@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from tandem.commands import data, enrich, evaluate, features, retriever, serve
+from tandem.commands import llm
+from tandem.commands import quickstart
 
 app = typer.Typer(
     name="tandem",
@@ -14,10 +16,12 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
+app.add_typer(llm.app, name="llm")
 app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")
 app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)
+app.command("quickstart")(quickstart.quickstart)
 
 if __name__ == "__main__":
     app()
