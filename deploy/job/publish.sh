@@ -3,6 +3,8 @@
 # LoRA adapter into the running vLLM server so the gateway can ask for it by name.
 # Every input is an environment variable, so compose and Kubernetes run the same image unchanged:
 #   TANDEM_DATASET, TANDEM_NAMESPACE, TANDEM_REDIS_URL   where the features go (required)
+#   JOB_PUBLISH_ARGS                                     extra `tandem features publish` flags, e.g.
+#                                                        --items-embeddings /artifacts/.../x.safetensors
 #   TANDEM_VLLM_URL                                      the vLLM server (needed to load an adapter)
 #   JOB_ADAPTER_NAME, JOB_ADAPTER_PATH                   adapter name and its path AS SEEN BY vLLM;
 #                                                        leave JOB_ADAPTER_NAME empty to skip
@@ -14,7 +16,10 @@ set -eu
 : "${TANDEM_REDIS_URL:?set TANDEM_REDIS_URL (e.g. redis://redis:6379/0)}"
 
 echo "publishing features: dataset=${TANDEM_DATASET} namespace=${TANDEM_NAMESPACE}"
-tandem features publish --dataset "${TANDEM_DATASET}" --namespace "${TANDEM_NAMESPACE}"
+# JOB_PUBLISH_ARGS is split on spaces on purpose (paths under /artifacts have none).
+# shellcheck disable=SC2086
+tandem features publish --dataset "${TANDEM_DATASET}" --namespace "${TANDEM_NAMESPACE}" \
+    ${JOB_PUBLISH_ARGS:-}
 
 if [ -z "${JOB_ADAPTER_NAME:-}" ]; then
     echo "JOB_ADAPTER_NAME is empty: no adapter to load"

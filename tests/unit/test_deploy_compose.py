@@ -14,6 +14,7 @@ from tests.fixtures.deploy import (
     GPU_LAUNCH,
     REPO,
     find_tool,
+    job_env_names,
     launcher,
     parse_dockerfile,
     read_env_file,
@@ -27,8 +28,6 @@ RANKER_PORT = 8011
 REQUIRED_SERVICES = {
     "redis", "retrieval", "ranker-cpu", "ranker-gpu", "gateway", "publish", "prometheus", "grafana",
 }  # fmt: skip
-# Environment names the release job reads besides Settings fields (deploy/job/publish.sh).
-JOB_ENV = {"JOB_ADAPTER_NAME", "JOB_ADAPTER_PATH", "JOB_WAIT_SECONDS"}
 VLLM_FLAGS = {
     "--enable-lora", "--max-lora-rank=8", "--lora-target-modules=qkv_proj",
     "--lora-modules=rec-v1=/adapters/rec-v1", "--enable-prompt-embeds", "--enable-prefix-caching",
@@ -156,7 +155,7 @@ def test_env_files_exist_and_hold_only_settings_the_services_read():
     known = {
         "gateway": names["gateway"],
         "retrieval": names["retrieval"],
-        "publish": names["gateway"] | names["retrieval"] | JOB_ENV,
+        "publish": names["gateway"] | names["retrieval"] | job_env_names(),
     }
     for service, allowed in known.items():
         for path in _env_files(raw["services"][service]):

@@ -11,6 +11,7 @@ from tests.fixtures.deploy import (
     OVERLAYS,
     REPO,
     assemble_overlay,
+    job_env_names,
     kustomize_command,
     launcher,
     settings_env_names,
@@ -21,7 +22,6 @@ SERVICES = ("gateway", "retrieval", "ranker")
 # Secrets a real cluster creates out of band (never committed), with the keys they must hold.
 EXTERNAL_SECRETS = {"gpu-prod": {"tandem-api-keys": {"api-keys", "internal-api-key"}}}
 VLLM_ROUTES = {"/health", "/metrics"}  # vLLM's OpenAI server
-JOB_ENV = {"JOB_ADAPTER_NAME", "JOB_ADAPTER_PATH", "JOB_WAIT_SECONDS"}
 RANKER_STARTUP_BUDGET_S = 600  # vLLM loads weights (and compiles on GPU) for minutes
 
 overlay_names = pytest.mark.parametrize("overlay", list(OVERLAYS))
@@ -296,7 +296,7 @@ def test_environment_names_are_settings_the_services_read(
     allowed = {
         "gateway": names["gateway"],
         "retrieval": names["retrieval"],
-        "tandem-publish": names["gateway"] | names["retrieval"] | JOB_ENV,
+        "tandem-publish": names["gateway"] | names["retrieval"] | job_env_names(),
     }
     for workload_name, known in allowed.items():
         kind = "Job" if workload_name == "tandem-publish" else "Deployment"
