@@ -7,4 +7,5 @@ pytest_plugins = [
     "tests.fixtures.redis",
     "tests.fixtures.services",
     "tests.fixtures.tiny_llm",
+    "tests.fixtures.vllm_server",
 ]

@@ -60,6 +60,7 @@ class LaunchConfig:
     max_loras: int = 2  # adapters resident per batch: the current one and its predecessor
     lora_modules: tuple[str, ...] = ()  # "rec-v{n}=DIR" adapters to serve from the start
     prefix_caching: bool = True  # shared prompt prefixes (instructions, history) reuse KV
+    omp_threads: int | None = None  # cpu: model threads; unset, vLLM serves with 1 thread
     python: str = field(default=sys.executable, compare=False)  # cpu: interpreter with vllm
     extra_args: tuple[str, ...] = ()  # passed through to vLLM unchanged
 
@@ -128,6 +129,8 @@ def build_env(config: LaunchConfig, base: dict[str, str] | None = None) -> dict[
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # hot loading: /v1/load_lora_adapter
     if config.profile == "cpu":
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        if config.omp_threads:
+            env["OMP_NUM_THREADS"] = str(config.omp_threads)
     return env
 
 
@@ -235,6 +238,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Launc
         "--lora-modules", nargs="*", default=[], metavar="NAME=DIR", help="e.g. rec-v1=DIR"
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--omp-threads", type=int, default=None, help="cpu: model threads")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds")
     parser.add_argument(
         "--print", action="store_true", help="print the argv as JSON and exit (for manifests)"
@@ -256,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Launc
             max_loras=args.max_loras,
             lora_modules=tuple(args.lora_modules),
             prefix_caching=not args.no_prefix_caching,
+            omp_threads=args.omp_threads,
             extra_args=tuple(extra),
         )
     except LaunchError as exc:

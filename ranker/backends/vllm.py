@@ -63,7 +63,12 @@ ERROR_TYPES = (
     "circuit_open",
     "mismatch",
 )
-PROBE_TEXT = "Tandem probe: A B C D E F G H I J K L M N O P Q R S T, 0123456789 (Ünïcödé) ok."
+# Common prompt words (merged differently by different vocabularies), letters, digits, unicode.
+PROBE_TEXT = (
+    "You are a movie recommender system. The user has watched the following movies: "
+    "Toy Story (1995). Candidates: A. B. C. D. E. F. G. H. I. J. K. L. M. N. O. P. Q. R. "
+    "S. T. Answer with the index letter. 0123456789 Ünïcödé ok."
+)
 WARMUP_TOKENS = 32  # RECIPES: a very short FIRST request can kill the CPU worker (SIGILL)
 
 
