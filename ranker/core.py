@@ -129,19 +129,10 @@ class Ranker:
             return None
         import torch
 
-        rows = []
+        from ranker.forward import project_soft_rows
+
         with torch.inference_mode():
-            for kind, raw in zip(layout.soft_kinds, layout.soft_inputs, strict=True):
-                projector = self.projectors[kind]
-                if projector is None:
-                    raise ValueError(f"a {kind} soft slot but no {kind} projector")
-                if raw.shape != (projector.config.in_dim,):
-                    raise ValueError(
-                        f"{kind} embedding has shape {raw.shape}, the projector expects "
-                        f"({projector.config.in_dim},)"
-                    )
-                rows.append(projector(torch.from_numpy(raw)[None])[0])
-        return torch.stack(rows).float().numpy()
+            return project_soft_rows([layout], self.projectors, 0).numpy()
 
     def render(self, inp: PromptInput) -> RenderedPrompt:
         """The prompt with candidates in the given order."""

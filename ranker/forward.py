@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ranker.backends.base import RenderedPrompt
@@ -102,3 +103,32 @@ def letter_logits(model, batch: Batch, soft_rows: torch.Tensor | None = None) ->
 def letter_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the letters only (the verbalizer's score)."""
     return torch.log_softmax(logits, dim=-1)
+
+
+def project_soft_rows(layouts, projectors: dict, hidden: int) -> torch.Tensor:
+    """Soft rows of ``layouts`` (``PromptLayout``) in batch order, each through its projector.
+
+    Rows of one kind go through their projector together; gradients flow when enabled.
+    """
+    kinds = [kind for layout in layouts for kind in layout.soft_kinds]
+    raws = [raw for layout in layouts for raw in layout.soft_inputs]
+    if not kinds:
+        return torch.zeros((0, hidden))
+    parts, index = [], []
+    for kind in sorted(set(kinds)):
+        projector = projectors.get(kind)
+        if projector is None:
+            raise ValueError(f"a {kind} soft slot but no {kind} projector")
+        rows = [n for n, k in enumerate(kinds) if k == kind]
+        inputs = torch.from_numpy(np.stack([raws[n] for n in rows]).astype(np.float32))
+        if inputs.shape[1] != projector.config.in_dim:
+            raise ValueError(
+                f"{kind} embeddings have size {inputs.shape[1]}, the projector expects "
+                f"{projector.config.in_dim}"
+            )
+        parts.append(projector(inputs).float())
+        index.extend(rows)
+    stacked = torch.cat(parts)
+    inverse = torch.empty(len(index), dtype=torch.long)
+    inverse[torch.as_tensor(index)] = torch.arange(len(index))
+    return stacked[inverse]
