@@ -187,10 +187,18 @@ class AdapterStore:
 class ServerAdapters:
     """Hot loading and rollback of adapters on one running vLLM server (synchronous: CLI/jobs)."""
 
-    def __init__(self, base_url: str, prefix: str = "rec", timeout_s: float = 60.0):
+    def __init__(
+        self,
+        base_url: str,
+        prefix: str = "rec",
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.prefix = prefix
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout_s, trust_env=False)
+        self._client = httpx.Client(
+            base_url=self.base_url, timeout=timeout_s, trust_env=False, transport=transport
+        )
 
     def close(self) -> None:
         self._client.close()

@@ -195,19 +195,21 @@ def serve(config: LaunchConfig, ready_timeout_s: float = 600.0) -> int:
         if process.poll() is None:
             process.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         healthy_s = wait_healthy(config.url, ready_timeout_s, process)
         warm_s = warm_up(config.url, config.served_model_name)
         _log(f"ready at {config.url}: healthy after {healthy_s:.1f}s, warm-up {warm_s:.1f}s")
+        return process.wait()
     except LaunchError as exc:
         _log(f"error: {exc}")
         if process.poll() is None:
             process.terminate()
             process.wait(timeout=30)
         return 1
-    return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _log(message: str) -> None:
