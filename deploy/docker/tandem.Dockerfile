@@ -2,7 +2,7 @@
 # Tandem service images: one Dockerfile, three targets that share every layer but the last.
 #   gateway    tandem serve --role gateway   (port 8000)
 #   retrieval  tandem serve --role retrieval (port 8001)
-#   job        one-shot: publish features to Redis, then load the LoRA adapter into vLLM
+#   job        one-shot release: publish features to Redis, hot-load the LoRA adapter into vLLM
 # Build from the repository root:
 #   docker build -f deploy/docker/tandem.Dockerfile --target gateway -t tandem-gateway .
 # Artifacts are mounted at /artifacts at run time (compose volume, Kubernetes PVC). To bake them
@@ -82,7 +82,7 @@ ENTRYPOINT ["tandem", "serve"]
 CMD ["--role", "retrieval", "--host", "0.0.0.0", "--port", "8001"]
 
 FROM runtime AS job
-COPY --chmod=0755 deploy/job/publish.sh /opt/tandem/publish.sh
+COPY deploy/job/release.py /opt/tandem/release.py
 # A one-shot job has nothing to probe: it succeeds or exits non-zero.
 HEALTHCHECK NONE
-ENTRYPOINT ["/opt/tandem/publish.sh"]
+ENTRYPOINT ["python", "/opt/tandem/release.py"]

@@ -85,7 +85,7 @@ def test_service_targets_expose_serve_and_probe_the_same_port():
         assert '"0.0.0.0"' in command, "bind all interfaces inside the container"
         healthcheck = parsed.effective(target, "HEALTHCHECK")
         assert f"http://127.0.0.1:{port}/healthz" in healthcheck
-    assert parsed.effective("job", "ENTRYPOINT") == '["/opt/tandem/publish.sh"]'
+    assert parsed.effective("job", "ENTRYPOINT") == '["python", "/opt/tandem/release.py"]'
 
 
 def test_ranker_cpu_image_probes_vllm_health():
@@ -158,18 +158,3 @@ def test_healthcheck_passes_on_2xx_and_fails_otherwise(probe_server: str):
 def test_healthcheck_fails_cleanly_when_nothing_listens():
     result = _probe("http://127.0.0.1:9/healthz")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-
-
-# ---------------------------------------------------------------- the release job script
-
-
-def test_publish_job_script_is_valid_sh_and_executable():
-    script = REPO / "deploy" / "job" / "publish.sh"
-    assert script.stat().st_mode & 0o111, "publish.sh must be executable"
-    assert run_tool(["sh", "-n", str(script)]).returncode == 0
-
-
-def test_publish_job_names_the_missing_setting(tmp_path: Path):
-    script = REPO / "deploy" / "job" / "publish.sh"
-    result = run_tool(["sh", str(script)], cwd=tmp_path)
-    assert result.returncode != 0 and "TANDEM_DATASET" in result.stderr
