@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,13 +80,17 @@ def clean_caption(text: str, config: CaptionConfig, special_tokens: Sequence[str
     )
 
 
-def _file_digest(path: str | None) -> str | None:
-    if not path:
+def _file_digest(path: object) -> str | None:
+    if not isinstance(path, str) or not path:
         return None
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def content_hash(row: Mapping, source: str, image_digest: str | None) -> str:
@@ -212,7 +217,7 @@ def caption_items(
     captions: dict[str, str] = {}
     image_jobs, text_jobs = [], []
     for index in range(1, catalog.num_items + 1):
-        row = catalog.row(index)
+        row = {k: (None if _missing(v) else v) for k, v in catalog.row(index).items()}
         image_digest = _file_digest(row.get("image_path")) if captioner is not None else None
         if image_digest is not None:
             source = captioner.source
