@@ -7,6 +7,7 @@ import typer
 from tandem.commands import data, enrich, evaluate, features, retriever, serve
 from tandem.commands import llm
 from tandem.commands import quickstart
+from tandem.commands import vllm
 
 app = typer.Typer(
     name="tandem",
@@ -19,6 +20,7 @@ app.add_typer(retriever.app, name="retriever")
 app.add_typer(llm.app, name="llm")
 app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")
+app.add_typer(vllm.app, name="vllm")
 app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)
 app.command("quickstart")(quickstart.quickstart)
