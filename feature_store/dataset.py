@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ def records_from_dataset(
     prefs = preferences or {}
     caps = captions or {}
     item_ids = np.asarray(catalog.item_ids, dtype=object)
+    built_at = time.time()  # one timestamp: iterating again yields identical records
 
     def users() -> Iterator[UserRecord]:
         sequences = dataset.interactions.sequences()
@@ -91,6 +93,7 @@ def records_from_dataset(
                 history=tuple(item_ids[sequence[-history_cap:] - 1]),
                 preference=pref.text if pref else None,
                 watermark=pref.watermark if pref else 0,
+                updated_at=built_at,
             )
 
     def items() -> Iterator[ItemRecord]:

