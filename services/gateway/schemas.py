@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.ids import MAX_LIST, ItemId, UserId
+from services.common.ids import MAX_LIST, Count, ItemId, UserId
 
 MAX_K = 20
 
@@ -13,7 +13,7 @@ class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: UserId = Field(description="The user to recommend for (1-64 printable characters).")
-    k: int = Field(10, ge=1, le=MAX_K, description="How many items to return.")
+    k: Count = Field(10, ge=1, le=MAX_K, description="How many items to return.")
     history: list[ItemId] | None = Field(
         None,
         max_length=MAX_LIST,

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common.ids import MAX_LIST, ItemId
+from services.common.ids import MAX_LIST, Count, ItemId
 
 MAX_K = 200
 MAX_EXCLUDE = 1000
@@ -20,7 +20,7 @@ class RetrieveRequest(BaseModel):
         description="Oldest first; the last max_len items are used. Empty = popular items. "
         "Unknown items are rejected (422).",
     )
-    k: int = Field(20, ge=1, le=MAX_K)
+    k: Count = Field(20, ge=1, le=MAX_K)
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_EXCLUDE)
     include_user_embedding: bool = Field(
         False, description="Also return the user's sequence embedding (the ranker's user token)."
