@@ -1,0 +1,74 @@
+"""``tandem serve`` as a user runs it: one process, embedded Redis, in-process ranker."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.services import (
+    ITEM_DIM,
+    REPO,
+    free_port,
+    make_tiny_ranker_run,
+    tandem_server,
+)
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, tiny_retriever_run: Path, tiny_llm_dir: Path, tiny_lora_dir: Path):
+    """A fresh artifacts folder: the dataset, the retriever run, an LLM and a ranker run."""
+    from retriever.core import Retriever
+
+    source = tiny_retriever_run.resolve().parents[2]
+    root = tmp_path_factory.mktemp("embedded") / "artifacts"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("redis"))
+    retriever = Retriever.load(tiny_retriever_run)
+    dataset = retriever.manifest.dataset
+    shutil.copytree(tiny_llm_dir, root / "llm")
+    make_tiny_ranker_run(
+        root / dataset / "ranker" / "tiny-ranker", root / "llm", tiny_lora_dir,
+        item_dim=ITEM_DIM, user_dim=retriever.dim, dataset=dataset,
+    )  # fmt: skip
+    return root, dataset
+
+
+def test_embedded_stack_publishes_features_and_ranks(artifacts, tmp_path):
+    root, dataset = artifacts
+    env = {"TANDEM_ARTIFACTS_DIR": str(root), "TANDEM_DATASET": dataset, "TANDEM_REDIS_URL": ""}
+    server = tandem_server("embedded", free_port(), tmp_path / "serve.log", env)
+    server.start(timeout_s=180)
+    try:
+        from tandem.data import Dataset
+
+        user = Dataset.load(root / dataset / "data").interactions.user_ids[0]
+        response = httpx.post(server.url + "/recommend", json={"user_id": user, "k": 3}, timeout=30)
+        assert response.status_code == 200, server.logs()
+        body = response.json()
+        assert body["degraded"] == [] and len(body["items"]) == 3
+        assert body["model"]["feature_version"] == 1
+        assert body["model"]["ranker_run"] == "tiny-ranker"
+        assert "ranker" in body["timings_ms"]
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    finally:
+        server.stop()
+    assert (root / "redis").is_dir()  # the embedded server kept its data under artifacts/
+
+
+def test_missing_artifacts_fail_fast_with_a_clear_message(tmp_path):
+    env = {**os.environ, "TANDEM_ARTIFACTS_DIR": str(tmp_path / "empty"), "TANDEM_REDIS_URL": ""}
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "serve", "--port", str(free_port())],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "tandem retriever train" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
