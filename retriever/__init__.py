@@ -1,0 +1,1 @@
+"""Stage 1: sequential retrievers (SASRec, LRURec), Faiss index, ONNX user encoder."""

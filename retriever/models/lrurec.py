@@ -1,0 +1,149 @@
+"""LRURec (Yue et al., 2024; the retriever of LlamaRec and MLLM4Rec): linear recurrent units.
+
+Each block is an LRU layer (Orvieto et al., 2023) followed by a position-wise feed-forward net,
+both with residual + LayerNorm. The LRU keeps a complex diagonal state per channel,
+
+    h_t = lambda * h_{t-1} + gamma * (B x_t),     y_t = Re(C h_t) + x_t,
+
+with ``lambda = exp(-nu + i theta)`` (|lambda| < 1, stable by construction). Complex numbers
+are written as (real, imaginary) pairs (ONNX has no complex dtype) and the recurrence runs as a
+chunked parallel scan (batched matmuls, no loop over time). Padding positions feed nothing into the
+state, so left padding never changes a user's vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from retriever.models.base import FeedForward, SequenceEncoder
+from tandem.data import PADDING_INDEX
+
+CHUNK = 16  # scan chunk: steps handled by one small causal kernel
+
+
+@dataclass
+class LRURecConfig:
+    max_len: int = 200  # longest history read; older items are dropped
+    hidden: int = 64  # embedding and model width d (the user/item vector size)
+    layers: int = 2  # LRU + feed-forward blocks
+    dropout: float = 0.2  # on embeddings and block outputs
+    r_min: float = 0.8  # smallest initial |lambda|: fastest-forgetting channel
+    r_max: float = 0.99  # largest initial |lambda|: longest memory
+
+
+class LRULayer(nn.Module):
+    """One LRU with ``2 * hidden`` complex state channels, residual + post-LayerNorm.
+
+    Complex values live in interleaved (Re, Im) channel pairs: ``[..., state, 2]`` flattened.
+    """
+
+    def __init__(self, hidden: int, dropout: float, r_min: float, r_max: float):
+        super().__init__()
+        state = 2 * hidden
+        self.state = state
+        u1, u2 = torch.rand(state), torch.rand(state)
+        # |lambda| uniform on the ring [r_min, r_max], phase uniform in [0, 2 pi).
+        nu = -0.5 * torch.log(u1 * (r_max**2 - r_min**2) + r_min**2)
+        theta = u2 * 2 * math.pi
+        gamma = torch.sqrt(1 - torch.exp(-2 * nu))  # normalises the input so ||h|| stays O(1)
+        self.nu_log = nn.Parameter(torch.log(nu))
+        self.theta_log = nn.Parameter(torch.log(theta.clamp_min(1e-4)))
+        self.gamma_log = nn.Parameter(torch.log(gamma))
+        self.in_proj = nn.Linear(hidden, 2 * state)  # B x as (Re, Im) pairs
+        self.out_proj = nn.Linear(2 * state, hidden)  # Re(C h) from the (Re, Im) pairs of h
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden)
+
+    def powers(self, count: int, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re and Im of ``lambda^(stride * k)`` for k = 0..count-1, each ``[state, count]``."""
+        k = torch.arange(count, device=self.nu_log.device).to(self.nu_log.dtype) * stride
+        decay = torch.exp(-torch.exp(self.nu_log)[:, None] * k)
+        angle = torch.exp(self.theta_log)[:, None] * k
+        return decay * torch.cos(angle), decay * torch.sin(angle)
+
+    def causal_conv(self, x: torch.Tensor, count: int, stride: int) -> torch.Tensor:
+        """``y_t = sum_k lambda^(stride * k) x_{t-k}`` (k < count) on ``[N, 2 * state, T]``.
+
+        A depthwise convolution: each state's (Re, Im) pair is one group, and the 2x2 weight
+        ``[[Re, -Im], [Im, Re]]`` is multiplication by a complex number.
+        """
+        p_re, p_im = (p.flip(-1) for p in self.powers(count, stride))
+        weight = torch.stack([torch.stack([p_re, -p_im], 1), torch.stack([p_im, p_re], 1)], 1)
+        padded = nn.functional.pad(x, (count - 1, 0))
+        return nn.functional.conv1d(
+            padded, weight.reshape(2 * self.state, 2, count), groups=self.state
+        )
+
+    def scan(self, u: torch.Tensor) -> torch.Tensor:
+        """``h_t = sum_{s<=t} lambda^(t-s) u_s`` on ``[B, L, 2 * state]``, L a multiple of CHUNK.
+
+        Chunked: a causal convolution inside each chunk, the same recurrence over the chunks'
+        final states (stride CHUNK), then each chunk adds the state carried in from before it.
+        """
+        length = u.shape[1]
+        chunks = length // CHUNK
+        pairs = 2 * self.state
+        h = self.causal_conv(u.reshape(-1, CHUNK, pairs).transpose(1, 2), CHUNK, 1)
+        h = h.reshape(-1, chunks, pairs, CHUNK)
+        ends = h[..., -1].transpose(1, 2)  # [B, 2 * state, chunks]
+        after = self.causal_conv(ends, chunks, CHUNK)  # state after each chunk
+        entering = nn.functional.pad(after, (1, 0))[..., :chunks]
+        entering = entering.transpose(1, 2).reshape(-1, chunks, self.state, 2, 1)
+        c_re, c_im = entering[:, :, :, 0], entering[:, :, :, 1]
+        p_re, p_im = (p[:, 1:] for p in self.powers(CHUNK + 1))  # lambda^1..lambda^CHUNK
+        carry = torch.stack([p_re * c_re - p_im * c_im, p_re * c_im + p_im * c_re], dim=3)
+        h = h.reshape(-1, chunks, self.state, 2, CHUNK) + carry
+        return h.permute(0, 1, 4, 2, 3).reshape(-1, length, pairs)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``x [B, L, d]`` with L a multiple of CHUNK; ``real [B, L]`` is 0 at padding."""
+        gamma = torch.exp(self.gamma_log).repeat_interleave(2)
+        u = self.in_proj(x) * gamma * real[..., None]  # padding feeds nothing into the state
+        h = self.scan(u)
+        return self.norm(self.dropout(self.out_proj(h)) + x)
+
+
+class LRUBlock(nn.Module):
+    def __init__(self, config: LRURecConfig):
+        super().__init__()
+        self.lru = LRULayer(config.hidden, config.dropout, config.r_min, config.r_max)
+        self.ffn = FeedForward(config.hidden, config.dropout)
+        self.ffn_norm = nn.LayerNorm(config.hidden)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        x = self.lru(x, real)
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class LRURec(SequenceEncoder):
+    def __init__(self, num_items: int, config: LRURecConfig | None = None):
+        config = config or LRURecConfig()
+        super().__init__(num_items, config.hidden, config.max_len)
+        self.config = config
+        self.embed_norm = nn.LayerNorm(config.hidden)
+        self.embed_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(LRUBlock(config) for _ in range(config.layers))
+        # 0: scan over the batch's length rounded up to CHUNK. The ONNX export fixes it to
+        # scan_length(max_len), so the traced graph serves every length up to max_len.
+        self.fixed_scan_length = 0
+        self.init_weights()
+
+    def hidden_states(self, seq: torch.Tensor) -> torch.Tensor:
+        length = seq.shape[1]
+        padded = self.fixed_scan_length or scan_length(length)
+        # Left-pad to a multiple of CHUNK: padding feeds nothing into any state.
+        seq = torch.cat([seq.new_zeros(seq.shape[0], padded), seq], dim=1)[:, -padded:]
+        real = (seq != PADDING_INDEX).to(self.item_embedding.weight.dtype)
+        x = self.embed_norm(self.embed_dropout(self.item_embedding(seq)))
+        for block in self.blocks:
+            x = block(x, real)
+        return x[:, -length:]
+
+
+def scan_length(length: int) -> int:
+    """The smallest multiple of CHUNK that holds ``length`` steps."""
+    return max(1, -(-int(length) // CHUNK)) * CHUNK
