@@ -27,9 +27,11 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from feature_store.connection import SyncRedis, sync_client
+from feature_store.packed import ClusterPipeline, PackedPipeline, bulk_pipeline
 from feature_store.schema import (
     EMBEDDING_DTYPES,
     CorruptValueError,
+    EmbeddingCodec,
     ItemRecord,
     Keys,
     UserRecord,
@@ -435,9 +437,9 @@ class _BatchWriter:
                 keys = [self.keys.user(version, user.user_id) for user in batch]
                 pipe = self._pipeline(keys)
                 for key, user in zip(keys, batch, strict=True):
-                    pipe.hset(key, mapping=encode_user(user, cap))
+                    pipe.command("HSET", key, *_flat(encode_user(user, cap)))
                     if ttl:
-                        pipe.expire(key, ttl)
+                        pipe.command("EXPIRE", key, ttl)
                 pipe.execute()
                 done = self.schema.users + len(batch)
                 self._checkpoint(replace(self.schema, users=done, last_user=batch[-1].user_id))
@@ -451,19 +453,21 @@ class _BatchWriter:
             for batch in _batches(records, self.batch_size):
                 keys = [self.keys.item(version, item.item_id) for item in batch]
                 pipe = self._pipeline(keys)
+                vectors = _encoded_embeddings(batch, codec)
                 for key, item in zip(keys, batch, strict=True):
-                    pipe.hset(key, mapping=encode_item(item, codec))
+                    fields = encode_item(item, codec, vectors.get(item.item_id))
+                    pipe.command("HSET", key, *_flat(fields))
                 pipe.execute()
                 done = self.schema.items + len(batch)
                 self._checkpoint(replace(self.schema, items=done, last_item=batch[-1].item_id))
                 bar.update(len(batch))
         return self.schema
 
-    def _pipeline(self, keys: list[str]):  # type: ignore[no-untyped-def]
-        pipe = self.writer._redis.pipeline(transaction=False)
+    def _pipeline(self, keys: list[str]) -> PackedPipeline | ClusterPipeline:
+        pipe = bulk_pipeline(self.writer._redis)
         if self.resumed:
             for key in keys:
-                pipe.delete(key)
+                pipe.command("DEL", key)
             self.resumed = False
         return pipe
 
@@ -487,6 +491,21 @@ class _BatchWriter:
         }
         self.writer._redis.hset(self.keys.schema(schema.version), mapping=fields)
         self.writer._keep_lock(self.token)
+
+
+def _encoded_embeddings(batch: list[ItemRecord], codec: EmbeddingCodec | None) -> dict[str, bytes]:
+    """The batch's embeddings encoded in one numpy pass, by item id."""
+    if codec is None:
+        return {}
+    with_vectors = [item for item in batch if item.embedding is not None]
+    encoded = codec.encode_many(
+        [item.embedding for item in with_vectors], [item.item_id for item in with_vectors]
+    )
+    return {item.item_id: raw for item, raw in zip(with_vectors, encoded, strict=True)}
+
+
+def _flat(fields: dict[str, str | bytes]) -> list[str | bytes]:
+    return [part for pair in fields.items() for part in pair]
 
 
 def _user_id(user: UserRecord) -> str:

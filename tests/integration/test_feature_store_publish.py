@@ -230,3 +230,20 @@ def test_status_reports_versions_counts_and_memory(writer):
     assert [s.items for s in info.versions] == [30]
     assert info.used_memory_bytes > 0
     assert info.bytes_per_item > DIM * 2 and info.bytes_per_user > 0
+
+
+def test_a_bulk_batch_reports_error_replies_and_its_connection_stays_usable(redis_url, namespace):
+    from feature_store.packed import PackedPipeline
+
+    client = redis.Redis.from_url(redis_url)
+    key = f"tandem:{namespace}:oops"
+    pipe = PackedPipeline(client)
+    pipe.command("SET", key, "a string")
+    pipe.command("HSET", key, "field", "value")
+    pipe.command("SET", key + ":after", "still written")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        pipe.execute()
+    assert client.get(key + ":after") == b"still written"
+    pipe.command("SET", key, "again")
+    pipe.execute()
+    assert client.get(key) == b"again"
