@@ -198,6 +198,29 @@ async def test_hot_loaded_adapter_changes_scores_and_rollback_restores_them(
         await backend.close()
 
 
+def test_cli_exports_loads_and_rolls_back_an_adapter(vllm_server, vllm_models, tmp_path):
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    runner = CliRunner()
+    common = ["--vllm-url", vllm_server.url]
+    loaded = runner.invoke(
+        app,
+        ["vllm", "adapter", "load", str(vllm_models.adapter_v2), *common,
+         "--store", str(tmp_path / "store")],
+    )  # fmt: skip
+    assert loaded.exit_code == 0, loaded.output
+    assert "loaded rec-v2" in loaded.output
+    listed = runner.invoke(app, ["vllm", "adapter", "list", *common, "--store", str(tmp_path)])
+    assert listed.exit_code == 0 and "rec-v2" in listed.output
+    rolled = runner.invoke(app, ["vllm", "adapter", "rollback", *common])
+    assert rolled.exit_code == 0, rolled.output
+    assert "unloaded rec-v2; now serving rec-v1" in rolled.output
+    again = runner.invoke(app, ["vllm", "adapter", "rollback", *common])
+    assert again.exit_code != 0 and "nothing to roll back to" in again.output
+
+
 async def test_start_refuses_a_server_with_other_weights_or_tokenizer(vllm_server, tmp_path):
     other_weights = make_tiny_llm(tmp_path / "other-weights", seed=1)
     with pytest.raises(ModelMismatchError, match="other weights"):
