@@ -37,9 +37,9 @@ def training_item_counts(dataset: Dataset) -> np.ndarray:
 
 def load_id_embeddings(retriever_run: Path, catalog: Catalog) -> tuple[np.ndarray, Path]:
     """The retriever's item table ``[num_items + 1, d]`` and its run folder."""
+    run_dir = resolve_run(retriever_run)
     from retriever.core import Retriever
 
-    run_dir = resolve_run(retriever_run)
     retriever = Retriever.load(run_dir)
     if list(retriever.catalog.item_ids) != list(catalog.item_ids):
         raise ValueError(

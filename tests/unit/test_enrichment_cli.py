@@ -1,0 +1,75 @@
+"""``tandem enrich``: jobs run from the CLI; bad input gives a clear error, not a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from tandem.cli import app
+from tandem.paths import dataset_dir
+from tests.fixtures.data import synthetic_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def artifacts(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    synthetic_dataset(num_users=5, num_items=20, min_len=6, max_len=9).save(
+        dataset_dir("synthetic")
+    )
+    return tmp_path
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["enrich", *args])
+
+
+def test_preferences_command_runs_and_reports_throughput(artifacts, chatty_llm_dir):
+    result = _run(
+        "preferences", "--dataset", "synthetic", "--llm", str(chatty_llm_dir),
+        "--max-users", "3", "--window", "4", "--stride", "2", "--max-new-tokens", "8",
+        "--checkpoint-every", "2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "users/minute" in result.output
+    [run_dir] = (artifacts / "synthetic" / "enrichment-preferences").glob("preferences-*")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["users"] == 3 and manifest["config"]["window"] == 4
+
+
+def test_captions_command_writes_a_run(artifacts, chatty_llm_dir):
+    result = _run(
+        "captions", "--dataset", "synthetic", "--llm", str(chatty_llm_dir), "--max-items", "4",
+        "--max-words", "6",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (artifacts / "synthetic" / "enrichment-captions" / "latest").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["preferences", "--dataset", "nope"], "tandem data prepare"),
+        (["preferences", "--dataset", "synthetic", "--llm", "/no/such/llm"], "no LLM checkpoint"),
+        (["preferences", "--dataset", "synthetic", "--window", "4", "--stride", "9"], "stride"),
+        (["items", "--dataset", "synthetic"], "tandem retriever train"),
+        (["captions", "--dataset", "synthetic"], "tandem llm prepare"),
+    ],
+)
+def test_bad_input_exits_with_a_clear_message(artifacts, chatty_llm_dir, args, message):
+    if "--llm" not in args and args[0] == "preferences" and "nope" not in args:
+        args = [*args, "--llm", str(chatty_llm_dir)]
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_unreachable_llm_server_is_a_clear_error(artifacts):
+    result = _run("preferences", "--dataset", "synthetic", "--llm-url", "http://127.0.0.1:9")
+    assert result.exit_code == 2
+    assert "is the vLLM server up?" in result.output
