@@ -34,7 +34,7 @@ def build_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.api_keys = list(settings.api_keys)
-    app.state.readiness = ReadinessChecks()
+    app.state.readiness = ReadinessChecks(settings.readiness_gates)
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     app.include_router(router)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from services.common.errors import problem_response, problem_responses
 
@@ -23,14 +23,19 @@ class Liveness(BaseModel):
 
 class Readiness(BaseModel):
     status: str
-    checks: dict[str, bool]
+    checks: dict[str, bool] = Field(description="Every check; only the gating ones cause 503.")
 
 
 class ReadinessChecks:
     """Named async checks (artifacts loaded, Redis reachable, ...), run concurrently."""
 
-    def __init__(self) -> None:
+    def __init__(self, gates: list[str] | None = None) -> None:
         self.checks: dict[str, Check] = {}
+        self.gates = set(gates or ())  # empty: every check gates readiness
+
+    def ready(self, results: dict[str, bool]) -> bool:
+        gating = [ok for name, ok in results.items() if not self.gates or name in self.gates]
+        return bool(results) and all(gating)
 
     def add(self, name: str, check: Check) -> None:
         self.checks[name] = check
@@ -61,8 +66,9 @@ async def healthz() -> Liveness:
 @router.get("/readyz", response_model=Readiness, responses=problem_responses(503))
 async def readyz(request: Request) -> Readiness | Response:
     """Ready: artifacts loaded and every dependency reachable; 503 names what is not."""
-    checks = await request.app.state.readiness.run()
-    if checks and all(checks.values()):
+    readiness: ReadinessChecks = request.app.state.readiness
+    checks = await readiness.run()
+    if readiness.ready(checks):
         return Readiness(status="ready", checks=checks)
     failing = ", ".join(name for name, ok in checks.items() if not ok) or "start-up"
     return problem_response(503, f"not ready: {failing}", instance="/readyz", checks=checks)

@@ -36,5 +36,7 @@ def configure_logging(level: str = "INFO", service: str = "tandem") -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
-    # The access log is written by our middleware (with route, status, duration, request id).
+    # The access log is written by our middleware (with route, status, duration, request id);
+    # httpx would log every call to the retrieval service and the ranker at INFO.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -29,9 +29,13 @@ class ServiceSettings(BaseSettings):
     # Comma-separated keys; empty = no authentication. Sent as Bearer or X-API-Key.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies get 413
+    # Checks whose failure makes /readyz answer 503 (comma-separated); empty = all of them.
+    # Kubernetes may prefer "artifacts": a Redis or vLLM outage then degrades answers instead
+    # of taking every gateway pod out of the Service.
+    readiness_gates: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "readiness_gates", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

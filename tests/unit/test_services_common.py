@@ -194,3 +194,22 @@ def test_missing_retriever_run_says_what_to_do(tmp_path):
 def test_log_records_carry_the_request_id():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
     assert RequestIdFilter().filter(record) and record.request_id is None
+
+
+async def test_readiness_gates_limit_which_checks_cause_503():
+    app = shell()
+    app.state.readiness.gates = {"artifacts"}
+
+    async def down() -> bool:
+        return False
+
+    async with app.router.lifespan_context(app), await client_for(app) as client:
+        app.state.readiness.add("redis", down)
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"artifacts": True, "redis": False}
+
+
+def test_readiness_gates_come_from_settings(monkeypatch):
+    monkeypatch.setenv("TANDEM_READINESS_GATES", "artifacts, retrieval")
+    assert RetrievalSettings(_env_file=None).readiness_gates == ["artifacts", "retrieval"]
