@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import redis
 from tqdm import tqdm
 
 from feature_store.connection import SyncRedis, sync_client
@@ -307,10 +308,13 @@ class FeatureWriter:
     def _unlink(self, keys: list[bytes], token: str) -> int:
         if not keys:
             return 0
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.unlink(key)
-        deleted = sum(int(n) for n in pipe.execute())
+        if isinstance(self._redis, redis.RedisCluster):  # keys of many slots: one command each
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.unlink(key)
+            deleted = sum(int(n) for n in pipe.execute())
+        else:
+            deleted = int(self._redis.unlink(*keys))
         self._keep_lock(token)
         return deleted
 
