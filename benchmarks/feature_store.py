@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import redis  # noqa: E402
+from redis.utils import HIREDIS_AVAILABLE  # noqa: E402
 
 from feature_store.client import FeatureStoreClient  # noqa: E402
 from feature_store.connection import async_client  # noqa: E402
@@ -43,7 +45,7 @@ from feature_store.dataset import Records, records_from_dataset  # noqa: E402
 from feature_store.schema import ItemRecord, VersionSchema, decode_item, decode_user  # noqa: E402
 from feature_store.writer import FeatureWriter  # noqa: E402
 from tandem.data import prepare_movielens_100k  # noqa: E402
-from tests.fixtures.redis import delete_namespace  # noqa: E402
+from tests.fixtures.redis import RedisProcess, delete_namespace  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DIM = 64
@@ -236,6 +238,45 @@ def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
+def part_memory(items: int) -> dict:
+    """Bytes per item on private servers: default hash encoding vs listpack up to 256 B values.
+
+    A 64-d float16 embedding is 128 bytes, above Redis's default ``hash-max-listpack-value``
+    (64), so item hashes use the larger hashtable encoding unless the limit is raised.
+    """
+    out = {"items": items}
+    for label, extra in (
+        ("default_config", []),
+        ("hash_max_listpack_value_256", ["--hash-max-listpack-value", "256"]),
+    ):
+        with tempfile.TemporaryDirectory() as folder:
+            server = RedisProcess(Path(folder), extra=extra).start()
+            try:
+                client = redis.Redis.from_url(server.url)
+                before = memory_used(client)
+                writer = FeatureWriter(server.url, "memory")
+                result = timed_publish(
+                    writer, Records(0, lambda: iter(())), synthetic_items(items), "m"
+                )
+                writer.close()
+                key = f"tandem:memory:v{result['version']}:item:item0"
+                encoding = client.object("encoding", key)
+                out[label] = {
+                    "bytes_per_item_used_memory_delta": round(
+                        (memory_used(client) - before) / items, 1
+                    ),
+                    "bytes_per_item_memory_usage_sampled": sampled_bytes(
+                        client, f"tandem:memory:v{result['version']}:item:*"
+                    ),
+                    "hash_encoding": encoding.decode() if isinstance(encoding, bytes) else encoding,
+                    "keys_per_s": result["keys_per_s"],
+                }
+                client.close()
+            finally:
+                server.stop()
+    return out
+
+
 def write_markdown(results: dict) -> None:
     env = results.get("environment", {})
     lines = [
@@ -245,7 +286,8 @@ def write_markdown(results: dict) -> None:
         "",
         f"Machine: {env.get('cpus')} CPU cores shared with other jobs (load average at start "
         f"{env.get('load_average')}), Redis {env.get('redis_version')} on loopback, "
-        f"redis-py {env.get('redis_py')}, Python {env.get('python')}.",
+        f"redis-py {env.get('redis_py')} (hiredis parser: {env.get('hiredis_parser')}), "
+        f"Python {env.get('python')}.",
     ]
     reads = results.get("reads")
     if reads:
@@ -299,8 +341,27 @@ def write_markdown(results: dict) -> None:
             f"Redis memory per item (title + 128-byte embedding, hash encoding "
             f"`{big['hash_encoding']}`): {big['memory_bytes_per_item_used_memory_delta']} B from "
             f"the used_memory delta ({big['memory_total_mib']} MiB in all), "
-            f"{big['memory_bytes_per_item_memory_usage_sampled']} B by MEMORY USAGE on sampled keys.",
+            f"{big['memory_bytes_per_item_memory_usage_sampled']} B by MEMORY USAGE (sampled keys).",
         ]  # fmt: skip
+    memory = results.get("memory")
+    if memory:
+        lines += [
+            "",
+            f"## Memory per item by hash encoding ({memory['items']:,} items, private servers)",
+            "",
+            _row("server config", "encoding", "B/item (used_memory)", "B/item (MEMORY USAGE)"),
+            _row(*["---"] * 4),
+        ]
+        for label in ("default_config", "hash_max_listpack_value_256"):
+            row = memory[label]
+            lines.append(
+                _row(
+                    label.replace("_", "-"),
+                    row["hash_encoding"],
+                    row["bytes_per_item_used_memory_delta"],
+                    row["bytes_per_item_memory_usage_sampled"],
+                )
+            )
     (RESULTS / "feature_store.md").write_text("\n".join(lines) + "\n")
 
 
@@ -309,11 +370,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
-    parser.add_argument("--parts", default="reads,publish")
+    parser.add_argument("--parts", default="reads,publish,memory")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--memory-items", type=int, default=100_000)
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    unknown = parts - {"reads", "publish", "memory"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}: choose from reads, publish, memory")
     namespace = f"bench-fs-{os.getpid()}"
     client = redis.Redis.from_url(args.redis_url)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -324,6 +389,7 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "redis_version": client.info("server")["redis_version"],
         "redis_py": redis.__version__,
+        "hiredis_parser": bool(HIREDIS_AVAILABLE),
         "python": platform.python_version(),
         "redis_url": args.redis_url,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -335,6 +401,9 @@ def main() -> None:
         if "publish" in parts:
             results["publish"] = part_publish(args.redis_url, namespace, args.items)
             print(json.dumps(results["publish"], indent=2))
+        if "memory" in parts:
+            results["memory"] = part_memory(args.memory_items)
+            print(json.dumps(results["memory"], indent=2))
     finally:
         delete_namespace(args.redis_url, namespace)
         client.close()
