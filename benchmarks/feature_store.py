@@ -341,7 +341,7 @@ def write_markdown(results: dict) -> None:
             f"Redis memory per item (title + 128-byte embedding, hash encoding "
             f"`{big['hash_encoding']}`): {big['memory_bytes_per_item_used_memory_delta']} B from "
             f"the used_memory delta ({big['memory_total_mib']} MiB in all), "
-            f"{big['memory_bytes_per_item_memory_usage_sampled']} B by MEMORY USAGE (sampled keys).",
+            f"{big['memory_bytes_per_item_memory_usage_sampled']} B by MEMORY USAGE (sample).",
         ]  # fmt: skip
     memory = results.get("memory")
     if memory:
