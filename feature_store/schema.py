@@ -312,8 +312,8 @@ def encode_item(
             raise ValueError(
                 f"item {item.item_id!r} has an embedding but the publish declared no embedding_dim"
             )
-        fields["embedding"] = embedding if embedding is not None else codec.encode(
-            item.embedding, item.item_id
+        fields["embedding"] = (
+            embedding if embedding is not None else codec.encode(item.embedding, item.item_id)
         )
     return fields
 
