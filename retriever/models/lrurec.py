@@ -57,6 +57,8 @@ class LRULayer(nn.Module):
         self.out_proj = nn.Linear(2 * state, hidden)  # Re(C h) from the (Re, Im) pairs of h
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden)
+        self.matmul_scan = False  # the export switches to the matmul form (see scan_matmul)
+        self.frozen: tuple[torch.Tensor, ...] = ()
 
     def powers(self, count: int, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Re and Im of ``lambda^(stride * k)`` for k = 0..count-1, each ``[state, count]``."""
@@ -99,11 +101,59 @@ class LRULayer(nn.Module):
         h = h.reshape(-1, chunks, self.state, 2, CHUNK) + carry
         return h.permute(0, 1, 4, 2, 3).reshape(-1, length, pairs)
 
+    def decay_matrix(self, size: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re, Im of ``lambda^(stride * (t - s))`` for s <= t, else 0: ``[state, size, size]``."""
+        p_re, p_im = self.powers(size, stride)
+        steps = torch.arange(size, device=p_re.device)
+        lag = steps[:, None] - steps[None, :]
+        causal = (lag >= 0).to(p_re.dtype)
+        lag = lag.clamp_min(0)
+        return p_re[:, lag] * causal, p_im[:, lag] * causal
+
+    def scan_matmul(self, u: torch.Tensor) -> torch.Tensor:
+        """The same chunked scan as ``scan``, written as per-state matmuls.
+
+        onnxruntime runs grouped convolutions slowly, so the exported graph uses this form
+        (with its decay matrices precomputed by ``freeze``); torch trains faster with ``scan``.
+        Both give the same numbers (tested).
+        """
+        length = u.shape[1]
+        chunks = length // CHUNK
+        x = u.reshape(-1, chunks, CHUNK, self.state, 2).permute(4, 3, 2, 1, 0)
+        x = x.reshape(2, self.state, CHUNK, -1)  # [2, state, CHUNK, chunks * B]
+        k_re, k_im, m_re, m_im, p_re, p_im = self.frozen or self.scan_constants(chunks)
+        h_re = k_re @ x[0] - k_im @ x[1]
+        h_im = k_re @ x[1] + k_im @ x[0]
+        h_re = h_re.reshape(self.state, CHUNK, chunks, -1)
+        h_im = h_im.reshape(self.state, CHUNK, chunks, -1)
+        e_re, e_im = h_re[:, -1], h_im[:, -1]  # [state, chunks, B]: each chunk's last state
+        a_re = m_re @ e_re - m_im @ e_im  # the full state after each chunk
+        a_im = m_re @ e_im + m_im @ e_re
+        c_re = nn.functional.pad(a_re, (0, 0, 1, 0))[:, None, :chunks]  # entering each chunk
+        c_im = nn.functional.pad(a_im, (0, 0, 1, 0))[:, None, :chunks]
+        h_re = h_re + p_re * c_re - p_im * c_im
+        h_im = h_im + p_re * c_im + p_im * c_re
+        h = torch.stack([h_re, h_im], dim=0).permute(4, 3, 2, 1, 0)
+        return h.reshape(-1, length, 2 * self.state)
+
+    def scan_constants(self, chunks: int) -> tuple[torch.Tensor, ...]:
+        """Decay matrices inside a chunk and across chunks, and lambda^1..lambda^CHUNK."""
+        k_re, k_im = self.decay_matrix(CHUNK, 1)
+        m_re, m_im = self.decay_matrix(chunks, CHUNK)
+        p_re, p_im = (p[:, 1:, None, None] for p in self.powers(CHUNK + 1))
+        return k_re, k_im, m_re, m_im, p_re, p_im
+
+    def freeze(self, length: int) -> None:
+        """Precompute the scan constants for inputs of ``length`` (after training)."""
+        with torch.no_grad():
+            self.frozen = tuple(t.detach().clone() for t in self.scan_constants(length // CHUNK))
+        self.matmul_scan = True
+
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """``x [B, L, d]`` with L a multiple of CHUNK; ``real [B, L]`` is 0 at padding."""
         gamma = torch.exp(self.gamma_log).repeat_interleave(2)
         u = self.in_proj(x) * gamma * real[..., None]  # padding feeds nothing into the state
-        h = self.scan(u)
+        h = self.scan_matmul(u) if self.matmul_scan else self.scan(u)
         return self.norm(self.dropout(self.out_proj(h)) + x)
 
 
@@ -131,6 +181,12 @@ class LRURec(SequenceEncoder):
         # scan_length(max_len), so the traced graph serves every length up to max_len.
         self.fixed_scan_length = 0
         self.init_weights()
+
+    def prepare_export(self) -> None:
+        """Fix the scan length to cover max_len and use the onnxruntime-friendly scan."""
+        self.fixed_scan_length = scan_length(self.max_len)
+        for block in self.blocks:
+            block.lru.freeze(self.fixed_scan_length)
 
     def hidden_states(self, seq: torch.Tensor) -> torch.Tensor:
         length = seq.shape[1]
