@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 from prometheus_client import REGISTRY, CollectorRegistry
-from redis.exceptions import RedisClusterException
+from redis.exceptions import ClusterError, RedisClusterException
 
 from feature_store.connection import async_client
 from feature_store.metrics import metrics_for
@@ -137,7 +137,7 @@ class FeatureStoreClient:
         except (TimeoutError, redis.TimeoutError) as exc:
             error_type, detail = "timeout", f"no answer within {self.deadline * 1000:.0f} ms"
             cause: Exception = exc
-        except (redis.ConnectionError, RedisClusterException, OSError) as exc:
+        except (redis.ConnectionError, ClusterError, RedisClusterException, OSError) as exc:
             error_type, detail, cause = "connection", str(exc) or type(exc).__name__, exc
         except redis.RedisError as exc:
             error_type, detail, cause = "redis", str(exc) or type(exc).__name__, exc
@@ -229,8 +229,14 @@ class FeatureStoreClient:
         return schema
 
     def _checked(self, raw: object, key: str, stage: str) -> Mapping[bytes, bytes] | None:
-        """A reply as a hash, or None; an error reply (e.g. WRONGTYPE) counts as corrupt."""
+        """A reply as a hash, or None when the key holds another type (corrupt).
+
+        Any other error in the reply list (a cluster node down, LOADING, NOPERM...) is the
+        store failing, not the value: it is raised and ends as FeatureStoreUnavailable.
+        """
         if isinstance(raw, Exception):
+            if not _wrong_type(raw):
+                raise raw
             self._corrupt(stage, CorruptValueError(key, "*", f"{type(raw).__name__}: {raw}"))
             return None
         return raw  # type: ignore[return-value]
@@ -238,6 +244,8 @@ class FeatureStoreClient:
     def _parse_version(self, raw: object) -> int | None:
         if raw is None:
             return None
+        if isinstance(raw, Exception) and not _wrong_type(raw):
+            raise raw
         try:
             if isinstance(raw, Exception):
                 raise ValueError(str(raw))
@@ -264,3 +272,8 @@ class FeatureStoreClient:
             exc,
             extra={"key": exc.key, "field": exc.field, "stage": stage},
         )
+
+
+def _wrong_type(error: Exception) -> bool:
+    """The one error a read gets from a bad value: the key holds another type."""
+    return isinstance(error, redis.ResponseError) and str(error).startswith("WRONGTYPE")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
 import numpy as np
 import pytest
 import redis
+from redis.exceptions import RedisClusterException
 
-from feature_store.client import FeatureStoreClient
+from feature_store.client import FeatureStoreClient, FeatureStoreUnavailable
 from feature_store.schema import ItemRecord, UserRecord
 from feature_store.writer import FeatureWriter
+from tests.fixtures.redis import start_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -62,3 +66,45 @@ async def test_publish_read_update_and_rollback_on_a_cluster(redis_cluster_url):
     finally:
         await client.close()
         writer.close()
+
+
+async def test_a_dead_cluster_node_is_unavailable_in_time_and_the_client_recovers(tmp_path):
+    nodes = start_cluster(tmp_path)
+    url = nodes[0].url
+    writer = FeatureWriter(url, "drill", cluster=True)
+    client = FeatureStoreClient(
+        url, "drill", cluster=True, socket_timeout=0.1, connect_timeout=0.1, deadline=0.3
+    )
+    try:
+        version = writer.publish(*records("a"), manifest_id="a", embedding_dim=DIM, progress=False)
+        assert (await client.read_user("u1")).version == version
+        owner = redis.RedisCluster.from_url(url).get_node_from_key(writer.keys.alias)
+        victim = next(node for node in nodes if node.port == owner.port)
+        victim.kill()
+        start = time.perf_counter()
+        with pytest.raises(FeatureStoreUnavailable):
+            await client.read_user("u1")
+        assert time.perf_counter() - start < 0.3 + 0.5
+        victim.start()  # same port and nodes.conf: it rejoins with its slots, without its data
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                version = writer.publish(*records("b"), manifest_id="b", embedding_dim=DIM,
+                                         progress=False)  # fmt: skip
+                break
+            except (redis.RedisError, RedisClusterException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        for _ in range(50):  # the client finds the healed cluster by itself
+            try:
+                read = await client.read_user("u1")
+                break
+            except FeatureStoreUnavailable:
+                await asyncio.sleep(0.1)
+        assert read.version == version and read.user.preference == "b 1"
+    finally:
+        await client.close()
+        writer.close()
+        for node in nodes:
+            node.stop()
