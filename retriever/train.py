@@ -7,7 +7,6 @@ save safetensors, export ONNX, build the Faiss index, write the manifest, mark i
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,7 +135,7 @@ def fit(
         curve.append({"epoch": epoch, "loss": float(np.mean(losses)), SELECTION_METRIC: score})
         if score > best_score:
             best_score, best_epoch, best_valid = score, epoch, valid
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         epoch_bar.set_postfix(
             loss=f"{np.mean(losses):.3f}",
             ndcg10=f"{score:.4f}",

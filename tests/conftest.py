@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.deploy",
     "tests.fixtures.enrichment",
     "tests.fixtures.redis",
+    "tests.fixtures.retriever",
     "tests.fixtures.services",
     "tests.fixtures.tiny_llm",
     "tests.fixtures.vllm_server",

@@ -53,7 +53,6 @@ def train(
 ) -> None:
     """Train with full-softmax cross-entropy, early-stop on validation NDCG@10, export, index."""
     from retriever.train import TrainConfig, train_retriever
-
     from tandem.data import Dataset
     from tandem.evaluate import render_table
     from tandem.paths import artifacts_root, dataset_dir
