@@ -284,38 +284,56 @@ def write_markdown(results: dict) -> None:
         "",
         "Protocol: see the docstring of `benchmarks/feature_store.py`.",
         "",
-        f"Machine: {env.get('cpus')} CPU cores shared with other jobs (load average at start "
-        f"{env.get('load_average')}), Redis {env.get('redis_version')} on loopback, "
-        f"redis-py {env.get('redis_py')} (hiredis parser: {env.get('hiredis_parser')}), "
-        f"Python {env.get('python')}.",
+        f"Machine: {env.get('cpus')} CPU cores shared with other engineers' jobs (see each "
+        f"part's load average), Redis {env.get('redis_version')} on loopback "
+        f"({env.get('redis_url')}), redis-py {env.get('redis_py')}, Python {env.get('python')}.",
     ]
-    reads = results.get("reads")
-    if reads:
-        count = reads["pipelined"]["n"]
-        lines += [
-            "",
-            f"## Request reads (user + {CANDIDATES} items), {count} requests per mode",
-            "",
-            _row("mode", "round trips", "p50 ms", "p90 ms", "p99 ms", "mean ms"),
-            _row(*["---"] * 6),
-        ]
-        for name, trips, row in (
-            ("pipelined (user stage)", 1, reads["pipelined_user"]),
-            ("pipelined (items stage)", 1, reads["pipelined_items"]),
-            ("pipelined, both stages", 2, reads["pipelined"]),
-            ("naive, key by key", CANDIDATES + 2, reads["naive"]),
-        ):
-            lines.append(
-                _row(name, trips, row["p50_ms"], row["p90_ms"], row["p99_ms"], row["mean_ms"])
-            )
-        targets = reads["targets"]
-        lines += [
-            "",
-            f"Speed-up of pipelining: {reads['speedup_p50']}x at p50, {reads['speedup_mean']}x "
-            f"on the mean (target >= 5x: {_met(targets['speedup_ge_5x'])}). Pipelined p99 "
-            f"{reads['pipelined']['p99_ms']} ms (target <= 2 ms: "
-            f"{_met(targets['pipelined_p99_le_2ms'])}).",
-        ]
+    for key, parser in (("reads", "redis-py's Python parser"), ("reads_hiredis", "hiredis")):
+        if key in results:
+            lines += _reads_markdown(results[key], parser)
+    lines += _publish_markdown(results)
+    (RESULTS / "feature_store.md").write_text("\n".join(lines) + "\n")
+
+
+def _context_line(part: dict) -> str:
+    context = part.get("context", {})
+    return (
+        f"Measured {context.get('measured_at')}, load average (1 min) "
+        f"{context.get('load_before')} before / {context.get('load_after')} after."
+    )
+
+
+def _reads_markdown(reads: dict, parser: str) -> list[str]:
+    count = reads["pipelined"]["n"]
+    lines = [
+        "",
+        f"## Request reads (user + {CANDIDATES} items), {count} requests per mode, {parser}",
+        "",
+        _context_line(reads),
+        "",
+        _row("mode", "round trips", "p50 ms", "p90 ms", "p99 ms", "mean ms"),
+        _row(*["---"] * 6),
+    ]
+    for name, trips, row in (
+        ("pipelined (user stage)", 1, reads["pipelined_user"]),
+        ("pipelined (items stage)", 1, reads["pipelined_items"]),
+        ("pipelined, both stages", 2, reads["pipelined"]),
+        ("naive, key by key", CANDIDATES + 2, reads["naive"]),
+    ):
+        lines.append(_row(name, trips, row["p50_ms"], row["p90_ms"], row["p99_ms"], row["mean_ms"]))
+    targets = reads["targets"]
+    lines += [
+        "",
+        f"Speed-up of pipelining: {reads['speedup_p50']}x at p50, {reads['speedup_mean']}x "
+        f"on the mean (target >= 5x: {_met(targets['speedup_ge_5x'])}). Pipelined p99 "
+        f"{reads['pipelined']['p99_ms']} ms (target <= 2 ms: "
+        f"{_met(targets['pipelined_p99_le_2ms'])}).",
+    ]
+    return lines
+
+
+def _publish_markdown(results: dict) -> list[str]:
+    lines: list[str] = []
     publish = results.get("publish")
     if publish:
         ml, big = publish["ml100k"], publish["synthetic_1m"]
@@ -323,6 +341,8 @@ def write_markdown(results: dict) -> None:
         lines += [
             "",
             "## Publish throughput",
+            "",
+            _context_line(publish),
             "",
             _row("data", "users", "items", "seconds", "keys/s"),
             _row(*["---"] * 5),
@@ -349,6 +369,8 @@ def write_markdown(results: dict) -> None:
             "",
             f"## Memory per item by hash encoding ({memory['items']:,} items, private servers)",
             "",
+            _context_line(memory),
+            "",
             _row("server config", "encoding", "B/item (used_memory)", "B/item (MEMORY USAGE)"),
             _row(*["---"] * 4),
         ]
@@ -362,7 +384,7 @@ def write_markdown(results: dict) -> None:
                     row["bytes_per_item_memory_usage_sampled"],
                 )
             )
-    (RESULTS / "feature_store.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main() -> None:
@@ -386,24 +408,31 @@ def main() -> None:
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["environment"] = {
         "cpus": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
         "redis_version": client.info("server")["redis_version"],
         "redis_py": redis.__version__,
-        "hiredis_parser": bool(HIREDIS_AVAILABLE),
         "python": platform.python_version(),
         "redis_url": args.redis_url,
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    runs = {
+        "reads": lambda: part_reads(args.redis_url, namespace, args.requests),
+        "publish": lambda: part_publish(args.redis_url, namespace, args.items),
+        "memory": lambda: part_memory(args.memory_items),
     }
     try:
-        if "reads" in parts:
-            results["reads"] = part_reads(args.redis_url, namespace, args.requests)
-            print(json.dumps(results["reads"], indent=2))
-        if "publish" in parts:
-            results["publish"] = part_publish(args.redis_url, namespace, args.items)
-            print(json.dumps(results["publish"], indent=2))
-        if "memory" in parts:
-            results["memory"] = part_memory(args.memory_items)
-            print(json.dumps(results["memory"], indent=2))
+        for name, run in runs.items():
+            if name not in parts:
+                continue
+            context = {
+                "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "load_before": round(os.getloadavg()[0], 2),
+                "hiredis_parser": bool(HIREDIS_AVAILABLE),
+                "nice": os.nice(0),
+            }
+            result = run()
+            result["context"] = {**context, "load_after": round(os.getloadavg()[0], 2)}
+            key = "reads_hiredis" if name == "reads" and HIREDIS_AVAILABLE else name
+            results[key] = result
+            print(json.dumps({key: result}, indent=2))
     finally:
         delete_namespace(args.redis_url, namespace)
         client.close()
