@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import typer
 
-from tandem.commands import data, enrich, evaluate, features, retriever, serve
-from tandem.commands import llm
-from tandem.commands import quickstart
-from tandem.commands import vllm
+from tandem.commands import (
+    data,
+    enrich,
+    evaluate,
+    features,
+    llm,
+    quickstart,
+    ranker,
+    retriever,
+    serve,
+    vllm,
+)
 
 app = typer.Typer(
     name="tandem",
@@ -18,6 +26,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
 app.add_typer(llm.app, name="llm")
+app.add_typer(ranker.app, name="ranker")
 app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")
 app.add_typer(vllm.app, name="vllm")

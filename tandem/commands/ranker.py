@@ -1,0 +1,273 @@
+"""``tandem ranker``: train the LLM ranker (LoRA + projectors) and evaluate it two-stage."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from tandem.console import console, fail
+
+app = typer.Typer(
+    help="Stage 2: the LLM ranker (hybrid prompts, one-pass letter scoring, LoRA SFT).",
+    no_args_is_help=True,
+)
+
+
+class PromptMode(StrEnum):
+    full = "full"
+    compact = "compact"
+
+
+class Precision(StrEnum):
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+RUN_HELP = "A run folder, 'none' to go without, or leave out for the newest run."
+
+
+@app.command()
+def train(
+    dataset: Annotated[str, typer.Option(help="Prepared dataset name.")] = "ml-100k",
+    llm: Annotated[
+        Path | None, typer.Option(help="Base LLM folder; default <artifacts>/llm.")
+    ] = None,
+    retriever_run: Annotated[str | None, typer.Option(help=RUN_HELP)] = None,
+    items_run: Annotated[
+        str | None,
+        typer.Option(help=RUN_HELP + " Without one, item tokens use retriever embeddings."),
+    ] = None,
+    captions_run: Annotated[str | None, typer.Option(help=RUN_HELP)] = None,
+    preferences_run: Annotated[str | None, typer.Option(help=RUN_HELP)] = None,
+    prompt: Annotated[
+        PromptMode, typer.Option(help="'compact': 10 history items, titles cut to 10 tokens.")
+    ] = PromptMode.compact,
+    persona: Annotated[bool, typer.Option(help="MLLM4Rec role-play opening.")] = True,
+    preference: Annotated[bool, typer.Option(help="CoT-Rec preference text.")] = True,
+    item_tokens: Annotated[bool, typer.Option(help="Item soft tokens (RSLLM).")] = True,
+    user_token: Annotated[bool, typer.Option(help="User soft token (CIT-Rec).")] = True,
+    titles: Annotated[
+        bool, typer.Option(help="Show item titles (off: items are their soft token only).")
+    ] = True,
+    max_history: Annotated[int | None, typer.Option(min=0, help="History items shown.")] = None,
+    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in total.")] = 1000,
+    max_minutes: Annotated[
+        float, typer.Option(min=0.1, help="Wall-clock budget of this session.")
+    ] = 60.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward.")] = 8,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Forwards per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option(min=0.0, help="LoRA learning rate.")] = 2e-4,
+    projector_lr: Annotated[float, typer.Option(min=0.0, help="Projector learning rate.")] = 1e-3,
+    stage1_steps: Annotated[
+        int, typer.Option(min=0, help="RSLLM stage 1: first steps train projectors only.")
+    ] = 0,
+    hard_negative_ratio: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of negatives from retriever top-20.")
+    ] = 0.5,
+    steps_per_user: Annotated[
+        int, typer.Option(min=0, help="Most recent steps of each sequence used (0 = all).")
+    ] = 0,
+    part_dropout: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Drop each prompt part per example.")
+    ] = 0.2,
+    precision: Annotated[Precision, typer.Option(help="bf16 autocast or fp32.")] = (Precision.bf16),
+    threads: Annotated[int, typer.Option(min=1, help="torch threads (1 on a shared CPU).")] = 1,
+    valid_users: Annotated[int, typer.Option(min=0, help="Validation users.")] = 64,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations.")] = 100,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 25,
+    seed: Annotated[int, typer.Option(help="Seed of examples, negatives and init.")] = 0,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run folder from its checkpoint.")
+    ] = None,
+) -> None:
+    """LoRA SFT with the loss on the answer letter; projectors train along; resumable."""
+    import transformers
+
+    from ranker.inputs import InputRuns, load_inputs, resolve_inputs
+    from ranker.prompts import PromptConfig
+    from ranker.train import TRAIN_CONFIG_FILE, TrainConfig, train_ranker
+    from tandem.artifacts import Manifest, new_run_id, runs_dir
+    from tandem.data import Dataset
+    from tandem.paths import artifacts_root, dataset_dir
+
+    transformers.utils.logging.disable_progress_bar()
+    root = artifacts_root()
+    llm_dir = llm or root / "llm"
+    try:
+        data = Dataset.load(dataset_dir(dataset))
+        if resume is not None:
+            run_dir = resume
+            config = TrainConfig.from_json((run_dir / TRAIN_CONFIG_FILE).read_text())
+            config = _budgets(config, max_steps, max_minutes, threads)
+            parents = _partial_parents(run_dir)
+            runs = InputRuns.from_parents(parents)
+        else:
+            prompt_options = {
+                "persona": persona,
+                "preference": preference,
+                "item_soft_tokens": item_tokens,
+                "user_soft_token": user_token,
+                "item_titles": titles,
+            }
+            if max_history is not None:
+                prompt_options["max_history"] = max_history
+            base = PromptConfig.compact if prompt is PromptMode.compact else PromptConfig
+            config = TrainConfig(
+                prompt=base(**prompt_options),
+                max_steps=max_steps,
+                max_minutes=max_minutes,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                lr=lr,
+                projector_lr=projector_lr,
+                stage1_steps=stage1_steps,
+                hard_negative_ratio=hard_negative_ratio,
+                steps_per_user=steps_per_user,
+                part_dropout=part_dropout,
+                precision=precision.value,
+                threads=threads,
+                valid_users=valid_users,
+                eval_every=eval_every,
+                checkpoint_every=checkpoint_every,
+                seed=seed,
+            )
+            runs = resolve_inputs(
+                root,
+                dataset,
+                retriever=retriever_run,
+                items=items_run,
+                captions=captions_run,
+                preferences=preferences_run,
+            )
+            run_dir = runs_dir(root, dataset, "ranker") / new_run_id("ranker")
+            run_dir.mkdir(parents=True)
+            (run_dir / "parents.json").write_text(_json(runs.to_parents()))
+        inputs = load_inputs(data, runs)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"run folder: {run_dir}")
+    for name, path in runs.to_parents().items():
+        console.print(f"  {name}: {path}")
+    result = _train_with_progress(train_ranker, inputs, llm_dir, run_dir, config, runs, resume)
+    manifest = Manifest.read(result.run_dir)
+    table = Table(title=f"Ranker {result.run_dir.name}", show_header=False)
+    for key, value in manifest.metrics.items():
+        table.add_row(key, str(value))
+    table.add_row("saved to", str(result.run_dir))
+    console.print(table)
+    if result.stopped_by == "max_minutes":
+        console.print(f"budget reached: continue with `tandem ranker train --resume {run_dir}`")
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2)
+
+
+def _partial_parents(run_dir: Path) -> dict[str, str]:
+    import json
+
+    path = run_dir / "parents.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a ranker run folder (no parents.json)")
+    return json.loads(path.read_text())
+
+
+def _budgets(config, max_steps: int, max_minutes: float, threads: int):
+    from dataclasses import replace
+
+    return replace(config, max_steps=max_steps, max_minutes=max_minutes, threads=threads)
+
+
+def _train_with_progress(train_fn, inputs, llm_dir, run_dir, config, runs, resume):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        "{task.fields[status]}",
+        console=console,
+    ) as progress:
+        task = progress.add_task("training", total=config.max_steps, status="")
+
+        def on_progress(state, rate: float) -> None:
+            status = f"loss {state.last_loss:.3f}  {rate:.2f} ex/s"
+            progress.update(task, completed=state.step, status=status)
+
+        try:
+            return train_fn(
+                inputs,
+                llm_dir,
+                run_dir,
+                config,
+                parents=runs.to_parents(),
+                resume=resume is not None,
+                on_progress=on_progress,
+                on_log=progress.console.print,
+            )
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[
+        Path | None, typer.Option(help="Ranker run folder; default: the newest ranker run.")
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="Prepared dataset name.")] = "ml-100k",
+    split: Annotated[str, typer.Option(help="'test' or 'valid'.")] = "test",
+    llm: Annotated[Path | None, typer.Option(help="Base LLM folder.")] = None,
+    zero_shot: Annotated[
+        bool, typer.Option(help="Evaluate the bare LLM (no run) with the newest retriever.")
+    ] = False,
+    max_users: Annotated[
+        int | None, typer.Option(min=1, help="A seeded sample of users (speed).")
+    ] = None,
+    ablations: Annotated[bool, typer.Option(help="Prompt ablation table.")] = True,
+    random_candidates: Annotated[
+        bool, typer.Option(help="HitRatio@1 / AUC over the target + 19 random items.")
+    ] = True,
+    mapb_users: Annotated[int, typer.Option(min=0, help="Users for CoT-Rec MAPB.")] = 8,
+    fusion_users: Annotated[
+        int, typer.Option(min=0, help="Validation users tuning the fusion weight.")
+    ] = 200,
+    permutations: Annotated[
+        int | None, typer.Option(min=1, help="Orders averaged per prompt (position bias).")
+    ] = None,
+    precision: Annotated[Precision, typer.Option(help="bf16 autocast or fp32.")] = (Precision.bf16),
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward.")] = 8,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads.")] = None,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,
+) -> None:
+    """LlamaRec protocol (retriever top-20 -> ranker), HitRatio@1, AUC, MAPB, ablations."""
+    import transformers
+
+    from ranker.evaluation import evaluate_two_stage
+
+    if split not in ("test", "valid"):
+        fail(f"split must be 'test' or 'valid', got {split!r}")
+    transformers.utils.logging.disable_progress_bar()
+    evaluate_two_stage(
+        run,
+        dataset,
+        split,
+        json_out,
+        llm=llm,
+        max_users=max_users,
+        zero_shot=zero_shot,
+        ablations=ablations,
+        random_candidates=random_candidates,
+        mapb_users=mapb_users,
+        fusion_users=fusion_users,
+        permutations=permutations,
+        precision=precision.value,
+        batch_size=batch_size,
+        threads=threads,
+    )
