@@ -31,37 +31,59 @@ def pack(args: tuple[Arg, ...]) -> bytes:
 
 
 class PackedPipeline:
-    """Pipelined commands on one connection of a standalone client; replies are checked."""
+    """Pipelined commands on one connection of a standalone client; replies are checked.
+
+    ``send`` returns once the batch is written, so the caller can prepare the next batch
+    while Redis executes this one; ``wait`` reads every reply.
+    """
 
     def __init__(self, client: redis.Redis):
         self._client = client
         self._packed: list[bytes] = []
+        self._conn: redis.Connection | None = None
 
     def command(self, *args: Arg) -> None:
         self._packed.append(pack(args))
 
-    def execute(self) -> None:
-        """Send the batch, read every reply; raise the first error reply (after reading all)."""
+    def send(self) -> None:
         if not self._packed:
             return
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
+        self._conn = self._client.connection_pool.get_connection()
+        try:
+            self._conn.send_packed_command([b"".join(self._packed)])
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self) -> None:
+        """Read every reply; raise the first error reply (after reading all of them)."""
+        if self._conn is None:
+            return
         errors: list[redis.ResponseError] = []
         try:
-            conn.send_packed_command([b"".join(self._packed)])
             for _ in self._packed:
                 try:
-                    conn.read_response()
+                    self._conn.read_response()
                 except redis.ResponseError as exc:
                     errors.append(exc)
         except BaseException:
-            conn.disconnect()  # replies may be left unread: never reuse this connection
+            self.close()
             raise
-        finally:
-            pool.release(conn)
-            self._packed = []
+        self._client.connection_pool.release(self._conn)
+        self._conn, self._packed = None, []
         if errors:
             raise errors[0]
+
+    def execute(self) -> None:
+        self.send()
+        self.wait()
+
+    def close(self) -> None:
+        """Drop the connection without reading: replies may be pending, never reuse it."""
+        if self._conn is not None:
+            self._conn.disconnect()
+            self._client.connection_pool.release(self._conn)
+            self._conn = None
 
 
 class ClusterPipeline:
@@ -73,8 +95,17 @@ class ClusterPipeline:
     def command(self, *args: Arg) -> None:
         self._pipe.execute_command(*args)
 
+    def send(self) -> None:
+        self._pipe.execute()
+
+    def wait(self) -> None:
+        return None
+
     def execute(self) -> None:
         self._pipe.execute()
+
+    def close(self) -> None:
+        self._pipe.reset()
 
 
 def bulk_pipeline(client: SyncRedis) -> PackedPipeline | ClusterPipeline:

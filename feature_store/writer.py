@@ -436,36 +436,65 @@ class _BatchWriter:
     def users(self, users: Iterable[UserRecord]) -> VersionSchema:
         cap, ttl, version = self.writer.history_cap, self.writer.user_ttl_s, self.schema.version
         records = _resume(iter(users), self.schema.users, self.schema.last_user, "user", _user_id)
+
+        def build(batch: list[UserRecord]) -> PackedPipeline | ClusterPipeline:
+            keys = [self.keys.user(version, user.user_id) for user in batch]
+            pipe = self._pipeline(keys)
+            for key, user in zip(keys, batch, strict=True):
+                pipe.command("HSET", key, *_flat(encode_user(user, cap)))
+                if ttl:
+                    pipe.command("EXPIRE", key, ttl)
+            return pipe
+
+        def advance(schema: VersionSchema, batch: list[UserRecord]) -> VersionSchema:
+            return replace(schema, users=schema.users + len(batch), last_user=batch[-1].user_id)
+
         with self._bar("users", users, self.schema.users) as bar:
-            for batch in _batches(records, self.batch_size):
-                keys = [self.keys.user(version, user.user_id) for user in batch]
-                pipe = self._pipeline(keys)
-                for key, user in zip(keys, batch, strict=True):
-                    pipe.command("HSET", key, *_flat(encode_user(user, cap)))
-                    if ttl:
-                        pipe.command("EXPIRE", key, ttl)
-                pipe.execute()
-                done = self.schema.users + len(batch)
-                self._checkpoint(replace(self.schema, users=done, last_user=batch[-1].user_id))
-                bar.update(len(batch))
+            self._write(_batches(records, self.batch_size), build, advance, bar)
         return self.schema
 
     def items(self, items: Iterable[ItemRecord]) -> VersionSchema:
         codec, version = self.schema.codec, self.schema.version
         records = _resume(iter(items), self.schema.items, self.schema.last_item, "item", _item_id)
+
+        def build(batch: list[ItemRecord]) -> PackedPipeline | ClusterPipeline:
+            keys = [self.keys.item(version, item.item_id) for item in batch]
+            pipe = self._pipeline(keys)
+            vectors = _encoded_embeddings(batch, codec)
+            for key, item in zip(keys, batch, strict=True):
+                fields = encode_item(item, codec, vectors.get(item.item_id))
+                pipe.command("HSET", key, *_flat(fields))
+            return pipe
+
+        def advance(schema: VersionSchema, batch: list[ItemRecord]) -> VersionSchema:
+            return replace(schema, items=schema.items + len(batch), last_item=batch[-1].item_id)
+
         with self._bar("items", items, self.schema.items) as bar:
-            for batch in _batches(records, self.batch_size):
-                keys = [self.keys.item(version, item.item_id) for item in batch]
-                pipe = self._pipeline(keys)
-                vectors = _encoded_embeddings(batch, codec)
-                for key, item in zip(keys, batch, strict=True):
-                    fields = encode_item(item, codec, vectors.get(item.item_id))
-                    pipe.command("HSET", key, *_flat(fields))
-                pipe.execute()
-                done = self.schema.items + len(batch)
-                self._checkpoint(replace(self.schema, items=done, last_item=batch[-1].item_id))
-                bar.update(len(batch))
+            self._write(_batches(records, self.batch_size), build, advance, bar)
         return self.schema
+
+    def _write(self, batches, build, advance, bar: tqdm) -> None:  # type: ignore[no-untyped-def]
+        """Build batch k+1 while Redis executes batch k; checkpoint k once its replies are in."""
+        in_flight = None
+        try:
+            for batch in batches:
+                pipe = build(batch)
+                if in_flight is not None:
+                    self._settle(*in_flight, advance, bar)
+                    in_flight = None
+                pipe.send()
+                in_flight = (pipe, batch)
+            if in_flight is not None:
+                self._settle(*in_flight, advance, bar)
+                in_flight = None
+        finally:
+            if in_flight is not None:
+                in_flight[0].close()
+
+    def _settle(self, pipe, batch, advance, bar: tqdm) -> None:  # type: ignore[no-untyped-def]
+        pipe.wait()
+        self._checkpoint(advance(self.schema, batch))
+        bar.update(len(batch))
 
     def _pipeline(self, keys: list[str]) -> PackedPipeline | ClusterPipeline:
         pipe = bulk_pipeline(self.writer._redis)
