@@ -205,15 +205,14 @@ class FeatureWriter:
         self, manifest_id: str, dim: int | None, dtype: str, resume: bool
     ) -> tuple[VersionSchema, bool]:
         """The version to write and whether it is resumed: a matching one, or a new one."""
+        wanted = (manifest_id, dim, dtype, self.history_cap)
         for schema in reversed(self.versions()):
-            same = (schema.manifest_id, schema.embedding_dim, schema.embedding_dtype) == (
-                manifest_id,
-                dim,
-                dtype,
-            ) and schema.history_cap == self.history_cap
-            if same and schema.state == "complete":
+            found = (schema.manifest_id, schema.embedding_dim, schema.embedding_dtype)
+            if (*found, schema.history_cap) != wanted:
+                continue
+            if schema.state == "complete":
                 return schema, False
-            if same and schema.state == "writing" and resume:
+            if schema.state == "writing" and resume:
                 return schema, True
         version = int(self._redis.incr(self.keys.counter))
         schema = VersionSchema(
