@@ -23,21 +23,6 @@ from ranker.train import (
 from tandem.artifacts import Manifest
 from tests.fixtures.data import synthetic_dataset
 
-
-class MeanPoolRetriever:
-    """The retriever contract the ranker uses (user_vectors, item_embeddings), seeded."""
-
-    def __init__(self, num_items: int, dim: int = 16):
-        rng = np.random.default_rng(0)
-        self.table = rng.normal(size=(num_items + 1, dim)).astype(np.float32)
-
-    def item_embeddings(self) -> np.ndarray:
-        return self.table
-
-    def user_vectors(self, histories) -> np.ndarray:
-        return np.stack([self.table[h[-2:]].mean(axis=0) for h in histories])
-
-
 CONFIG = TrainConfig(
     prompt=PromptConfig.compact(
         item_soft_tokens=True, user_soft_token=True, max_history=3, persona=False
@@ -57,9 +42,12 @@ CONFIG = TrainConfig(
 
 
 @pytest.fixture(scope="module")
-def inputs() -> TrainInputs:
-    dataset = synthetic_dataset(num_users=4, num_items=30, max_len=8)
-    source = CandidateSource(MeanPoolRetriever(dataset.catalog.num_items))
+def inputs(tiny_retriever_run) -> TrainInputs:
+    """Four users (so a few steps can fit them) over the tiny retriever's catalog."""
+    from retriever.core import Retriever
+
+    dataset = synthetic_dataset(num_users=4, max_len=8)
+    source = CandidateSource(Retriever.load(tiny_retriever_run))
     features = ItemFeatures.build(dataset.catalog, {"i3": "a red car"}, source.item_table)
     return TrainInputs(dataset, features, source, {"u1": "Likes dramas."})
 
