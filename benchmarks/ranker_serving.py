@@ -114,6 +114,15 @@ def make_prompts(llm: Path, count: int, history: int, hybrid: bool, seed: int = 
     return prompts
 
 
+def split(prompts: list, levels: list[int], requests: int, warmup: int) -> dict:
+    """Distinct users per concurrency level (and for the warm-up): a prompt measured twice would
+    hit vLLM's prefix cache end to end, which real traffic of distinct users does not."""
+    sets: dict = {"warmup": prompts[:warmup]}
+    for n, level in enumerate(levels):
+        sets[level] = prompts[warmup + n * requests : warmup + (n + 1) * requests]
+    return sets
+
+
 async def drive(score, prompts: list[RenderedPrompt], concurrency: int) -> dict:
     """Closed loop: ``concurrency`` workers, one prompt per request, each prompt once."""
     queue = list(prompts)
@@ -161,7 +170,7 @@ def prefix_cache_counts(url: str) -> dict[str, float]:
     return counts
 
 
-async def bench_vllm(server: VLLMServer, workloads, grid, warmup: int) -> list[dict]:
+async def bench_vllm(server: VLLMServer, workloads, grid) -> list[dict]:
     from ranker.backends.vllm import VLLMBackend, VLLMConfig
 
     backend = VLLMBackend(
@@ -174,10 +183,10 @@ async def bench_vllm(server: VLLMServer, workloads, grid, warmup: int) -> list[d
     rows = []
     try:
         for mode, prompts in workloads.items():
-            await drive(backend.score, prompts[-warmup:], 2)
+            await drive(backend.score, prompts["warmup"], 2)
             for concurrency in grid[mode]:
                 before = prefix_cache_counts(server.url)
-                row = await drive(backend.score, prompts[:-warmup], concurrency)
+                row = await drive(backend.score, prompts[concurrency], concurrency)
                 after = prefix_cache_counts(server.url)
                 queries = (
                     after["vllm:prefix_cache_queries_total"]
@@ -195,7 +204,7 @@ async def bench_vllm(server: VLLMServer, workloads, grid, warmup: int) -> list[d
     return rows
 
 
-async def bench_in_process(assets: Assets, workloads, grid, warmup: int) -> list[dict]:
+async def bench_in_process(assets: Assets, workloads, grid) -> list[dict]:
     from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 
     backend = TransformersBackend(
@@ -207,9 +216,9 @@ async def bench_in_process(assets: Assets, workloads, grid, warmup: int) -> list
     rows = []
     try:
         for mode, prompts in workloads.items():
-            await drive(backend.score, prompts[-warmup:], 2)
+            await drive(backend.score, prompts["warmup"], 2)
             for concurrency in grid[mode]:
-                row = await drive(backend.score, prompts[:-warmup], concurrency)
+                row = await drive(backend.score, prompts[concurrency], concurrency)
                 row["mode"] = mode
                 rows.append(row)
                 print(f"  {mode} c={concurrency}: {row}", flush=True)
@@ -225,7 +234,8 @@ def markdown(result: dict) -> str:
         f"Machine: {result['machine']}; load average before/after: "
         f"{result['load_before']} / {result['load_after']} (shared machine: other jobs ran).",
         f"Model: SmolLM2-135M-Instruct ({result['llm']}), adapter: {result['adapter']}.",
-        f"Workload: {result['protocol']['requests']} MovieLens-100K users per setting, one "
+        f"Workload: {result['protocol']['requests']} MovieLens-100K users per concurrency "
+        "level (distinct users per level, the same users for every backend), one "
         f"prompt each ({result['protocol']['history']} history titles, 20 candidates), "
         f"prompt tokens p50 {result['prompt_tokens']['p50']:.0f} (min "
         f"{result['prompt_tokens']['min']}, max {result['prompt_tokens']['max']}). "
@@ -277,13 +287,25 @@ def main() -> int:
     load_before = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="ranker-serving-"))
     assets = find_assets(work, args.dataset)
-    total = args.requests + args.warmup
-    workloads = {"text": make_prompts(assets.llm, total, args.history, hybrid=False)}
     grid = {"text": args.concurrency}
     if not args.skip_hybrid:
-        workloads["hybrid"] = make_prompts(assets.llm, total, args.history, hybrid=True, seed=1)
         grid["hybrid"] = [max(args.concurrency)]
-    lengths = np.array([len(p.token_ids) for p in workloads["text"]])
+    workloads = {
+        mode: split(
+            make_prompts(
+                assets.llm,
+                args.warmup + args.requests * len(levels),
+                args.history,
+                hybrid=mode == "hybrid",
+                seed=n,
+            ),
+            levels,
+            args.requests,
+            args.warmup,
+        )
+        for n, (mode, levels) in enumerate(grid.items())
+    }
+    lengths = np.array([len(p.token_ids) for c in grid["text"] for p in workloads["text"][c]])
     rows: list[dict] = []
     launch = {"max_model_len": 2048, "max_num_seqs": 16, "kv_cache_bytes": 512 * 1024**2}
     for caching in (True, False):
@@ -300,12 +322,12 @@ def main() -> int:
         )
         print(f"  ready in {time.perf_counter() - started:.0f}s", flush=True)
         try:
-            for row in asyncio.run(bench_vllm(server, workloads, grid, args.warmup)):
+            for row in asyncio.run(bench_vllm(server, workloads, grid)):
                 rows.append({"backend": "vllm", "prefix_caching": caching, **row})
         finally:
             server.stop()
     print("in-process transformers backend ...", flush=True)
-    for row in asyncio.run(bench_in_process(assets, workloads, grid, args.warmup)):
+    for row in asyncio.run(bench_in_process(assets, workloads, grid)):
         rows.append({"backend": "in-process", **row})
 
     def pick(backend: str, caching: bool | None = None) -> dict:
