@@ -123,6 +123,7 @@ def test_graceful_shutdown_lets_in_flight_requests_finish(stack):
     # uvicorn re-raises the signal once its shutdown is complete
     assert code in (0, -signal.SIGTERM), stack.gateway.logs()
     assert "Application shutdown complete" in stack.gateway.logs(tail=10)
+    stack.gateway.launch()  # restart in the background; the next user waits for it
 
 
 def _eventually(check, timeout_s: float = 15.0) -> bool:
