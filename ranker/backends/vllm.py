@@ -135,6 +135,10 @@ PROMPT_TOKENS = _registered(
 )
 
 
+for _error_type in ERROR_TYPES:  # exported as 0 from the start, so rates and alerts work
+    ERRORS.labels(BACKEND, _error_type)
+
+
 class VLLMUnavailable(RankerUnavailable):
     """Unavailable, with the metric label saying why."""
 
