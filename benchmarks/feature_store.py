@@ -285,29 +285,31 @@ def write_markdown(results: dict) -> None:
         "Protocol: see the docstring of `benchmarks/feature_store.py`.",
         "",
         f"Machine: {env.get('cpus')} CPU cores shared with other engineers' jobs (see each "
-        f"part's load average), Redis {env.get('redis_version')} on loopback "
-        f"({env.get('redis_url')}), redis-py {env.get('redis_py')}, Python {env.get('python')}.",
+        f"part's load average), Redis {env.get('redis_version')} on loopback, "
+        f"redis-py {env.get('redis_py')}, Python {env.get('python')}.",
     ]
-    for key, parser in (("reads", "redis-py's Python parser"), ("reads_hiredis", "hiredis")):
-        if key in results:
-            lines += _reads_markdown(results[key], parser)
+    for key in sorted(k for k in results if k.startswith("reads")):
+        lines += _reads_markdown(results[key])
     lines += _publish_markdown(results)
     (RESULTS / "feature_store.md").write_text("\n".join(lines) + "\n")
 
 
 def _context_line(part: dict) -> str:
     context = part.get("context", {})
+    parser = "hiredis" if context.get("hiredis_parser") else "redis-py's Python parser"
     return (
-        f"Measured {context.get('measured_at')}, load average (1 min) "
+        f"Measured {context.get('measured_at')} against {context.get('redis')}, {parser}, "
+        f"process nice {context.get('nice')}; load average (1 min) "
         f"{context.get('load_before')} before / {context.get('load_after')} after."
     )
 
 
-def _reads_markdown(reads: dict, parser: str) -> list[str]:
+def _reads_markdown(reads: dict) -> list[str]:
     count = reads["pipelined"]["n"]
     lines = [
         "",
-        f"## Request reads (user + {CANDIDATES} items), {count} requests per mode, {parser}",
+        f"## Request reads (user + {CANDIDATES} items), {count} requests per mode: "
+        f"{reads['context'].get('label', 'default')}",
         "",
         _context_line(reads),
         "",
@@ -396,13 +398,31 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--memory-items", type=int, default=100_000)
+    parser.add_argument(
+        "--private-redis",
+        action="store_true",
+        help="Run reads/publish against a private redis-server this script starts (it inherits "
+        "this process's nice value) instead of --redis-url.",
+    )
+    parser.add_argument("--label", default="", help="Suffix for the reads result key.")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     unknown = parts - {"reads", "publish", "memory"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}: choose from reads, publish, memory")
     namespace = f"bench-fs-{os.getpid()}"
-    client = redis.Redis.from_url(args.redis_url)
+    with tempfile.TemporaryDirectory() as folder:
+        private = RedisProcess(Path(folder)).start() if args.private_redis else None
+        try:
+            url = private.url if private else args.redis_url
+            run_parts(parts, url, namespace, args)
+        finally:
+            if private:
+                private.stop()
+
+
+def run_parts(parts: set[str], url: str, namespace: str, args: argparse.Namespace) -> None:
+    client = redis.Redis.from_url(url)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "feature_store.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
@@ -411,11 +431,10 @@ def main() -> None:
         "redis_version": client.info("server")["redis_version"],
         "redis_py": redis.__version__,
         "python": platform.python_version(),
-        "redis_url": args.redis_url,
     }
     runs = {
-        "reads": lambda: part_reads(args.redis_url, namespace, args.requests),
-        "publish": lambda: part_publish(args.redis_url, namespace, args.items),
+        "reads": lambda: part_reads(url, namespace, args.requests),
+        "publish": lambda: part_publish(url, namespace, args.items),
         "memory": lambda: part_memory(args.memory_items),
     }
     try:
@@ -427,14 +446,18 @@ def main() -> None:
                 "load_before": round(os.getloadavg()[0], 2),
                 "hiredis_parser": bool(HIREDIS_AVAILABLE),
                 "nice": os.nice(0),
+                "redis": "a private redis-server" if args.private_redis else url,
+                "label": args.label or "default",
             }
             result = run()
             result["context"] = {**context, "load_after": round(os.getloadavg()[0], 2)}
-            key = "reads_hiredis" if name == "reads" and HIREDIS_AVAILABLE else name
+            key = name
+            if name == "reads":
+                key += "_hiredis" * bool(HIREDIS_AVAILABLE) + f"_{args.label}" * bool(args.label)
             results[key] = result
             print(json.dumps({key: result}, indent=2))
     finally:
-        delete_namespace(args.redis_url, namespace)
+        delete_namespace(url, namespace)
         client.close()
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
