@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import redis
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from feature_store.client import FeatureStoreClient
+from feature_store.dataset import records_from_dataset
 from feature_store.embedded import redis_url_from_env_or_embedded, stop_embedded
 from feature_store.writer import FeatureWriter
 from tandem.cli import app
@@ -94,8 +99,6 @@ def test_embedded_redis_keeps_published_features_across_restarts(tmp_path, monke
     try:
         writer = FeatureWriter(url, "demo")
         dataset = synthetic_dataset(num_users=5, num_items=10)
-        from feature_store.dataset import records_from_dataset
-
         version = writer.publish(*records_from_dataset(dataset), manifest_id="m",
                                  embedding_dim=None, progress=False)  # fmt: skip
         writer.close()
@@ -111,3 +114,31 @@ def test_embedded_redis_keeps_published_features_across_restarts(tmp_path, monke
         stop_embedded(tmp_path)
     monkeypatch.setenv("TANDEM_REDIS_URL", "redis://example:6379/0")
     assert redis_url_from_env_or_embedded(tmp_path) == "redis://example:6379/0"
+
+
+EXITS_WITHOUT_CLOSING = """
+import asyncio, sys
+from pathlib import Path
+from feature_store.client import FeatureStoreClient
+from feature_store.dataset import records_from_dataset
+from feature_store.embedded import redis_url_from_env_or_embedded
+from feature_store.writer import FeatureWriter
+
+url = redis_url_from_env_or_embedded(Path(sys.argv[1]))
+FeatureWriter(url, "demo").current_version()
+asyncio.run(FeatureStoreClient(url, "demo").ping())
+print(url)
+"""
+
+
+def test_the_embedded_server_stops_when_its_process_exits_with_pools_open(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TANDEM_REDIS_URL"}
+    done = subprocess.run(
+        [sys.executable, "-c", EXITS_WITHOUT_CLOSING, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    url = done.stdout.strip().splitlines()[-1]
+    assert url.startswith("unix://")
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+    assert (tmp_path / "redis" / "tandem.rdb").is_file()
