@@ -6,8 +6,9 @@ equal the model's, and ML-100K's catalog is tiny); ``ivf`` and ``hnsw`` trade a 
 for speed on large catalogs, and ``recall_against_exact`` measures that trade.
 
 Exclusions (history, ``exclude``) are applied by over-fetching ``k + len(excluded)`` results
-and filtering, which is exact for ``flat``; approximate indexes that come back short fall back
-to an exact scan of the remaining items, so the answer is complete even when most are excluded.
+and filtering, which is exact for ``flat``. Approximate indexes switch to an exact scan of the
+remaining items when the over-fetch would cover more than half the catalog or comes back short,
+so the answer is complete even when most items are excluded.
 """
 
 from __future__ import annotations
@@ -109,9 +110,16 @@ class ItemIndex:
             raise ValueError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
         barred = [np.unique(np.asarray(e, dtype=np.int64)) for e in exclude]
         fetch = min(self.num_items, k + max((len(b) for b in barred), default=0))
-        scores, rows = self.index.search(queries, fetch)
         out_items = np.zeros((len(queries), k), dtype=np.int64)
         out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        if self.config.kind != "flat" and fetch > self.num_items // 2:
+            # A graph/cell search this deep is slower than a scan and no longer precise.
+            for q, bar in enumerate(barred):
+                items, kept_scores = self._exact(queries[q], k, bar)
+                out_items[q, : len(items)] = items
+                out_scores[q, : len(items)] = kept_scores
+            return out_items, out_scores
+        scores, rows = self.index.search(queries, fetch)
         for q, (row_scores, row_ids, bar) in enumerate(zip(scores, rows, barred, strict=True)):
             items = row_ids + 1  # faiss row -> internal index; -1 (no result) -> 0
             keep = (row_ids >= 0) & ~np.isin(items, bar)
