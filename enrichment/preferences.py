@@ -45,12 +45,15 @@ class PreferenceConfig:
     history: str = "train"  # "train": without each user's validation/test items; "full": all
     domain: str = "movie"  # the noun used in prompts
     include_ratings: bool = True  # show explicit ratings (when the data has them)
+    max_history: int | None = None  # read at most the newest N unread interactions (None: all)
 
     def __post_init__(self) -> None:
         if not 1 <= self.stride <= self.window:
             raise ValueError(
                 f"need 1 <= stride <= window, got stride={self.stride}, window={self.window}"
             )
+        if self.max_history is not None and self.max_history < self.window:
+            raise ValueError(f"max_history ({self.max_history}) must be at least the window")
         if self.history not in HISTORIES:
             raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
 
@@ -204,6 +207,8 @@ def summarise_users(
             )
         overlap = config.window - config.stride
         start = max(0, watermark - overlap) if watermark else 0
+        if config.max_history is not None:  # bound the cost of very long (or stale) histories
+            start = max(start, len(history.items) - config.max_history)
         spans = windows(len(history.items), config.window, config.stride, start)
         if watermark and spans and spans[-1][1] <= watermark:
             spans = []  # nothing new after the watermark

@@ -62,9 +62,17 @@ def _engine_session(engine: str, workers: int) -> contextlib.AbstractContextMana
 
 
 def new_run_dir(root: Path, dataset: str, kind: str) -> Path:
-    run_dir = runs_dir(root, dataset, kind) / new_run_id(kind.removeprefix("enrichment-"))
-    run_dir.mkdir(parents=True)
-    return run_dir
+    """A fresh run folder; run ids have one-second resolution, so a clash gets a suffix."""
+    base = runs_dir(root, dataset, kind) / new_run_id(kind.removeprefix("enrichment-"))
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(100):
+        run_dir = base.with_name(f"{base.name}-{attempt}") if attempt else base
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a new run folder next to {base}")
 
 
 def latest_captions(root: Path, dataset: str) -> tuple[dict[str, str], Path | None]:

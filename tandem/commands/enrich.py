@@ -82,7 +82,7 @@ def _generator_spec(llm: Path | None, llm_url: str | None, **options):
 
     if llm_url:
         return GeneratorSpec(url=llm_url, **options)
-    model_dir = llm or artifacts_root() / "llm"
+    model_dir = (llm or artifacts_root() / "llm").resolve()
     if not (model_dir / "config.json").is_file():
         fail(
             f"no LLM checkpoint at {model_dir}: run `tandem llm prepare`, "
@@ -259,6 +259,10 @@ def preferences(
         History,
         typer.Option(help="'train': without validation/test items (for evaluation); 'full': all."),
     ] = History.train,
+    max_history: Annotated[
+        int | None,
+        typer.Option(min=1, help="Read at most the newest N unread interactions per user."),
+    ] = None,
     max_new_tokens: Annotated[
         int, typer.Option(min=8, help="Cap on generated tokens per step.")
     ] = 96,
@@ -292,7 +296,9 @@ def preferences(
 
     data = _load_dataset(dataset)
     try:
-        config = PreferenceConfig(window=window, stride=stride, history=history.value)
+        config = PreferenceConfig(
+            window=window, stride=stride, history=history.value, max_history=max_history
+        )
     except ValueError as exc:
         fail(str(exc))
     spec = _generator_spec(

@@ -170,3 +170,19 @@ def test_the_job_writes_a_manifest_and_a_feature_store_file(dataset, chatty_llm_
     states = read_preferences(later)
     assert len(states) == metrics["with_preference"]
     assert metrics["users_total"] == dataset.interactions.num_users
+
+
+def test_max_history_bounds_the_first_summary_to_the_newest_items(dataset, generator):
+    config = PreferenceConfig(window=4, stride=2, max_history=5)
+    history = user_histories(dataset, "full")[2]
+    lines = item_lines(dataset.catalog)
+    [state] = summarise_users([history], lines, generator, config)
+    listed = [
+        [x for x in c[-1]["content"].splitlines() if x.startswith("- ")] for c in generator.seen
+    ]
+    start = len(history.items) - 5
+    assert listed == [
+        [f"- {lines[i]}" for i in history.items[a:b]]
+        for a, b in windows(len(history.items), 4, 2, start=start)
+    ]
+    assert state.watermark == len(history.items)
