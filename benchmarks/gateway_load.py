@@ -1,0 +1,508 @@
+"""Load test of the real multi-process stack on loopback: throughput, latency, overhead, soak.
+
+Stack: our own redis-server (features published), ``tandem serve --role retrieval`` and
+``tandem serve --role gateway`` as separate processes (+ a vLLM server for the vLLM profiles).
+A closed-loop asyncio + httpx load generator (C workers, each sending its next request when
+the previous answer arrives) drives ``POST /recommend`` for known users at random.
+
+Profiles:
+- ``none``: no ranker (retriever order): the pipeline's own cost.
+- ``tiny``: the tiny random Llama (+ LoRA, item and user soft tokens) in the gateway process.
+- ``tiny-vllm``: the same model and adapter behind a vLLM CPU server (prompt embeddings); the
+  ranker is out of the gateway's process, so overhead = end-to-end minus the ranker stage is
+  the gateway's own cost (target p99 <= 15 ms).
+- ``soak``: ``tiny`` at concurrency 8 for 5 minutes: errors and gateway RSS growth.
+- ``smollm2``/``smollm2-vllm``: SmolLM2-135M (``artifacts/llm``, from ``tandem llm prepare``)
+  with the trained ranker run if one exists, in-process and behind a vLLM CPU server.
+Concurrency 1, 8 and 32 for the fast profiles, 1 and 8 for SmolLM2.
+
+The retriever is ``artifacts/<dataset>/retriever/latest`` when it exists, else a tiny one
+trained on synthetic data. Everything runs on this machine, so the load generator competes
+with the servers for the same CPU cores; numbers are for this machine only.
+
+    python benchmarks/gateway_load.py [--profiles none,tiny,tiny-vllm,soak] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tests.fixtures.services import (  # noqa: E402
+    ITEM_DIM,
+    ServerProcess,
+    free_port,
+    make_tiny_ranker_run,
+    publish_dataset,
+    redis_server,
+    tandem_server,
+)
+
+RESULTS = REPO / "benchmarks" / "results"
+PROFILES = ("none", "tiny", "tiny-vllm", "soak", "smollm2", "smollm2-vllm")
+NAMESPACE = "bench"
+API_KEY = "bench-key"
+STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
+
+
+# ---- load generation ----
+
+
+@dataclass
+class Sample:
+    started: float  # seconds since the run began
+    latency_s: float
+    status: int
+    degraded: tuple[str, ...] = ()
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+async def run_load(
+    url: str,
+    users: list[str],
+    concurrency: int,
+    *,
+    requests: int | None = None,
+    duration_s: float | None = None,
+    k: int = 10,
+    seed: int = 0,
+    timeout_s: float = 60.0,
+    headers: dict[str, str] | None = None,
+) -> list[Sample]:
+    """Closed-loop load: ``concurrency`` workers until ``requests`` are sent or time is up."""
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    sent = 0
+    begin = time.perf_counter()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    def more() -> bool:
+        if requests is not None and sent >= requests:
+            return False
+        return duration_s is None or time.perf_counter() - begin < duration_s
+
+    async with httpx.AsyncClient(
+        base_url=url, limits=limits, timeout=timeout_s, headers=headers or {}
+    ) as client:
+
+        async def worker() -> None:
+            nonlocal sent
+            while more():
+                sent += 1
+                body = {"user_id": rng.choice(users), "k": k}
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/recommend", json=body)
+                    latency = time.perf_counter() - start
+                    payload = response.json() if response.status_code == 200 else {}
+                    samples.append(
+                        Sample(
+                            start - begin,
+                            latency,
+                            response.status_code,
+                            tuple(payload.get("degraded", ())),
+                            payload.get("timings_ms", {}),
+                        )
+                    )
+                except httpx.HTTPError as exc:
+                    samples.append(
+                        Sample(
+                            start - begin, time.perf_counter() - start, 0, error=type(exc).__name__
+                        )
+                    )
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return samples
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    array = np.asarray(values)
+    return {
+        "p50": round(float(np.percentile(array, 50)), 3),
+        "p90": round(float(np.percentile(array, 90)), 3),
+        "p99": round(float(np.percentile(array, 99)), 3),
+        "mean": round(float(array.mean()), 3),
+    }
+
+
+def summarize(samples: list[Sample], wall_s: float) -> dict:
+    ok = [s for s in samples if s.status == 200]
+    e2e_ms = [s.latency_s * 1000 for s in ok]
+    ranked = [s for s in ok if "ranker" in s.timings_ms]
+    overhead = [s.latency_s * 1000 - s.timings_ms["ranker"] for s in ranked]
+    stages = {
+        stage: percentiles([s.timings_ms[stage] for s in ok if stage in s.timings_ms])
+        for stage in STAGES
+    }
+    return {
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "error_kinds": dict(Counter(s.error or str(s.status) for s in samples if s.status != 200)),
+        "throughput_rps": round(len(ok) / wall_s, 2) if wall_s > 0 else None,
+        "wall_s": round(wall_s, 2),
+        "latency_ms": percentiles(e2e_ms),
+        "overhead_ms": percentiles(overhead),
+        "stages_ms": stages,
+        "degraded": dict(Counter(reason for s in ok for reason in s.degraded)),
+        "ranked_share": round(len(ranked) / len(ok), 4) if ok else 0.0,
+    }
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+# ---- the stack ----
+
+
+@dataclass
+class Assets:
+    artifacts: Path
+    retriever_run: Path
+    dataset: object
+    users: list[str]
+
+
+def find_or_train_retriever(work: Path, dataset_name: str) -> Assets:
+    """``artifacts/<dataset>/retriever/latest``, else a tiny run trained on synthetic data."""
+    from tandem.artifacts import resolve_run
+    from tandem.data import Dataset
+
+    artifacts = Path(os.environ.get("TANDEM_ARTIFACTS_DIR", REPO / "artifacts")).resolve()
+    try:
+        run = resolve_run(artifacts / dataset_name / "retriever")
+        dataset = Dataset.load(artifacts / dataset_name / "data")
+    except FileNotFoundError:
+        from tests.fixtures.retriever import train_tiny_run
+
+        artifacts = work / "artifacts"
+        run = train_tiny_run(artifacts)
+        from retriever.core import Retriever
+
+        name = Retriever.load(run).manifest.dataset
+        dataset = Dataset.load(artifacts / name / "data")
+    return Assets(artifacts, run, dataset, list(dataset.interactions.user_ids))
+
+
+@dataclass
+class Stack:
+    redis: ServerProcess
+    retrieval: ServerProcess
+    gateway: ServerProcess
+
+    def stop(self) -> None:
+        for part in (self.gateway, self.retrieval, self.redis):
+            part.stop()
+
+
+def start_stack(
+    work: Path, assets: Assets, ranker_env: dict[str, str], *, extra: dict[str, str] | None = None
+) -> Stack:
+    from retriever.core import Retriever
+
+    redis = redis_server(work / "redis").start()
+    redis_url = f"redis://127.0.0.1:{redis.port}/0"
+    publish_dataset(redis_url, NAMESPACE, assets.dataset, manifest_id="bench")
+    Retriever.load(assets.retriever_run)  # fail here, not in a subprocess log
+    common = {
+        "TANDEM_ARTIFACTS_DIR": str(assets.artifacts),
+        "TANDEM_RETRIEVER_RUN": str(assets.retriever_run),
+        "TANDEM_LOG_LEVEL": "WARNING",
+    }
+    retrieval = tandem_server("retrieval", free_port(), work / "retrieval.log", common).start()
+    gateway_env = {
+        **common,
+        "TANDEM_RETRIEVAL_URL": retrieval.url,
+        "TANDEM_REDIS_URL": redis_url,
+        "TANDEM_NAMESPACE": NAMESPACE,
+        "TANDEM_API_KEYS": API_KEY,
+        **ranker_env,
+        **(extra or {}),
+    }
+    gateway = tandem_server("gateway", free_port(), work / "gateway.log", gateway_env).start()
+    return Stack(redis, retrieval, gateway)
+
+
+# ---- profiles ----
+
+
+def measure(stack: Stack, users: list[str], plan: list[tuple[int, int]], warmup: int) -> dict:
+    headers = {"X-API-Key": API_KEY}
+    asyncio.run(run_load(stack.gateway.url, users, 2, requests=warmup, headers=headers))
+    out = {}
+    for concurrency, count in plan:
+        begin = time.perf_counter()
+        samples = asyncio.run(
+            run_load(stack.gateway.url, users, concurrency, requests=count, headers=headers)
+        )
+        out[str(concurrency)] = summarize(samples, time.perf_counter() - begin)
+        print(f"  c={concurrency}: {json.dumps(out[str(concurrency)]['latency_ms'])}", flush=True)
+    return out
+
+
+def soak(stack: Stack, users: list[str], duration_s: float, concurrency: int = 8) -> dict:
+    headers = {"X-API-Key": API_KEY}
+    asyncio.run(run_load(stack.gateway.url, users, concurrency, requests=200, headers=headers))
+    pid = stack.gateway.process.pid  # type: ignore[union-attr]
+    rss_start = rss_mb(pid)
+    begin = time.perf_counter()
+    samples = asyncio.run(
+        run_load(stack.gateway.url, users, concurrency, duration_s=duration_s, headers=headers)
+    )
+    wall = time.perf_counter() - begin
+    rss_end = rss_mb(pid)
+    summary = summarize(samples, wall)
+    summary.update(
+        {
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "rss_start_mb": round(rss_start, 1),
+            "rss_end_mb": round(rss_end, 1),
+            "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
+        }
+    )
+    return summary
+
+
+def vllm_server(
+    work: Path, llm: Path, adapter: Path | None, kv_cache_mb: int = 256
+) -> ServerProcess:
+    """A vLLM CPU server through the deployment launcher; ``rec-v1`` is the adapter if any."""
+    command = [
+        sys.executable, "-m", "deploy.vllm.launch", "--profile", "cpu", "--model", str(llm),
+        "--port", "0", "--kv-cache-bytes", str(kv_cache_mb * 1024**2), "--max-num-seqs", "16",
+    ]  # fmt: skip
+    if adapter is not None:
+        command += ["--lora-modules", f"rec-v1={adapter}"]
+    port = free_port()
+    command[command.index("--port") + 1] = str(port)
+    env = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return ServerProcess("ranker", command, port, work / f"vllm-{port}.log", env, "/health")
+
+
+class Skip(Exception):
+    """A profile that cannot run here (say why in the results)."""
+
+
+@dataclass
+class Tiny:
+    llm: Path
+    lora: Path
+    run: Path
+
+
+def tiny_models(work: Path, assets: Assets) -> Tiny:
+    from retriever.core import Retriever
+    from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_lora
+
+    if (work / "tiny_llm" / "config.json").is_file():
+        return Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")
+    llm = make_tiny_llm(work / "tiny_llm")
+    lora = make_tiny_lora(llm, work / "tiny_lora")
+    retriever = Retriever.load(assets.retriever_run)
+    run = make_tiny_ranker_run(
+        work / "ranker" / "tiny-ranker", llm, lora,
+        item_dim=ITEM_DIM, user_dim=retriever.dim, dataset=retriever.manifest.dataset,
+    )  # fmt: skip
+    return Tiny(llm, lora, run)
+
+
+FAST_DEADLINES = {
+    "TANDEM_DEADLINE_MS": "10000",
+    "TANDEM_RANKER_DEADLINE_MS": "8000",
+    "TANDEM_FEATURE_STORE_DEADLINE_MS": "1000",
+    "TANDEM_RETRIEVAL_DEADLINE_MS": "2000",
+}
+SLOW_DEADLINES = {
+    **FAST_DEADLINES,
+    "TANDEM_DEADLINE_MS": "60000",
+    "TANDEM_RANKER_DEADLINE_MS": "55000",
+}
+
+
+def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: float) -> dict:
+    """Start the stack for profile ``name``, measure, stop; Skip when it cannot run here."""
+    users = assets.users
+    fast_plan = [(1, 50), (8, 100), (32, 200)] if quick else [(1, 300), (8, 800), (32, 1500)]
+    slow_plan = [(1, 10), (8, 24)] if quick else [(1, 60), (8, 160)]
+    folder = work / name
+    servers: list[ServerProcess] = []
+    info: dict = {}
+    if name == "none":
+        env, plan = {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES}, fast_plan
+    elif name in ("tiny", "soak", "tiny-vllm"):
+        tiny = tiny_models(work, assets)
+        env = {
+            "TANDEM_LLM_DIR": str(tiny.llm),
+            "TANDEM_RANKER_RUN": str(tiny.run),
+            **FAST_DEADLINES,
+        }
+        env["TANDEM_RANKER_BACKEND"] = "inprocess"
+        plan = fast_plan
+        if name == "tiny-vllm":
+            servers.append(vllm_server(folder, tiny.llm, tiny.lora, kv_cache_mb=64))
+            env |= {"TANDEM_RANKER_BACKEND": "vllm", "TANDEM_VLLM_ADAPTER": "rec-v1"}
+    elif name in ("smollm2", "smollm2-vllm"):
+        llm = assets.artifacts / "llm"
+        if not (llm / "config.json").is_file():
+            raise Skip(f"no {llm}: run `tandem llm prepare`")
+        env = {"TANDEM_LLM_DIR": str(llm), "TANDEM_RANKER_BACKEND": "inprocess", **SLOW_DEADLINES}
+        from tandem.artifacts import resolve_run
+
+        run = None
+        with contextlib.suppress(FileNotFoundError):  # no trained run: the base LLM zero-shot
+            run = resolve_run(assets.artifacts / assets.dataset.name / "ranker")  # type: ignore[attr-defined]
+            env["TANDEM_RANKER_RUN"] = str(run)
+        info["ranker_run"] = str(run) if run else "zero-shot (no trained ranker run)"
+        plan = slow_plan
+        if name == "smollm2-vllm":
+            adapter = run / "adapter" if run is not None and (run / "adapter").is_dir() else None
+            servers.append(vllm_server(folder, llm, adapter))
+            env |= {
+                "TANDEM_RANKER_BACKEND": "vllm",
+                "TANDEM_VLLM_ADAPTER": "rec-v1" if adapter else "base",
+            }
+    else:
+        raise Skip(f"unknown profile {name!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for server in servers:
+        server.start(timeout_s=600)
+        env["TANDEM_VLLM_URL"] = server.url
+    stack = start_stack(folder, assets, env)
+    try:
+        if name == "soak":
+            return {**info, **soak(stack, users, 20.0 if quick else soak_s)}
+        return {**info, **measure(stack, users, plan, warmup=8 if plan is slow_plan else 50)}
+    finally:
+        stack.stop()
+        for server in servers:
+            server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--soak-s", type=float, default=300.0)
+    parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    args = parser.parse_args()
+    out_json = RESULTS / "gateway_load.json"
+    results: dict = json.loads(out_json.read_text()) if out_json.exists() else {}
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    results["protocol"] = {
+        "load": "closed loop, asyncio + httpx, random known users, k=10, loopback",
+        "overhead": "end-to-end latency minus timings_ms.ranker, per request",
+        "stack": "own redis-server + retrieval process + gateway process (+ vLLM server)",
+    }
+    with tempfile.TemporaryDirectory(prefix="tandem-load-") as tmp:
+        work = Path(tmp)
+        assets = find_or_train_retriever(work, args.dataset)
+        results["retriever_run"] = str(assets.retriever_run)
+        for name in args.profiles.split(","):
+            print(f"profile {name}", flush=True)
+            try:
+                results[name] = run_profile(name, work, assets, args.quick, args.soak_s)
+            except Skip as exc:
+                results[name] = {"skipped": str(exc)}
+    results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=2, sort_keys=True))
+    (RESULTS / "gateway_load.md").write_text(report(results))
+    print(f"wrote {out_json} and gateway_load.md")
+
+
+def _fmt(stats: dict, key: str) -> str:
+    value = stats.get(key)
+    return "-" if value is None else f"{value:.1f}"
+
+
+def report(results: dict) -> str:
+    """The human-readable summary: protocol, then one table per profile."""
+    lines = [
+        "# Gateway load benchmark",
+        "",
+        "Protocol: " + "; ".join(f"{k}: {v}" for k, v in results["protocol"].items()) + ".",
+        f"Machine: {results['machine']}. Retriever run: `{results.get('retriever_run')}`.",
+        "Latencies in ms; overhead = end-to-end minus the ranker stage (target p99 <= 15 ms).",
+        "",
+    ]
+    for name in ("none", "tiny", "tiny-vllm", "smollm2", "smollm2-vllm"):
+        profile = results.get(name)
+        if not profile:
+            continue
+        lines += [f"## {name}", ""]
+        if "skipped" in profile:
+            lines += [f"skipped: {profile['skipped']}", ""]
+            continue
+        if "ranker_run" in profile:
+            lines += [f"ranker run: `{profile['ranker_run']}`", ""]
+        lines += [
+            "| concurrency | req/s | p50 | p99 | overhead p50 | overhead p99 | ranker p50 "
+            "| ranker p99 | errors | degraded |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for c, row in sorted(
+            ((k, v) for k, v in profile.items() if k.isdigit()), key=lambda kv: int(kv[0])
+        ):
+            lines.append(
+                f"| {c} | {row['throughput_rps']} | {_fmt(row['latency_ms'], 'p50')} "
+                f"| {_fmt(row['latency_ms'], 'p99')} | {_fmt(row['overhead_ms'], 'p50')} "
+                f"| {_fmt(row['overhead_ms'], 'p99')} | {_fmt(row['stages_ms']['ranker'], 'p50')} "
+                f"| {_fmt(row['stages_ms']['ranker'], 'p99')} | {row['errors']} "
+                f"| {row['degraded'] or '-'} |"
+            )
+        lines += ["", "Per-stage p50 / p99 (ms):", ""]
+        lines += ["| concurrency | " + " | ".join(STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
+        for c, row in sorted(
+            ((k, v) for k, v in profile.items() if k.isdigit()), key=lambda kv: int(kv[0])
+        ):
+            cells = [
+                f"{_fmt(row['stages_ms'][s], 'p50')} / {_fmt(row['stages_ms'][s], 'p99')}"
+                for s in STAGES
+            ]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        lines.append("")
+    soak_result = results.get("soak")
+    if soak_result:
+        lines += [
+            "## soak",
+            "",
+            f"{soak_result['duration_s']:.0f} s at concurrency {soak_result['concurrency']}: "
+            f"{soak_result['requests']} requests, {soak_result['errors']} errors, "
+            f"p99 {_fmt(soak_result['latency_ms'], 'p99')} ms, gateway RSS "
+            f"{soak_result['rss_start_mb']} -> {soak_result['rss_end_mb']} MB "
+            f"({soak_result['rss_growth_pct']:+.2f}%; target < 10%).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
