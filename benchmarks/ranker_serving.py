@@ -123,19 +123,24 @@ def split(prompts: list, levels: list[int], requests: int, warmup: int) -> dict:
     return sets
 
 
-async def drive(score, prompts: list[RenderedPrompt], concurrency: int) -> dict:
-    """Closed loop: ``concurrency`` workers, one prompt per request, each prompt once."""
-    queue = list(prompts)
+async def drive(
+    score, prompts: list[RenderedPrompt], concurrency: int, sink: list | None = None
+) -> dict:
+    """Closed loop: ``concurrency`` workers, one prompt per request, each prompt once.
+    ``sink`` (a list as long as ``prompts``) receives each prompt's scores."""
+    queue = list(enumerate(prompts))
     latencies: list[float] = []
     errors = 0
 
     async def worker():
         nonlocal errors
         while queue:
-            prompt = queue.pop()
+            index, prompt = queue.pop()
             began = time.perf_counter()
             try:
-                await score([prompt])
+                scores = await score([prompt])
+                if sink is not None:
+                    sink[index] = scores[0]
             except Exception as exc:  # counted and reported, never hidden
                 errors += 1
                 print(f"  request failed: {type(exc).__name__}: {exc}", flush=True)
@@ -170,7 +175,7 @@ def prefix_cache_counts(url: str) -> dict[str, float]:
     return counts
 
 
-async def bench_vllm(server: VLLMServer, workloads, grid) -> list[dict]:
+async def bench_vllm(server: VLLMServer, workloads, grid, scores: dict) -> list[dict]:
     from ranker.backends.vllm import VLLMBackend, VLLMConfig
 
     backend = VLLMBackend(
@@ -186,7 +191,8 @@ async def bench_vllm(server: VLLMServer, workloads, grid) -> list[dict]:
             await drive(backend.score, prompts["warmup"], 2)
             for concurrency in grid[mode]:
                 before = prefix_cache_counts(server.url)
-                row = await drive(backend.score, prompts[concurrency], concurrency)
+                sink = scores[(mode, concurrency)] = [None] * len(prompts[concurrency])
+                row = await drive(backend.score, prompts[concurrency], concurrency, sink)
                 after = prefix_cache_counts(server.url)
                 queries = (
                     after["vllm:prefix_cache_queries_total"]
@@ -204,7 +210,7 @@ async def bench_vllm(server: VLLMServer, workloads, grid) -> list[dict]:
     return rows
 
 
-async def bench_in_process(assets: Assets, workloads, grid) -> list[dict]:
+async def bench_in_process(assets: Assets, workloads, grid, scores: dict) -> list[dict]:
     from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 
     backend = TransformersBackend(
@@ -218,13 +224,27 @@ async def bench_in_process(assets: Assets, workloads, grid) -> list[dict]:
         for mode, prompts in workloads.items():
             await drive(backend.score, prompts["warmup"], 2)
             for concurrency in grid[mode]:
-                row = await drive(backend.score, prompts[concurrency], concurrency)
+                sink = scores[(mode, concurrency)] = [None] * len(prompts[concurrency])
+                row = await drive(backend.score, prompts[concurrency], concurrency, sink)
                 row["mode"] = mode
                 rows.append(row)
                 print(f"  {mode} c={concurrency}: {row}", flush=True)
     finally:
         await backend.close()
     return rows
+
+
+def agree(a: list, b: list) -> dict:
+    """How close two backends' letter log-probabilities are on the same prompts."""
+    pairs = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    gaps = np.array([float(np.max(np.abs(x - y))) for x, y in pairs])
+    top1 = np.mean([int(np.argmax(x) == np.argmax(y)) for x, y in pairs])
+    return {
+        "prompts": len(pairs),
+        "max_abs_nats": round(float(gaps.max()), 4),
+        "mean_max_abs_nats": round(float(gaps.mean()), 4),
+        "top1_agreement": round(float(top1), 3),
+    }
 
 
 def markdown(result: dict) -> str:
@@ -239,7 +259,8 @@ def markdown(result: dict) -> str:
         f"prompt each ({result['protocol']['history']} history titles, 20 candidates), "
         f"prompt tokens p50 {result['prompt_tokens']['p50']:.0f} (min "
         f"{result['prompt_tokens']['min']}, max {result['prompt_tokens']['max']}). "
-        "Closed loop of C workers; vLLM measured alone, then in-process after vLLM stopped.",
+        "Closed loop of C workers; the two backends never run at the same time (vLLM first, "
+        "then in-process after the server stopped).",
         f"vLLM: {result['protocol']['vllm']}.",
         "In-process: transformers bf16 autocast, micro-batches up to 8, 2 threads.",
         "",
@@ -260,6 +281,11 @@ def markdown(result: dict) -> str:
         f"prompts, prefix caching on): measured {target['speedup']}x "
         f"({target['vllm_prompts_per_s']} vs {target['in_process_prompts_per_s']} prompts/s) "
         f"-> {'MET' if target['met'] else 'NOT MET'}.",
+        "",
+        "Score agreement on the same prompts (text, highest C; max |difference| of letter "
+        "log-probabilities, bf16 server vs bf16-autocast in-process): "
+        + "; ".join(f"{k}: {v}" for k, v in result["score_agreement"].items())
+        + ".",
         "",
         "Notes:",
         *[f"- {note}" for note in result["notes"]],
@@ -307,6 +333,7 @@ def main() -> int:
     }
     lengths = np.array([len(p.token_ids) for c in grid["text"] for p in workloads["text"][c]])
     rows: list[dict] = []
+    scores: dict = {True: {}, False: {}, "in-process": {}}  # (mode, C) -> per-prompt scores
     launch = {"max_model_len": 2048, "max_num_seqs": 16, "kv_cache_bytes": 512 * 1024**2}
     for caching in (True, False):
         print(f"vLLM, prefix caching {'on' if caching else 'off'}: starting ...", flush=True)
@@ -322,12 +349,12 @@ def main() -> int:
         )
         print(f"  ready in {time.perf_counter() - started:.0f}s", flush=True)
         try:
-            for row in asyncio.run(bench_vllm(server, workloads, grid)):
+            for row in asyncio.run(bench_vllm(server, workloads, grid, scores[caching])):
                 rows.append({"backend": "vllm", "prefix_caching": caching, **row})
         finally:
             server.stop()
     print("in-process transformers backend ...", flush=True)
-    for row in asyncio.run(bench_in_process(assets, workloads, grid)):
+    for row in asyncio.run(bench_in_process(assets, workloads, grid, scores["in-process"])):
         rows.append({"backend": "in-process", **row})
 
     def pick(backend: str, caching: bool | None = None) -> dict:
@@ -342,6 +369,11 @@ def main() -> int:
 
     served, local = pick("vllm", True), pick("in-process")
     speedup = round(served["prompts_per_s"] / local["prompts_per_s"], 2)
+    key = ("text", max(args.concurrency))
+    agreement = {
+        "vllm_vs_in_process": agree(scores[True][key], scores["in-process"][key]),
+        "vllm_cache_on_vs_off": agree(scores[True][key], scores[False][key]),
+    }
     result = {
         "benchmark": "ranker_serving",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
@@ -374,6 +406,7 @@ def main() -> int:
             "in_process_prompts_per_s": local["prompts_per_s"],
             "met": speedup >= TARGET_SPEEDUP,
         },
+        "score_agreement": agreement,
         "notes": args.note,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
