@@ -101,8 +101,7 @@ def index(
     ),
 ) -> None:
     """(Re)build the run's Faiss index over item vectors and report its recall@20 vs exact."""
-    from retriever.index import build_run_index
-
+    from retriever.artifacts import build_run_index
     from tandem.artifacts import resolve_run, runs_dir
     from tandem.paths import artifacts_root
 
