@@ -19,10 +19,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from ranker.backends.base import RankerBadResponse, RankerUnavailable, RenderedPrompt
 from ranker.backends.vllm import (
-    ERRORS,
     PROBE_TEXT,
     CircuitBreaker,
     EmbeddingTable,
@@ -246,10 +246,11 @@ async def test_server_failures_become_typed_errors(fake, tiny_llm_dir, status, b
     await backend.start()
     content = {"json": body} if isinstance(body, dict) else {"text": body}
     fake.fail = lambda r: httpx.Response(status, **content) if "completions" in r.url.path else None
-    before = ERRORS.labels("vllm", label)._value.get()
+    labels = {"backend": "vllm", "error_type": label}
+    before = REGISTRY.get_sample_value("tandem_ranker_errors_total", labels)
     with pytest.raises(error):
         await backend.score([text_prompt()])
-    assert ERRORS.labels("vllm", label)._value.get() == before + 1
+    assert REGISTRY.get_sample_value("tandem_ranker_errors_total", labels) == before + 1
     await backend.close()
 
 
