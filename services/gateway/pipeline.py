@@ -31,10 +31,9 @@ from services.gateway.schemas import ModelInfo, RecommendedItem, RecommendReques
 from services.gateway.sources import CandidateSource, RetrievalUnavailable, Retrieved
 
 if TYPE_CHECKING:
-    from retriever.core import Retriever
-
     from feature_store.client import UserRead
     from feature_store.schema import ItemRecord
+    from retriever.core import Retriever
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -262,6 +261,8 @@ class RecommendPipeline:
         self.metrics = metrics
         self.retriever = retriever
         self.catalog = retriever.catalog
+        # Fallback titles when the feature store has none: one array lookup, no pandas per request.
+        self._titles = self.catalog.frame["title"].astype(str).to_numpy()
         self.retrieval, self.user, self.items = retrieval, user, items
         self.prompt, self.ranker = prompt, ranker
         self.model = model
@@ -428,7 +429,10 @@ class RecommendPipeline:
         return PromptItem(title=record.title, caption=record.caption, embedding=record.embedding)
 
     def _catalog_title(self, item_id: str) -> str:
-        return self.catalog.title_of(int(self.catalog.index_of([item_id])[0]))
+        return self._catalog_titles([item_id])[0]
+
+    def _catalog_titles(self, item_ids: Sequence[str]) -> list[str]:
+        return self._titles[self.catalog.index_of(item_ids) - 1].tolist()
 
     def _known_history(self, history: Sequence[str], trace: Trace, *, given: bool) -> list[str]:
         known, unknown = self.catalog.known(history)
@@ -456,15 +460,18 @@ class RecommendPipeline:
         user_read: UserRead | None,
     ) -> RecommendResponse:
         positions = order(ranked.scores)[: request.k]
+        ids = [ranked.ids[i] for i in positions]
+        missing = [i for i in ids if i not in ranked.titles]
+        titles = {**dict(zip(missing, self._catalog_titles(missing), strict=True)), **ranked.titles}
         items = [
             RecommendedItem(
-                item_id=ranked.ids[i],
+                item_id=item_id,
                 score=round(float(ranked.scores[i]), 6),
                 rank=rank,
                 retrieval_rank=int(i) + 1,
-                title=ranked.titles.get(ranked.ids[i]) or self._catalog_title(ranked.ids[i]),
+                title=titles[item_id],
             )
-            for rank, i in enumerate(positions, start=1)
+            for rank, (i, item_id) in enumerate(zip(positions, ids, strict=True), start=1)
         ]
         if len(items) < request.k:
             trace.warnings.append(f"only {len(items)} item(s) could be recommended")

@@ -13,11 +13,11 @@ from services.gateway.pipeline import RecommendPipeline
 from services.gateway.schemas import RecommendRequest, RecommendResponse
 
 
-def get_pipeline(request: Request) -> RecommendPipeline:
+async def get_pipeline(request: Request) -> RecommendPipeline:
     return request.app.state.pipeline
 
 
-def get_request_id() -> str:
+async def get_request_id() -> str:
     return current_request_id() or new_request_id()
 
 

@@ -12,7 +12,7 @@ from services.retrieval.schemas import RetrieveRequest, RetrieveResponse
 from services.retrieval.service import RetrievalService
 
 
-def get_service(request: Request) -> RetrievalService:
+async def get_service(request: Request) -> RetrievalService:
     return request.app.state.service
 
 
