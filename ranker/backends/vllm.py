@@ -417,7 +417,6 @@ class VLLMBackend:
         """Per prompt, float32 log-probabilities over its letters, in candidate order."""
         if not prompts:
             return []
-        started = time.perf_counter()
         try:
             if not self._started:
                 raise VLLMUnavailable("connect", "the vLLM backend is not started (call start())")
@@ -427,13 +426,14 @@ class VLLMBackend:
                     f"circuit open after {self.config.breaker_failures} consecutive failures; "
                     f"retrying {self.config.base_url} in <= {self.config.breaker_cooldown_s:.0f}s",
                 )
-            result = await self._score_guarded(prompts, request_id, deadline_s)
+            started = time.perf_counter()  # calls that reach the server only
+            try:
+                return await self._score_guarded(prompts, request_id, deadline_s)
+            finally:
+                REQUEST_SECONDS.labels(BACKEND).observe(time.perf_counter() - started)
         except RankerError as exc:
             ERRORS.labels(BACKEND, getattr(exc, "error_type", "malformed")).inc()
             raise
-        finally:
-            REQUEST_SECONDS.labels(BACKEND).observe(time.perf_counter() - started)
-        return result
 
     async def _score_guarded(self, prompts, request_id, deadline_s) -> list[np.ndarray]:
         budget = self.config.deadline_s if deadline_s is None else deadline_s
