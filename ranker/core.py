@@ -8,6 +8,8 @@ vLLM server). A trained run folder holds everything except the base LLM:
     adapter/                     peft LoRA adapter (adapter_config.json + adapter_model.safetensors)
     item_projector.safetensors   present when item soft tokens are on
     user_projector.safetensors   present when the user soft token is on
+    item_embeddings.safetensors  the item table the item projector was trained on ("embeddings",
+                                 [num_items + 1, d]): publish these to the feature store
     manifest.json
 """
 
@@ -36,6 +38,7 @@ CONFIG_FILE = "ranker.json"
 ADAPTER_DIR = "adapter"
 ITEM_PROJECTOR = "item_projector.safetensors"
 USER_PROJECTOR = "user_projector.safetensors"
+ITEM_EMBEDDINGS = "item_embeddings.safetensors"  # the item-token inputs training used
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_PROJECTOR, USER_PROJECTOR, RankerConfig
+from ranker.core import (
+    ADAPTER_DIR,
+    CONFIG_FILE,
+    ITEM_EMBEDDINGS,
+    ITEM_PROJECTOR,
+    USER_PROJECTOR,
+    RankerConfig,
+)
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.forward import autocast, collate, letter_logits, project_soft_rows
 from ranker.llm import load_model, load_tokenizer
@@ -516,6 +523,11 @@ def train_ranker(
     for name in (ADAPTER_DIR,):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     _write_weights(model, run_dir)
+    if prompt.item_soft_tokens:
+        from safetensors.numpy import save_file as save_numpy
+
+        table = np.ascontiguousarray(inputs.features.embeddings, dtype=np.float32)
+        save_numpy({"embeddings": table}, str(run_dir / ITEM_EMBEDDINGS))
     final = state.validations[-1] if state.validations else {}
     metrics = {
         "steps": state.step,

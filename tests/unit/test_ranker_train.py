@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ranker.core import ADAPTER_DIR, ITEM_PROJECTOR, USER_PROJECTOR, Ranker
+from ranker.core import ADAPTER_DIR, ITEM_EMBEDDINGS, ITEM_PROJECTOR, USER_PROJECTOR, Ranker
 from ranker.examples import CandidateSource, ItemFeatures
 from ranker.prompts import PromptConfig
 from ranker.train import (
@@ -79,6 +79,7 @@ def test_run_folder_holds_a_vllm_loadable_adapter_projectors_and_manifest(traine
     assert adapter["r"] == 8 and adapter["lora_alpha"] == 32
     assert (run / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     assert (run / ITEM_PROJECTOR).is_file() and (run / USER_PROJECTOR).is_file()
+    assert (run / ITEM_EMBEDDINGS).is_file()
     manifest = Manifest.read(run)
     assert manifest.kind == "ranker" and manifest.parents == {"retriever": "retriever-x"}
     assert manifest.verify(run) == []
