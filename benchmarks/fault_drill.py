@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -235,10 +236,33 @@ def main() -> None:
         "components": report,
         "failed_total": sum(r["failed"] for r in report.values()),
     }
+    results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "fault_drill.json"
     out.write_text(json.dumps(results, indent=2, sort_keys=True))
+    (RESULTS / "fault_drill.md").write_text(report(results))
     print(json.dumps(results, indent=2))
+
+
+def report(results: dict) -> str:
+    lines = [
+        "# Fault drill",
+        "",
+        "Protocol: " + "; ".join(f"{k}: {v}" for k, v in results["protocol"].items()) + ".",
+        f"Machine load average at the end: {results.get('loadavg_end')} (2 cores, shared).",
+        "",
+        "| component | requests | failed | outage requests | fallbacks during outage "
+        "| component ready after restart (s) | recovery (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["components"].items():
+        lines.append(
+            f"| {name} | {row['requests']} | {row['failed']} | {row['outage_requests']} "
+            f"| {row['outage_degraded'] or '-'} | {row['component_ready_s']} "
+            f"| {row['recovery_s']} |"
+        )
+    lines += ["", f"Failed requests in total: {results['failed_total']} (target 0).", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
