@@ -143,36 +143,45 @@ def _listing(
     return "\n".join(rows)
 
 
-def build_prompt(previous: str, listing: str, config: PreferenceConfig) -> Conversation:
-    """First step: describe the taste; later steps: revise the previous summary."""
-    system = (
-        f"You study what a person watches and describe their {config.domain} taste: favourite "
-        "genres, eras, themes and what they dislike. Be specific and brief."
+def build_prompt(
+    previous: str, listing: str, config: PreferenceConfig, rated: bool = True
+) -> Conversation:
+    """First step: describe the taste; later steps: revise the previous summary.
+
+    Worded for small instruction models: one user turn, the listing before the task, and a
+    fixed opening ("This user enjoys") that keeps a 135M model writing prose, not lists.
+    """
+    domain = config.domain
+    ratings = ", with their ratings (1-5)" if rated else ""
+    task = (
+        f"Describe this user's {domain} preferences (favourite genres, eras and themes, and "
+        f'what they dislike) in at most {config.max_words} words. Start with "This user enjoys".'
     )
     if previous:
-        task = (
-            f"What we knew about this user's taste:\n{previous}\n\n"
-            f"The {config.domain}s they watched next, oldest first:\n{listing}\n\n"
-            f"Rewrite the description of their taste in at most {config.max_words} words, "
-            "keeping what still holds and adding what is new. Reply with the description only."
+        content = (
+            f"What we know about this user's {domain} taste: {previous}\n\n"
+            f"The {domain}s they watched next, oldest first{ratings}:\n"
+            f"{listing}\n\nUpdate the description. {task}"
         )
     else:
-        task = (
-            f"The {config.domain}s this user watched, oldest first:\n{listing}\n\n"
-            f"Describe this user's taste in at most {config.max_words} words. "
-            "Reply with the description only."
+        content = (
+            f"Here are the {domain}s a user watched, oldest first{ratings}:\n{listing}\n\n{task}"
         )
-    return [{"role": "system", "content": system}, {"role": "user", "content": task}]
+    return [{"role": "user", "content": content}]
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def clean_preference(
     text: str, config: PreferenceConfig, special_tokens: Iterable[str] = ()
 ) -> str:
-    """First paragraph, without a "Preference:" label, sanitised and capped."""
+    """First paragraph, without a "Preference:" label or repeated sentences, sanitised, capped."""
     paragraph = next((p for p in text.strip().split("\n\n") if p.strip()), "")
     paragraph = _LABEL.sub("", paragraph.strip())
+    sentences = list(dict.fromkeys(s.strip() for s in _SENTENCE.split(paragraph) if s.strip()))
     return sanitize_text(
-        paragraph,
+        " ".join(sentences),
         SanitizeConfig(
             max_chars=config.max_chars,
             max_words=config.max_words,
@@ -221,6 +230,7 @@ def summarise_users(
                 current[u],
                 _listing(histories[u], plans[u][step], lines, config.include_ratings),
                 config,
+                rated=config.include_ratings and not np.isnan(histories[u].ratings).all(),
             )
             for u in active
         ]

@@ -75,9 +75,9 @@ def test_each_step_reads_the_previous_summary_and_the_next_window(dataset, gener
     steps = windows(len(history.items), 4, 2)
     assert len(generator.seen) == len(steps)
     first, second = generator.seen[0][-1]["content"], generator.seen[1][-1]["content"]
-    assert "What we knew" not in first
+    assert "What we know" not in first
     assert lines[history.items[0]] in first and lines[history.items[4]] not in first
-    assert "What we knew" in second and lines[history.items[4]] in second
+    assert "What we know" in second and lines[history.items[4]] in second
     assert state.watermark == len(history.items)
     assert 0 < len(state.preference.split()) <= 12
     assert "<|" not in state.preference
@@ -106,10 +106,12 @@ def test_an_update_reads_only_interactions_after_the_watermark(dataset, generato
     assert same == stored and generator.seen == []  # nothing new: no LLM call at all
 
 
-def test_clean_preference_drops_labels_and_special_tokens():
+def test_clean_preference_drops_labels_repeats_and_special_tokens():
     config = PreferenceConfig(max_words=5)
     text = "Preference: loves <|im_end|> noir films and jazz age dramas\n\nsecond paragraph"
     assert clean_preference(text, config, ["<|im_end|>"]) == "loves ‹¦im_end¦› noir films and"
+    looping = "Likes noir. They also like jazz. They also like jazz. They also like jazz. They"
+    assert clean_preference(looping, PreferenceConfig()) == "Likes noir. They also like jazz. They"
 
 
 def test_a_killed_job_resumes_without_redoing_users(dataset, chatty_llm_dir, tmp_path, monkeypatch):
