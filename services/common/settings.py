@@ -79,11 +79,12 @@ class GatewaySettings(ServiceSettings):
     rank_weight: float = Field(0.5, ge=0.0, le=1.0)
     num_candidates: int = Field(20, ge=1, le=20)  # retrieved and ranked per request (letters A..T)
     prompt_history: int = Field(20, ge=0, le=200)  # most recent history items shown to the ranker
-    # Deadlines (ms): each stage gets min(its own, what is left of the request's).
-    deadline_ms: float = Field(2500, gt=0)
-    feature_store_deadline_ms: float = Field(100, gt=0)
-    retrieval_deadline_ms: float = Field(300, gt=0)
-    ranker_deadline_ms: float = Field(2000, gt=0)
+    # Deadlines (ms): each stage gets min(its own, what is left of the request's). The defaults
+    # suit the embedded CPU stack (SmolLM2 in-process); deployments set tighter ones.
+    deadline_ms: float = Field(4000, gt=0)
+    feature_store_deadline_ms: float = Field(250, gt=0)
+    retrieval_deadline_ms: float = Field(500, gt=0)
+    ranker_deadline_ms: float = Field(3500, gt=0)
     ranker_min_budget_ms: float = Field(20, ge=0)  # skip the ranker when less than this is left
     publish_if_empty: bool = True  # embedded mode: publish features when the store has none
 
