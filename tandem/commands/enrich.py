@@ -111,6 +111,10 @@ def items(
         Path | None,
         typer.Option(help="CLIP-style vision checkpoint folder (used when items have images)."),
     ] = None,
+    text_model: Annotated[
+        Path | None,
+        typer.Option(help="sentence-transformers folder. Default: the bundled all-MiniLM-L6-v2."),
+    ] = None,
     engine: EngineOpt = Engine.local,
     workers: WorkersOpt = 2,
     epochs: Annotated[int, typer.Option(min=1, help="Upper bound on fusion epochs.")] = 300,
@@ -173,6 +177,7 @@ def items(
             ids,
             root,
             captions=caption_map,
+            text_model=text_model,
             image_model=image_model,
             engine=engine.value,
             workers=workers,

@@ -73,3 +73,28 @@ def test_an_unreachable_llm_server_is_a_clear_error(artifacts):
     result = _run("preferences", "--dataset", "synthetic", "--llm-url", "http://127.0.0.1:9")
     assert result.exit_code == 2
     assert "is the vLLM server up?" in result.output
+
+
+def test_items_command_aligns_to_the_retriever_and_saves_a_manifest(
+    artifacts, tiny_retriever_run, tiny_text_tower_dir
+):
+    from enrichment.items import ItemEmbeddings
+    from retriever.core import Retriever
+
+    # the fixture's run was trained on the default synthetic dataset: use that catalog
+    synthetic_dataset().save(dataset_dir("synthetic"))
+    result = _run(
+        "items", "--dataset", "synthetic", "--retriever-run", str(tiny_retriever_run),
+        "--text-model", str(tiny_text_tower_dir), "--epochs", "3",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    kind = artifacts / "synthetic" / "enrichment-items"
+    run_dir = kind / (kind / "latest").read_text().strip()
+    items = ItemEmbeddings.load(run_dir / "item_embeddings.safetensors")
+    ids = Retriever.load(tiny_retriever_run).item_embeddings()
+    assert items.embeddings.shape == ids.shape
+    assert items.modality_mask[1:, 0].all() and not items.modality_mask[:, 1].any()  # no images
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "enrichment-items"
+    assert manifest["parents"]["retriever"] == str(tiny_retriever_run)
+    assert manifest["metrics"]["items_with_text"] == 60
