@@ -13,6 +13,8 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
+from tests.fixtures.services import INTERNAL_KEY
+
 pytestmark = pytest.mark.integration
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 
@@ -51,7 +53,8 @@ def test_gateway_recommend_answers_within_its_schema(service_stack, mode):
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_retrieval_answers_within_its_schema(service_stack, mode):
     service_stack.ensure_running()
-    fuzz(service_stack.retrieval.url, "/retrieve", "POST", mode, {})
+    headers = {"Authorization": f"Bearer {INTERNAL_KEY}"}
+    fuzz(service_stack.retrieval.url, "/retrieve", "POST", mode, headers)
 
 
 def test_operational_endpoints_answer_within_their_schema(service_stack):

@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from tests.fixtures.services import INTERNAL_KEY
+
 pytestmark = pytest.mark.integration
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 
@@ -71,6 +73,18 @@ def test_auth_and_problem_bodies_over_http(stack):
     assert "tandem_http_requests_total" in metrics
     retrieval_metrics = httpx.get(stack.retrieval.url + "/metrics").text
     assert "tandem_retrieval_duration_seconds_count" in retrieval_metrics
+
+
+def test_retrieval_service_wants_its_own_key_which_the_gateway_sends(stack):
+    body = {"history": stack.item_ids[:3], "k": 4}
+    refused = httpx.post(stack.retrieval.url + "/retrieve", json=body, timeout=10)
+    assert refused.status_code == 401
+    with_gateway_key = httpx.post(
+        stack.retrieval.url + "/retrieve", json=body, timeout=10,
+        headers={"Authorization": f"Bearer {INTERNAL_KEY}"},
+    )  # fmt: skip
+    assert len(with_gateway_key.json()["candidates"]) == 4
+    assert post(stack, {"user_id": stack.users[6]}).json()["degraded"] == []
 
 
 def test_redis_stopped_then_restarted(stack):
