@@ -72,3 +72,21 @@ def test_missing_artifacts_fail_fast_with_a_clear_message(tmp_path):
     assert result.returncode != 0
     assert "tandem retriever train" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_missing_llm_fails_fast_and_names_the_fix(artifacts, tmp_path):
+    root, dataset = artifacts
+    env = {
+        **os.environ,
+        "TANDEM_ARTIFACTS_DIR": str(root),
+        "TANDEM_DATASET": dataset,
+        "TANDEM_LLM_DIR": str(tmp_path / "no-llm"),
+        "TANDEM_REDIS_URL": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "serve", "--role", "gateway", "--port", "1"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "tandem llm prepare" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
