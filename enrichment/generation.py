@@ -53,8 +53,10 @@ class TransformersGenerator:
         max_new_tokens: int = 96,
         batch_size: int = 8,
         dtype: str = "float32",
+        threads: int | None = None,
     ):
         self.model_dir = Path(model_dir)
+        self.threads = threads
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.dtype = dtype
@@ -70,6 +72,9 @@ class TransformersGenerator:
         from transformers import AutoTokenizer
 
         from ranker.llm import LLMError, load_model
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
 
         try:
             model = load_model(self.model_dir)
@@ -225,6 +230,7 @@ class GeneratorSpec:
     batch_size: int = 8  # prompts per in-process forward
     dtype: str = "float32"  # in-process weights: float32 or bfloat16
     concurrency: int = 8  # parallel requests to the server
+    threads: int | None = None  # in-process torch threads (None: torch's default, all cores)
 
     def build(self) -> Generator:
         if self.url:
@@ -244,4 +250,5 @@ class GeneratorSpec:
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             dtype=self.dtype,
+            threads=self.threads,
         ).load()

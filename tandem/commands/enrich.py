@@ -272,6 +272,10 @@ def preferences(
         int, typer.Option(min=8, help="Cap on generated tokens per step.")
     ] = 96,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per in-process forward.")] = 8,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="In-process torch threads (1 is faster on a busy machine)."),
+    ] = None,
     checkpoint_every: Annotated[
         int, typer.Option(min=1, help="Users per checkpoint (a crash loses at most this many).")
     ] = 32,
@@ -307,7 +311,12 @@ def preferences(
     except ValueError as exc:
         fail(str(exc))
     spec = _generator_spec(
-        llm, llm_url, api=llm_api.value, max_new_tokens=max_new_tokens, batch_size=batch_size
+        llm,
+        llm_url,
+        api=llm_api.value,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        threads=threads,
     )
     bar = tqdm(desc="preferences", unit="user")
 
