@@ -28,10 +28,10 @@ INDEX_KINDS = ("flat", "ivf", "hnsw")
 class IndexConfig:
     kind: str = "flat"  # flat = exact inner product; ivf / hnsw = approximate, for big catalogs
     nlist: int = 0  # IVF cells; 0 = about 4 * sqrt(items)
-    nprobe: int = 16  # IVF cells visited per query
-    hnsw_m: int = 32  # HNSW neighbours per node
-    ef_search: int = 128  # HNSW beam width at query time
-    ef_construction: int = 200  # HNSW beam width while building
+    nprobe: int = 64  # IVF cells visited per query (recall vs speed)
+    hnsw_m: int = 16  # HNSW neighbours per node
+    ef_search: int = 128  # HNSW beam width at query time (recall vs speed)
+    ef_construction: int = 80  # HNSW beam width while building (quality vs build time)
 
     def __post_init__(self) -> None:
         if self.kind not in INDEX_KINDS:

@@ -34,9 +34,9 @@ class TrainConfig:
     layers: int = 2  # encoder blocks
     heads: int = 2  # attention heads (SASRec only)
     dropout: float = 0.2  # dropout in the encoder
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 1e-2  # AdamW decay (not on biases, norms or LRU dynamics)
-    batch_size: int = 64  # training windows per step
+    batch_size: int = 32  # training windows per step (small: more updates per epoch)
     max_epochs: int = 200  # upper bound on epochs
     max_minutes: float = 8.0  # wall-clock budget for fitting; the best epoch so far is kept
     patience: int = 20  # epochs without a better validation NDCG@10 before stopping

@@ -41,11 +41,11 @@ def train(
         int, typer.Option(min=1, help="Stop after this many epochs without a better NDCG@10.")
     ] = 20,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling.")] = 42,
-    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 64,
-    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training windows per step.")] = 32,
+    lr: Annotated[float, typer.Option(min=0.0, help="AdamW learning rate.")] = 2e-3,
     hidden: Annotated[int, typer.Option(min=8, help="Embedding size d.")] = 64,
     layers: Annotated[int, typer.Option(min=1, help="Blocks in the encoder.")] = 2,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout rate.")] = 0.1,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout rate.")] = 0.2,
     max_len: Annotated[int, typer.Option(min=2, help="Longest history the encoder reads.")] = 200,
     index_kind: Annotated[IndexKind, typer.Option(help="Faiss index built after training.")] = (
         IndexKind.flat

@@ -33,7 +33,7 @@ def test_train_writes_a_complete_run_and_prints_metrics(
     dataset = synthetic_dataset()
     dataset.save(tmp_path / "synthetic" / "data")
     args = ["retriever", "train", "--dataset", "synthetic", "--model", "sasrec", "--max-len", "20"]
-    args += ["--hidden", "16", "--layers", "1", "--max-epochs", "2", "--lr", "0.01"]
+    args += ["--hidden", "16", "--layers", "1", "--max-epochs", "1", "--lr", "0.01"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "test" in result.output and "NDCG" in result.output
@@ -94,3 +94,18 @@ def test_two_stage_without_a_ranker_says_what_is_missing() -> None:
     result = runner.invoke(app, ["evaluate", "--stage", "two"])
     assert result.exit_code == 2
     assert "ranker" in result.output
+
+
+def test_cli_defaults_match_the_train_config() -> None:
+    import inspect
+
+    from retriever.train import TrainConfig
+    from tandem.commands.retriever import train
+
+    defaults = TrainConfig()
+    for name, parameter in inspect.signature(train).parameters.items():
+        value = getattr(parameter.default, "value", parameter.default)
+        if name == "model":
+            assert value == defaults.model
+        elif hasattr(defaults, name):
+            assert value == getattr(defaults, name), name
