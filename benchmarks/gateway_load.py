@@ -249,6 +249,9 @@ def start_stack(
 # ---- profiles ----
 
 
+LEVEL_CAP_S = 180.0  # a concurrency level stops after this long even if requests remain
+
+
 def measure(stack: Stack, users: list[str], plan: list[tuple[int, int]], warmup: int) -> dict:
     headers = {"X-API-Key": API_KEY}
     asyncio.run(run_load(stack.gateway.url, users, 2, requests=warmup, headers=headers))
@@ -256,7 +259,14 @@ def measure(stack: Stack, users: list[str], plan: list[tuple[int, int]], warmup:
     for concurrency, count in plan:
         begin = time.perf_counter()
         samples = asyncio.run(
-            run_load(stack.gateway.url, users, concurrency, requests=count, headers=headers)
+            run_load(
+                stack.gateway.url,
+                users,
+                concurrency,
+                requests=count,
+                duration_s=LEVEL_CAP_S,
+                headers=headers,
+            )
         )
         out[str(concurrency)] = summarize(samples, time.perf_counter() - begin)
         print(f"  c={concurrency}: {json.dumps(out[str(concurrency)]['latency_ms'])}", flush=True)
@@ -419,6 +429,7 @@ def main() -> None:
     results["protocol"] = {
         "load": "closed loop, asyncio + httpx, random known users, k=10, loopback",
         "overhead": "end-to-end latency minus timings_ms.ranker, per request",
+        "levels": f"fixed request counts per concurrency level, each capped at {LEVEL_CAP_S:.0f} s",
         "stack": "own redis-server + retrieval process + gateway process (+ vLLM server)",
     }
     with tempfile.TemporaryDirectory(prefix="tandem-load-") as tmp:
