@@ -20,7 +20,7 @@ from pathlib import Path
 
 from enrichment.checkpoint import read_jsonl
 from enrichment.generation import Conversation, Generator
-from enrichment.sanitize import SanitizeConfig, sanitize_text
+from enrichment.sanitize import SanitizeConfig, cut_repetition, sanitize_text
 from tandem.data import Catalog
 
 KIND = "enrichment-captions"
@@ -71,7 +71,7 @@ def clean_caption(text: str, config: CaptionConfig, special_tokens: Sequence[str
     """First line, sanitised and capped."""
     line = next((part for part in text.strip().splitlines() if part.strip()), "")
     return sanitize_text(
-        line,
+        cut_repetition(line),
         SanitizeConfig(
             max_chars=config.max_chars,
             max_words=config.max_words,

@@ -24,7 +24,7 @@ import pandas as pd
 
 from enrichment.checkpoint import JsonlCheckpoint
 from enrichment.generation import Conversation, Generator, GeneratorSpec
-from enrichment.sanitize import SanitizeConfig, sanitize_text
+from enrichment.sanitize import SanitizeConfig, cut_repetition, sanitize_text
 from tandem.data import Catalog, Dataset
 
 KIND = "enrichment-preferences"
@@ -181,7 +181,7 @@ def clean_preference(
     paragraph = _LABEL.sub("", paragraph.strip())
     sentences = list(dict.fromkeys(s.strip() for s in _SENTENCE.split(paragraph) if s.strip()))
     return sanitize_text(
-        " ".join(sentences),
+        cut_repetition(" ".join(sentences)),
         SanitizeConfig(
             max_chars=config.max_chars,
             max_words=config.max_words,

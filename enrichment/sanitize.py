@@ -34,6 +34,7 @@ DEFAULT_PROMPT_MARKERS = (
 _ESCAPE = str.maketrans({"<": "‹", ">": "›", "[": "⟦", "]": "⟧", "|": "¦", "#": "♯", ":": "∶"})
 _WHITESPACE = re.compile(r"\s+")
 _LINE_BREAKS = frozenset("\t\n\r\v\f")
+_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,19 @@ def sanitize_text(text: str, config: SanitizeConfig | None = None) -> str:
     if config.max_words is not None:
         text = cap_words(text, config.max_words)
     return cap_chars(text, config.max_chars)
+
+
+def cut_repetition(text: str, n: int = 3) -> str:
+    """Cut a degenerate loop: stop before the first word n-gram that already occurred.
+
+    Greedy decoding of a small model can cycle ("horror, crime, action, horror, crime, ...");
+    this keeps the text up to where the cycle starts, whatever the backend.
+    """
+    spans = [(m.start(), m.group(0).lower()) for m in _WORD.finditer(text)]
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(spans) - n + 1):
+        gram = tuple(word for _, word in spans[i : i + n])
+        if gram in seen:
+            return text[: spans[i][0]].rstrip(" ,;:-")
+        seen.add(gram)
+    return text

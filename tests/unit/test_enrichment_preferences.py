@@ -22,6 +22,7 @@ from enrichment.preferences import (
 )
 from enrichment.runs import PARTIAL_FILE, read_preferences
 from enrichment.runs import run_preferences as run_preferences_job
+from enrichment.sanitize import cut_repetition
 from tests.fixtures.data import synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -110,8 +111,10 @@ def test_clean_preference_drops_labels_repeats_and_special_tokens():
     config = PreferenceConfig(max_words=5)
     text = "Preference: loves <|im_end|> noir films and jazz age dramas\n\nsecond paragraph"
     assert clean_preference(text, config, ["<|im_end|>"]) == "loves ‹¦im_end¦› noir films and"
-    looping = "Likes noir. They also like jazz. They also like jazz. They also like jazz. They"
-    assert clean_preference(looping, PreferenceConfig()) == "Likes noir. They also like jazz. They"
+    looping = "Likes noir. They also like jazz. They also like jazz. They also like jazz."
+    assert clean_preference(looping, PreferenceConfig()) == "Likes noir. They also like jazz."
+    cycle = "This user enjoys action, drama, horror, crime, horror, crime, horror, crime, horror"
+    assert cut_repetition(cycle) == "This user enjoys action, drama, horror, crime"
 
 
 def test_a_killed_job_resumes_without_redoing_users(dataset, chatty_llm_dir, tmp_path, monkeypatch):
