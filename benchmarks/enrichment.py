@@ -125,7 +125,9 @@ def _time_preferences(histories, lines, generator, config) -> dict:
     }
 
 
-def bench_preferences(dataset, users: int, max_history: int, max_new_tokens: int, vllm: bool):
+def bench_preferences(
+    dataset, users: int, max_history: int, max_new_tokens: int, vllm: bool, threads: int
+):
     from enrichment.generation import OpenAIGenerator, TransformersGenerator
     from enrichment.preferences import (
         PreferenceConfig,
@@ -153,8 +155,14 @@ def bench_preferences(dataset, users: int, max_history: int, max_new_tokens: int
         }
     }
     start = time.perf_counter()
-    local = TransformersGenerator(llm, max_new_tokens=max_new_tokens, batch_size=8).load()
-    out["in_process"] = {"load_seconds": round(time.perf_counter() - start, 1), "dtype": "float32"}
+    local = TransformersGenerator(
+        llm, max_new_tokens=max_new_tokens, batch_size=8, threads=threads
+    ).load()
+    out["in_process"] = {
+        "load_seconds": round(time.perf_counter() - start, 1),
+        "dtype": "float32",
+        "torch_threads": threads,
+    }
     out["in_process"].update(_time_preferences(histories, lines, local, config))
     print(
         f"[preferences] in-process: {out['in_process']['users_per_minute']} users/min", flush=True
@@ -327,11 +335,16 @@ def write_markdown(results: dict, path: Path) -> None:
             "|---|---|---|---|---|---|",
         ]
         for name, key, start_key in (
-            ("in-process transformers (fp32, batch 8)", "in_process", "load_seconds"),
+            (
+                "in-process transformers (fp32, batch 8, {threads} torch thread(s))",
+                "in_process",
+                "load_seconds",
+            ),
             ("vLLM CPU server (bf16, 8 concurrent)", "vllm", "startup_seconds"),
         ):
             if key in prefs:
                 r = prefs[key]
+                name = name.format(threads=r.get("torch_threads", "default"))
                 lines.append(
                     f"| {name} | {r['users_per_minute']} | {r['tokens_per_second']} | "
                     f"{r['seconds']} | {r[start_key]} | {r['load_average']} |"
@@ -379,6 +392,7 @@ def main() -> None:
     parser.add_argument("--max-history", type=int, default=40)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="in-process torch threads")
     parser.add_argument("--retriever-minutes", type=float, default=6.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="enrichment")
@@ -396,7 +410,12 @@ def main() -> None:
         results["items"], content = bench_items(dataset)
     if "preferences" in args.sections:
         results["preferences"] = bench_preferences(
-            dataset, args.users, args.max_history, args.max_new_tokens, not args.no_vllm
+            dataset,
+            args.users,
+            args.max_history,
+            args.max_new_tokens,
+            not args.no_vllm,
+            args.threads,
         )
     if "coldstart" in args.sections:
         results["coldstart"] = bench_coldstart(dataset, content, args.retriever_minutes, args.seed)
