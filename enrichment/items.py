@@ -109,13 +109,14 @@ def encode_content(
     if encode_images is not None and with_path.any():
         rows = np.flatnonzero(with_path)
         image, ok = encode_images([paths[r] for r in rows])
-        full = np.zeros((n, image.shape[1]), dtype=np.float32)
-        has_image = np.zeros(n, dtype=bool)
-        full[rows[ok]] = image[ok]
-        has_image[rows[ok]] = True
         image_errors = int((~ok).sum())
-        features["image"] = _with_padding(full)
-        masks.append(np.concatenate([[False], has_image]))
+        if ok.any():  # no readable image at all: the modality is absent, not a zero tower
+            full = np.zeros((n, image.shape[1]), dtype=np.float32)
+            has_image = np.zeros(n, dtype=bool)
+            full[rows[ok]] = image[ok]
+            has_image[rows[ok]] = True
+            features["image"] = _with_padding(full)
+            masks.append(np.concatenate([[False], has_image]))
     return ContentFeatures(
         features=features,
         mask=np.stack(masks, axis=1),

@@ -83,3 +83,15 @@ def test_catalog_text_serves_as_caption_when_no_caption_was_generated():
     texts, has_text = item_texts(catalog, {"b": "generated"})
     assert texts == ["A : from the catalog", "B : generated"]
     assert has_text.all()
+
+
+def test_no_readable_image_at_all_means_no_image_modality(
+    tiny_clip_dir, tiny_text_tower_dir, tmp_path
+):
+    catalog = Catalog.from_records(
+        item_ids=["a", "b"], titles=["Item 1", "Item 2"], image_paths=[str(tmp_path / "x.png")] * 2
+    )
+    content = encode_content(
+        catalog, {}, TextTower(tiny_text_tower_dir).encode, ImageTower(tiny_clip_dir).encode
+    )
+    assert content.modalities == ("text",) and content.image_errors == 2
