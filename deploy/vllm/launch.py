@@ -9,8 +9,11 @@ Two profiles build the flags from one config:
 Both serve the base model as ``base`` plus LoRA adapters named ``rec-v{n}`` (q/k/v packed into
 ``qkv_proj`` by vLLM), bf16, ``processed_logprobs`` (letter log-softmax over the allowed set),
 prompt embeddings and prefix caching. Prefix caching works with prompt embeddings on the CPU
-build (vLLM hashes each block's embedding rows; measured hits with identical embedded prefixes),
-so it stays on for both kinds of prompt.
+build (vLLM hashes each block's embedding rows into the cache key), so it stays on for both kinds
+of prompt. On CPU the KV block is 32 tokens: with vLLM's default of 128 the ranker prompts'
+shared instruction prefix (~80 tokens) never fills a block and nothing hits. The CPU model worker
+keeps vLLM's 1 OpenMP thread unless ``--omp-threads`` says otherwise: on a busy 2-core machine 2
+threads spin-waited and served several times slower (benchmarks/results/ranker_serving*.md).
 
 Readiness is /health 200 AND one >= 15-token completion: a very short first request killed the
 CPU worker with SIGILL (RECIPES.md). SIGTERM/SIGINT are forwarded; the exit code is the server's.
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PROFILES = ("cpu", "gpu")
+CPU_BLOCK_SIZE = 32  # the CPU attention kernels want multiples of 32
 ADAPTER_NAME = re.compile(r"^[a-z][a-z0-9_]*-v[0-9]+$")  # versioned: rec-v1, rec-v2, ...
 WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog while the ranker warms up. " * 3
 
@@ -61,7 +65,9 @@ class LaunchConfig:
     lora_modules: tuple[str, ...] = ()  # "rec-v{n}=DIR" adapters to serve from the start
     prefix_caching: bool = True  # shared prompt prefixes (instructions, history) reuse KV
     omp_threads: int | None = None  # cpu: model threads; unset, vLLM serves with 1 thread
-    block_size: int | None = None  # KV block (prefix-cache granule); unset: vLLM's (CPU: 128)
+    block_size: int | None = None  # KV block = prefix-cache granule; unset: 32 on CPU (vLLM's
+    #   128 is longer than the prompts' shared instruction prefix, so nothing would hit), vLLM's
+    #   own default on GPU
     python: str = field(default=sys.executable, compare=False)  # cpu: interpreter with vllm
     extra_args: tuple[str, ...] = ()  # passed through to vLLM unchanged
 
@@ -106,8 +112,9 @@ def server_args(config: LaunchConfig) -> list[str]:
         "--lora-target-modules=qkv_proj",
         "--enable-prefix-caching" if config.prefix_caching else "--no-enable-prefix-caching",
     ]
-    if config.block_size:
-        args.append(f"--block-size={config.block_size}")
+    block_size = config.block_size or (CPU_BLOCK_SIZE if config.profile == "cpu" else None)
+    if block_size:
+        args.append(f"--block-size={block_size}")
     if config.profile == "cpu":
         args += ["--enforce-eager", f"--kv-cache-memory-bytes={config.kv_cache_bytes}"]
     else:

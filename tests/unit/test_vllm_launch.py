@@ -48,6 +48,7 @@ def test_cpu_profile_uses_the_module_entrypoint_and_cpu_flags():
         "--enforce-eager",
         f"--kv-cache-memory-bytes={256 * 1024**2}",
         "--lora-modules=rec-v1=/a/rec-v1",
+        "--block-size=32",
     }
     assert not any(arg.startswith("--gpu-memory-utilization") for arg in command)
     env = build_env(config, base={"OMP_NUM_THREADS": "2"})
@@ -61,6 +62,7 @@ def test_gpu_profile_sizes_the_cache_by_memory_share_and_keeps_cuda_graphs():
     command = build_command(config)
     assert set(command) >= COMMON_FLAGS | {"--gpu-memory-utilization=0.9", "--port=8011"}
     assert "--enforce-eager" not in command
+    assert not any(arg.startswith("--block-size") for arg in command)  # vLLM's GPU default
     assert not any(arg.startswith("--kv-cache-memory-bytes") for arg in command)
     assert "VLLM_CPU_OMP_THREADS_BIND" not in build_env(config, base={})
 
