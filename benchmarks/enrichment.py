@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -175,7 +176,7 @@ def bench_preferences(
         server = start_vllm_server(
             llm,
             {},
-            RESULTS.parent / ".enrichment_vllm.log",
+            Path(tempfile.gettempdir()) / "tandem-enrichment-vllm.log",
             max_model_len=2048,
             max_num_seqs=16,
             kv_cache_bytes=256 * 1024**2,
