@@ -63,6 +63,7 @@ class LaunchConfig:
     max_lora_rank: int = 8  # the adapters' LoRA rank (peft r) must not exceed this
     max_loras: int = 2  # adapters resident per batch: the current one and its predecessor
     lora_modules: tuple[str, ...] = ()  # "rec-v{n}=DIR" adapters to serve from the start
+    lora: bool = True  # False: a merged checkpoint (adapter folded in), served without LoRA
     prefix_caching: bool = True  # shared prompt prefixes (instructions, history) reuse KV
     omp_threads: int | None = None  # cpu: model threads; unset, vLLM serves with 1 thread
     block_size: int | None = None  # KV block = prefix-cache granule; unset: 32 on CPU (vLLM's
@@ -75,6 +76,8 @@ class LaunchConfig:
         if self.profile not in PROFILES:
             raise LaunchError(f"profile must be one of {PROFILES}, got {self.profile!r}")
         names = [parse_lora_module(spec)[0] for spec in self.lora_modules]
+        if names and not self.lora:
+            raise LaunchError("LoRA modules given but LoRA is off (--no-lora)")
         if len(set(names)) != len(names):
             raise LaunchError(f"adapter names repeat: {names}")
 
@@ -106,12 +109,15 @@ def server_args(config: LaunchConfig) -> list[str]:
         f"--max-num-seqs={config.max_num_seqs}",
         "--logprobs-mode=processed_logprobs",
         "--enable-prompt-embeds",
-        "--enable-lora",
-        f"--max-lora-rank={config.max_lora_rank}",
-        f"--max-loras={config.max_loras}",
-        "--lora-target-modules=qkv_proj",
         "--enable-prefix-caching" if config.prefix_caching else "--no-enable-prefix-caching",
     ]
+    if config.lora:
+        args += [
+            "--enable-lora",
+            f"--max-lora-rank={config.max_lora_rank}",
+            f"--max-loras={config.max_loras}",
+            "--lora-target-modules=qkv_proj",
+        ]
     block_size = config.block_size or (CPU_BLOCK_SIZE if config.profile == "cpu" else None)
     if block_size:
         args.append(f"--block-size={block_size}")
@@ -250,6 +256,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Launc
         "--lora-modules", nargs="*", default=[], metavar="NAME=DIR", help="e.g. rec-v1=DIR"
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument(
+        "--no-lora", action="store_true", help="serve a merged checkpoint (no hot loading)"
+    )
     parser.add_argument("--omp-threads", type=int, default=None, help="cpu: model threads")
     parser.add_argument("--block-size", type=int, default=None, help="KV-cache block tokens")
     parser.add_argument("--ready-timeout", type=float, default=600.0, help="seconds")
@@ -273,6 +282,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Launc
             max_loras=args.max_loras,
             lora_modules=tuple(args.lora_modules),
             prefix_caching=not args.no_prefix_caching,
+            lora=not args.no_lora,
             omp_threads=args.omp_threads,
             block_size=args.block_size,
             extra_args=tuple(extra),

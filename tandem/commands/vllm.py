@@ -68,6 +68,28 @@ def export(
     console.print(f"{name}: {state} at {path}")
 
 
+@adapter_app.command("merge")
+def merge(
+    source: Annotated[Path, typer.Argument(help="A peft adapter folder, or a ranker run folder.")],
+    out: Annotated[Path, typer.Option(help="New folder for the merged checkpoint.")],
+    llm: Annotated[
+        Path | None, typer.Option(help="Base checkpoint. Default: artifacts/llm.")
+    ] = None,
+    max_rank: MaxRank = 8,
+) -> None:
+    """Fold an adapter into the base weights: the fastest CPU serving (launch with --no-lora
+    --served-model-name rec-v{n}); a new version then means a restart, not a hot load."""
+    from ranker.adapters import AdapterError, merge_adapter
+    from tandem.paths import artifacts_root
+
+    try:
+        with console.status(f"merging {source} into {llm or artifacts_root() / 'llm'}"):
+            folder = merge_adapter(llm or artifacts_root() / "llm", source, out, max_rank)
+    except (AdapterError, OSError) as exc:
+        fail(str(exc))
+    console.print(f"merged checkpoint at {folder}")
+
+
 @adapter_app.command("load")
 def load(
     source: Annotated[

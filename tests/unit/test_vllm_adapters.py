@@ -16,6 +16,7 @@ from ranker.adapters import (
     ServerAdapters,
     find_adapter_dir,
     inspect_adapter,
+    merge_adapter,
 )
 
 
@@ -95,6 +96,26 @@ def test_an_adapter_is_found_inside_a_run_folder(tiny_lora_dir: Path, tmp_path: 
     assert find_adapter_dir(tmp_path / "runs") == run / "adapter"
     with pytest.raises(AdapterError, match="no peft adapter"):
         find_adapter_dir(tmp_path)
+
+
+def test_a_merged_checkpoint_scores_like_base_plus_adapter(
+    tiny_llm_dir: Path, tiny_lora_dir: Path, tmp_path: Path
+):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = merge_adapter(tiny_llm_dir, tiny_lora_dir, tmp_path / "rec-v1-merged")
+    ids = torch.arange(5, 45).unsqueeze(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(base, tiny_lora_dir)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+    assert json.loads((merged_dir / METADATA_FILE).read_text())["rank"] == 8
+    assert (merged_dir / "tokenizer.json").is_file()
+    with pytest.raises(AdapterError, match="never overwritten"):
+        merge_adapter(tiny_llm_dir, tiny_lora_dir, merged_dir)
 
 
 class FakeAdmin:

@@ -100,6 +100,15 @@ def test_cli_prints_the_argv_and_passes_unknown_flags_through(capsys):
     assert build_env(config, base={})["OMP_NUM_THREADS"] == "2"
 
 
+def test_a_merged_checkpoint_is_served_without_lora_under_its_version_name():
+    _, config = parse_args(["--no-lora", "--served-model-name", "rec-v3"])
+    command = build_command(config)
+    assert "--served-model-name=rec-v3" in command
+    assert not any("lora" in arg for arg in command)
+    with pytest.raises(LaunchError, match="LoRA is off"):
+        LaunchConfig(lora=False, lora_modules=("rec-v1=/a",))
+
+
 def test_cli_rejects_a_bad_adapter_name_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--lora-modules", "latest=/a"])
