@@ -380,6 +380,8 @@ def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: floa
         if not (llm / "config.json").is_file():
             raise Skip(f"no {llm}: run `tandem llm prepare`")
         env = {"TANDEM_LLM_DIR": str(llm), "TANDEM_RANKER_BACKEND": "inprocess", **SLOW_DEADLINES}
+        threads = str(os.cpu_count() or 1)  # a real LLM in-process uses every core
+        env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         from tandem.artifacts import resolve_run
 
         run = None
