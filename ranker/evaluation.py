@@ -368,6 +368,9 @@ def _ablations(ranker, zero_shot, inputs, users, hits, ks, stage, main) -> list[
     for name, variant in variants:
         backend = zero_shot.backend if name.startswith("zero-shot") else None
         model = _with_config(ranker, variant, backend)
+        if name == "+ preferences" and not inputs.preferences:
+            rows.append({**rows[-1], "variant": name, "note": "no preference texts: as above"})
+            continue
         if backend is None and variant == main[0]:
             ranks = main[1]
         else:

@@ -13,6 +13,14 @@ from ranker.backends.base import RankerBackend, RankerUnavailable, RenderedPromp
 from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 from ranker.llm import load_model
 from ranker.prompts import PromptConfig, PromptInput, PromptItem, PromptTokenizer, render_prompt
+from tests.fixtures.retriever import one_torch_thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are fastest on one thread when other jobs share the CPU."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
