@@ -91,6 +91,7 @@ class FusionReport:
     valid_recall_at_10: float = math.nan  # content -> own ID among all warm items
     chance_recall_at_10: float = math.nan
     history: list[float] = field(default_factory=list)
+    valid_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
 
 
 def _batch(features: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
@@ -198,7 +199,9 @@ def _train(
                 info_nce(content, torch.from_numpy(targets[valid_rows]), config.temperature)
             )
 
-    report = FusionReport(train_items=len(train_rows), valid_items=len(valid_rows))
+    report = FusionReport(
+        train_items=len(train_rows), valid_items=len(valid_rows), valid_rows=valid_rows
+    )
     report.initial_valid_loss = best = valid_loss()
     best_state = {k: v.clone() for k, v in encoder.state_dict().items()}
     stale = 0

@@ -5,10 +5,16 @@ vision model, only when the catalog has image paths and a checkpoint is given) a
 retriever's item embedding). The fusion encoder maps the content towers into the ID space
 (InfoNCE, ``enrichment.fusion``). Outputs, per catalog index (row 0 = padding):
 
-- ``embeddings``: the fused content vector in the ID space, scaled to the median ID norm;
+- ``embeddings``: the fused content vector in the ID space, at a calibrated scale (below);
 - ``retrieval_embeddings``: the retriever's ID vector for warm items, the content vector for
   cold ones (no training interactions), so the Faiss index can return new items;
 - ``modality_mask``: which of ``MODALITIES`` each item really had (1) or lacked (0).
+
+Scale matters because the retriever scores by inner product: a cold item's content vector
+competes with trained ID vectors. Given user vectors (``probe_users``: the retriever's vectors
+of validation histories), the scale is the least-squares slope of ``user . id`` on
+``user . content`` over warm items held out of fusion training, so a content score estimates
+the ID score it stands in for; without them, the median norm of the warm ID vectors.
 """
 
 from __future__ import annotations
@@ -205,6 +211,7 @@ class ItemEnrichmentResult:
     encoder: FusionEncoder
     report: FusionReport
     id_scale: float
+    scale_method: str = "median-norm"  # or "calibrated" (least squares on probe users)
 
     def summary(self) -> dict[str, float | int]:
         mask = self.items.modality_mask[1:]
@@ -220,6 +227,8 @@ class ItemEnrichmentResult:
             "fusion_best_valid_loss": round(self.report.best_valid_loss, 4),
             "alignment_recall@10": round(self.report.valid_recall_at_10, 4),
             "alignment_chance@10": round(self.report.chance_recall_at_10, 4),
+            "content_scale": round(self.id_scale, 4),
+            "content_scale_method": self.scale_method,
         }
 
 
@@ -229,8 +238,12 @@ def enrich_items(
     item_counts: np.ndarray,
     config: ItemEnrichmentConfig = ItemEnrichmentConfig(),
     on_epoch: Callable[[int, float], None] | None = None,
+    probe_users: np.ndarray | None = None,
 ) -> ItemEnrichmentResult:
-    """Train the fusion encoder on warm items and build the three output matrices."""
+    """Train the fusion encoder on warm items and build the three output matrices.
+
+    ``probe_users`` (user vectors ``[n, d]``) calibrate the content vectors' scale.
+    """
     id_embeddings = np.asarray(id_embeddings, dtype=np.float32)
     rows = content.mask.shape[0]
     if id_embeddings.shape[0] != rows or len(item_counts) != rows:
@@ -253,6 +266,11 @@ def enrich_items(
     )
     unit = encode(encoder, content.features, content.mask)
     scale = float(np.median(np.linalg.norm(id_embeddings[train_rows], axis=1)))
+    method = "median-norm"
+    if probe_users is not None and len(probe_users):
+        calibrated = calibrated_scale(probe_users, id_embeddings, unit, report.valid_rows)
+        if calibrated is not None:
+            scale, method = calibrated, "calibrated"
     embeddings = unit * scale
     embeddings[0] = 0.0
     retrieval, _ = augmented_item_matrix(
@@ -264,7 +282,27 @@ def enrich_items(
         axis=1,
     ).astype(np.uint8)
     items = ItemEmbeddings(embeddings, retrieval, modality_mask)
-    return ItemEnrichmentResult(items, encoder, report, scale)
+    return ItemEnrichmentResult(items, encoder, report, scale, method)
+
+
+def calibrated_scale(
+    users: np.ndarray, id_embeddings: np.ndarray, unit_content: np.ndarray, rows: np.ndarray
+) -> float | None:
+    """Least-squares slope of ``user . id`` on ``user . content`` over ``rows``.
+
+    ``rows`` must be items the fusion encoder did not train on, or the slope is optimistic.
+    None when it is not a usable (positive, finite) scale.
+    """
+    if len(rows) == 0:
+        return None
+    users = np.asarray(users, dtype=np.float64)
+    by_id = users @ id_embeddings[rows].T.astype(np.float64)
+    by_content = users @ unit_content[rows].T.astype(np.float64)
+    denominator = float((by_content**2).sum())
+    if denominator <= 0:
+        return None
+    slope = float((by_id * by_content).sum() / denominator)
+    return slope if np.isfinite(slope) and slope > 0 else None
 
 
 def save_fusion(encoder: FusionEncoder, path: Path, id_scale: float) -> None:

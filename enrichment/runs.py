@@ -35,21 +35,24 @@ def training_item_counts(dataset: Dataset) -> np.ndarray:
     return np.bincount(flat, minlength=dataset.catalog.num_items + 1)
 
 
-def load_id_embeddings(retriever_run: Path, catalog: Catalog) -> tuple[np.ndarray, Path]:
-    """The retriever's item table ``[num_items + 1, d]`` and its run folder."""
+def load_retriever_vectors(
+    retriever_run: Path, dataset: Dataset, probes: int = 1024
+) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The retriever's item table ``[num_items + 1, d]``, user vectors of up to ``probes``
+    validation histories (they calibrate the content vectors' scale), and the run folder."""
     run_dir = resolve_run(retriever_run)
     from retriever.core import Retriever
 
     retriever = Retriever.load(run_dir)
-    if list(retriever.catalog.item_ids) != list(catalog.item_ids):
+    if list(retriever.catalog.item_ids) != list(dataset.catalog.item_ids):
         raise ValueError(
             f"the retriever in {run_dir} was trained on another catalog than this dataset: "
             "retrain it, or pass the matching --retriever-run"
         )
-    embeddings = retriever.item_embeddings()
-    if hasattr(embeddings, "detach"):
-        embeddings = embeddings.detach().cpu().numpy()
-    return np.asarray(embeddings, dtype=np.float32), run_dir
+    embeddings = np.asarray(retriever.item_embeddings(), dtype=np.float32)
+    histories = [h for h in dataset.split().valid_inputs() if len(h)][:probes]
+    users = np.asarray(retriever.user_vectors(histories), dtype=np.float32)
+    return embeddings, users, run_dir
 
 
 def _engine_session(engine: str, workers: int) -> contextlib.AbstractContextManager:
@@ -97,6 +100,7 @@ def run_items(
     config: items_mod.ItemEnrichmentConfig = items_mod.ItemEnrichmentConfig(),
     parents: Mapping[str, str] | None = None,
     item_counts: np.ndarray | None = None,
+    probe_users: np.ndarray | None = None,
     on_encoded: ProgressFn | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[Path, items_mod.ItemEnrichmentResult, dict]:
@@ -127,7 +131,7 @@ def run_items(
             dataset.catalog, captions or {}, encode_texts, encode_images, chunk, on_encoded
         )
     encode_seconds = time.perf_counter() - start
-    result = items_mod.enrich_items(content, id_embeddings, counts, config, on_epoch)
+    result = items_mod.enrich_items(content, id_embeddings, counts, config, on_epoch, probe_users)
     total_seconds = time.perf_counter() - start
 
     run_dir = new_run_dir(root, dataset.name, items_mod.KIND)

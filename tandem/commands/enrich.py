@@ -132,15 +132,15 @@ def items(
     from enrichment.captions import read_captions
     from enrichment.fusion import FusionConfig
     from enrichment.items import ItemEnrichmentConfig
-    from enrichment.runs import latest_captions, load_id_embeddings, run_items
+    from enrichment.runs import latest_captions, load_retriever_vectors, run_items
     from tandem.artifacts import runs_dir
     from tandem.paths import artifacts_root
 
     data = _load_dataset(dataset)
     root = artifacts_root()
     try:
-        ids, retriever_dir = load_id_embeddings(
-            retriever_run or runs_dir(root, dataset, "retriever"), data.catalog
+        ids, probe_users, retriever_dir = load_retriever_vectors(
+            retriever_run or runs_dir(root, dataset, "retriever"), data
         )
     except FileNotFoundError as exc:
         fail(f"{exc}; train one with `tandem retriever train`")
@@ -183,6 +183,7 @@ def items(
             workers=workers,
             config=config,
             parents=parents,
+            probe_users=probe_users,
             on_encoded=encode_bar.update,
             on_epoch=on_epoch,
         )

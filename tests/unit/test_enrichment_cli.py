@@ -98,3 +98,4 @@ def test_items_command_aligns_to_the_retriever_and_saves_a_manifest(
     assert manifest["kind"] == "enrichment-items"
     assert manifest["parents"]["retriever"] == str(tiny_retriever_run)
     assert manifest["metrics"]["items_with_text"] == 60
+    assert manifest["metrics"]["content_scale_method"] in ("calibrated", "median-norm")

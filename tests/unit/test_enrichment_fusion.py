@@ -13,6 +13,7 @@ from enrichment.items import (
     ItemEmbeddings,
     ItemEnrichmentConfig,
     augmented_item_matrix,
+    calibrated_scale,
     enrich_items,
     load_fusion,
     save_fusion,
@@ -136,3 +137,29 @@ def test_mismatched_retriever_and_catalog_sizes_are_refused():
     ids, text = _aligned_problem(n=11)
     with pytest.raises(ValueError, match="catalog has"):
         enrich_items(_content(10, text[1:], None, np.zeros(10, bool)), ids[:5], np.ones(11))
+
+
+def test_calibrated_scale_recovers_the_id_score_slope():
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(30, 6)).astype(np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    ids = 2.5 * unit + 0.01 * rng.normal(size=unit.shape).astype(np.float32)
+    users = rng.normal(size=(40, 6)).astype(np.float32)
+    assert calibrated_scale(users, ids, unit, np.arange(5, 30)) == pytest.approx(2.5, rel=0.02)
+    assert calibrated_scale(users, -ids, unit, np.arange(5, 30)) is None  # anti-aligned: unusable
+    assert calibrated_scale(users, ids, unit, np.zeros(0, dtype=np.int64)) is None
+
+
+def test_probe_users_switch_enrichment_to_the_calibrated_scale():
+    n = 80
+    ids, text = _aligned_problem(n=n + 1, dim=8)
+    ids[0] = 0.0
+    counts = np.full(n + 1, 3)
+    fusion = FusionConfig(hidden=16, epochs=40, batch_size=32, valid_fraction=0.25)
+    config = ItemEnrichmentConfig(fusion=fusion)
+    content = _content(n, text[1:], None, np.zeros(n, bool))
+    users = np.random.default_rng(2).normal(size=(50, 8)).astype(np.float32)
+    result = enrich_items(content, ids, counts, config, probe_users=users)
+    assert result.scale_method == "calibrated"
+    assert result.summary()["content_scale_method"] == "calibrated"
+    assert np.allclose(np.linalg.norm(result.items.embeddings[1:], axis=1), result.id_scale)
