@@ -19,6 +19,7 @@ rec-v3``, and changes by restart instead of hot load).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -53,11 +54,13 @@ class AdapterInfo:
 
 def find_adapter_dir(path: Path) -> Path:
     """``path`` itself, or the one folder below it (a ranker run) that holds a peft adapter."""
+    from tandem.artifacts import resolve_run
+
     path = Path(path)
-    if (path / "latest").is_file():
-        path = path / (path / "latest").read_text().strip()
     if (path / "adapter_config.json").is_file():
         return path
+    with contextlib.suppress(FileNotFoundError):  # a run, or a kind folder with `latest`
+        path = resolve_run(path)
     found = sorted(p.parent for p in path.glob("*/adapter_config.json"))
     if len(found) == 1:
         return found[0]
