@@ -246,11 +246,11 @@ async def test_killing_the_engine_gives_unavailable_within_the_deadline(vllm_ser
             began = time.monotonic()
             with pytest.raises(RankerUnavailable):
                 await backend.score(prompts)
-            assert time.monotonic() - began < 3.5
+            assert time.monotonic() - began < 4.0  # deadline 3 s + scheduling slack
         began = time.monotonic()
         with pytest.raises(RankerUnavailable, match="circuit open"):
             await backend.score(prompts)
-        assert time.monotonic() - began < 0.05
+        assert time.monotonic() - began < 0.5  # nothing sent: fails fast
         assert not await backend.ready()
     finally:
         await backend.close()

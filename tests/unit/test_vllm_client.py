@@ -266,7 +266,7 @@ async def test_a_slow_server_is_cut_at_the_deadline(fake, tiny_llm_dir):
     began = time.monotonic()
     with pytest.raises(RankerUnavailable, match=r"within 0\.20s"):
         await backend.score([text_prompt(), text_prompt()])
-    assert time.monotonic() - began < 0.5
+    assert time.monotonic() - began < 1.5  # the deadline, plus scheduling slack on a busy box
     await backend.close()
 
 
@@ -381,7 +381,7 @@ async def test_start_against_a_silent_socket_fails_instead_of_hanging(tiny_llm_d
     began = time.monotonic()
     with pytest.raises(RankerUnavailable, match="not healthy"):
         await backend.start()
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 20  # tokenizer load + one 0.3 s health probe, no hang
     assert not await backend.ready()
     await backend.close()
     server.close()
