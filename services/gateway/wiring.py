@@ -25,10 +25,9 @@ from services.gateway.schemas import ModelInfo
 from services.gateway.sources import CandidateSource, LocalCandidates, RemoteCandidates
 
 if TYPE_CHECKING:
-    from retriever.core import Retriever
-
     from ranker.backends.base import RankerBackend
     from ranker.core import Ranker
+    from retriever.core import Retriever
 
 
 @dataclass

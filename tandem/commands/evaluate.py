@@ -50,7 +50,6 @@ def evaluate(
     except FileNotFoundError as exc:
         fail(f"{exc}; train one with `tandem retriever train`")
     from retriever.evaluation import evaluate_run, store_metrics
-
     from tandem.evaluate import render_table
 
     try:

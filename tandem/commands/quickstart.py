@@ -52,7 +52,6 @@ def quickstart(
         run_dir = train_retriever(data, config, artifacts_root(), progress=True)
 
     from retriever.evaluation import evaluate_run, store_metrics
-
     from tandem.evaluate import render_table
 
     result = evaluate_run(run_dir, "test")
