@@ -140,6 +140,7 @@ def fit(
             loss=f"{np.mean(losses):.3f}",
             ndcg10=f"{score:.4f}",
             best=f"{best_score:.4f}@{best_epoch}",
+            budget_left=f"{max(0.0, deadline - time.monotonic()) / 60:.1f}min",
         )
         if out_of_time:
             stopped = "time_budget"
