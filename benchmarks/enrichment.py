@@ -14,8 +14,8 @@ Sections (``--sections``, all by default), on MovieLens-100K:
   interaction with them is removed from the retriever's training data. The retriever (LRURec,
   ``--retriever-epochs`` epochs, capped by ``--retriever-minutes``) trains on the rest; the
   fusion encoder aligns MiniLM text vectors to its ID vectors on warm items (InfoNCE, tau
-  0.07); cold items get their content
-  vector in the index (``augmented_item_matrix``). Test cases: per user, their last
+  0.07); cold items get their content vector in the index (``augmented_item_matrix``).
+  Test cases: per user, their last
   interaction with a held-out item, the history being their warm items before it. We rank all
   items (history masked) and report Recall/NDCG@20 on these cold targets for: content vectors
   (ours: scale calibrated on the retriever's user vectors of validation histories), the same
