@@ -207,36 +207,47 @@ class ExampleMaker:
         return layouts, labels
 
     def validation_set(self) -> tuple[list[PromptLayout], np.ndarray, np.ndarray]:
-        """Prompts for the validation item, its position, and its retriever rank (or -1).
+        """Prompts for the validation item, its position, and its retriever rank.
 
-        Candidates are the retriever's top-20 in retriever order; when the target was not
-        retrieved it replaces the 20th, so every user measures the ranking step itself.
+        As LlamaRec validates: users whose validation item is in the retriever's top-20, the
+        candidates in retriever order (so the retriever's own order is the baseline to beat).
+        Without a retriever: the item and 19 random negatives in a seeded order (rank -1).
         """
-        users = np.random.default_rng(self.config.seed + 1).permutation(self.split.num_users)
-        users = users[: self.config.valid_users]
-        histories = [self.split.valid_inputs()[u] for u in users]
-        targets = self.split.valid_target[users]
-        vectors, top = self._vectors_and_top(histories)
+        order = np.random.default_rng(self.config.seed + 1).permutation(self.split.num_users)
+        wanted = self.config.valid_users
+        users, histories, targets, vectors, tops = [], [], [], [], []
+        for start in range(0, len(order), 256):
+            chunk = order[start : start + 256]
+            chunk_histories = [self.split.valid_inputs()[u] for u in chunk]
+            chunk_vectors, top = self._vectors_and_top(chunk_histories)
+            for row, user in enumerate(chunk):
+                target = int(self.split.valid_target[user])
+                if top.shape[1] and target not in top[row]:
+                    continue
+                users.append(int(user))
+                histories.append(chunk_histories[row])
+                targets.append(target)
+                vectors.append(chunk_vectors[row])
+                tops.append(top[row])
+            if len(users) >= wanted:
+                break
         layouts, labels, retriever_ranks = [], [], []
-        rng = np.random.default_rng(self.config.seed + 2)
-        for row, (user, history, target) in enumerate(zip(users, histories, targets, strict=True)):
-            if top.shape[1]:
-                candidates = top[row].copy()
-                hit = np.flatnonzero(candidates == target)
-                retriever_ranks.append(int(hit[0]) if len(hit) else -1)
-                if not len(hit):
-                    candidates[-1] = target
+        for user, history, target, vector, top in list(
+            zip(users, histories, targets, vectors, tops, strict=True)
+        )[:wanted]:
+            if len(top):
+                candidates = top
+                retriever_ranks.append(int(np.flatnonzero(top == target)[0]))
             else:
-                candidates, _ = sample_candidates(
-                    rng, int(target), history, top[row], self.num_items
-                )
+                rng = np.random.default_rng([self.config.seed + 2, user])
+                candidates, _ = sample_candidates(rng, target, history, top, self.num_items)
                 retriever_ranks.append(-1)
             inp = prompt_input(
-                self.inputs.features, history, candidates, self._preference(user), vectors[row]
+                self.inputs.features, history, candidates, self._preference(user), vector
             )
             layouts.append(render_prompt(inp, self.config.prompt, self.tokens))
             labels.append(int(np.flatnonzero(candidates == target)[0]))
-        return layouts, np.asarray(labels), np.asarray(retriever_ranks)
+        return layouts, np.asarray(labels, dtype=np.int64), np.asarray(retriever_ranks)
 
 
 # -- model ------------------------------------------------------------------------------
@@ -383,7 +394,9 @@ def validate(model: RankerModel, layouts, labels, retriever_ranks, batch_size: i
         "valid_hr@1": round(recall_at_k(ranks, 1), 4),
         "valid_ndcg@10": round(ndcg_at_k(ranks, 10), 4),
         "valid_mrr@10": round(mrr_at_k(ranks, 10), 4),
-        "valid_retriever_order_ndcg@10": round(ndcg_at_k(shown, 10), 4),
+        "valid_retriever_order_ndcg@10": (
+            round(ndcg_at_k(shown, 10), 4) if (retriever_ranks >= 0).any() else None
+        ),
         "valid_users": len(labels),
     }
 
@@ -463,6 +476,9 @@ def train_ranker(
     per_step = config.batch_size * config.grad_accum
     order = example_order(len(pool), config.max_steps * per_step, config.seed)
     valid = maker.validation_set() if config.valid_users else None
+    if valid is not None and not len(valid[0]):
+        say("no validation user has its item in the retriever's top-20: validation skipped")
+        valid = None
     say(
         f"{len(pool)} training examples (users x steps), {per_step} per step, "
         f"{len(valid[0]) if valid else 0} validation users"
