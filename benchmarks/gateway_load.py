@@ -11,7 +11,8 @@ Profiles:
 - ``tiny-vllm``: the same model and adapter behind a vLLM CPU server (prompt embeddings); the
   ranker is out of the gateway's process, so overhead = end-to-end minus the ranker stage is
   the gateway's own cost (target p99 <= 15 ms).
-- ``soak``: ``tiny`` at concurrency 8 for 5 minutes: errors and gateway RSS growth.
+- ``soak`` / ``soak-vllm``: ``tiny`` / ``tiny-vllm`` at concurrency 8 for 5 minutes: errors
+  and the gateway's RSS growth (with the ranker in its process, and without).
 - ``smollm2``/``smollm2-vllm``: SmolLM2-135M (``artifacts/llm``, from ``tandem llm prepare``)
   with the trained ranker run if one exists, in-process and behind a vLLM CPU server.
 Concurrency 1, 8 and 32 for the fast profiles, 1 and 8 for SmolLM2.
@@ -56,7 +57,7 @@ from tests.fixtures.services import (  # noqa: E402
 )
 
 RESULTS = REPO / "benchmarks" / "results"
-PROFILES = ("none", "tiny", "tiny-vllm", "soak", "smollm2", "smollm2-vllm")
+PROFILES = ("none", "tiny", "tiny-vllm", "soak", "soak-vllm", "smollm2", "smollm2-vllm")
 NAMESPACE = "bench"
 API_KEY = "bench-key"
 STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
@@ -363,7 +364,7 @@ def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: floa
     info: dict = {}
     if name == "none":
         env, plan = {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES}, fast_plan
-    elif name in ("tiny", "soak", "tiny-vllm"):
+    elif name in ("tiny", "soak", "tiny-vllm", "soak-vllm"):
         tiny = tiny_models(work, assets)
         env = {
             "TANDEM_LLM_DIR": str(tiny.llm),
@@ -372,7 +373,7 @@ def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: floa
         }
         env["TANDEM_RANKER_BACKEND"] = "inprocess"
         plan = fast_plan
-        if name == "tiny-vllm":
+        if name in ("tiny-vllm", "soak-vllm"):
             servers.append(vllm_server(folder, tiny.llm, tiny.lora, kv_cache_mb=64))
             env |= {"TANDEM_RANKER_BACKEND": "vllm", "TANDEM_VLLM_ADAPTER": "rec-v1"}
     elif name in ("smollm2", "smollm2-vllm"):
@@ -405,7 +406,7 @@ def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: floa
         env["TANDEM_VLLM_URL"] = server.url
     stack = start_stack(folder, assets, env)
     try:
-        if name == "soak":
+        if name in ("soak", "soak-vllm"):
             return {**info, **soak(stack, users, 20.0 if quick else soak_s)}
         return {**info, **measure(stack, users, plan, warmup=8 if plan is slow_plan else 50)}
     finally:
@@ -502,10 +503,12 @@ def report(results: dict) -> str:
             ]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
-    soak_result = results.get("soak")
-    if soak_result:
+    for soak_name in ("soak", "soak-vllm"):
+        soak_result = results.get(soak_name)
+        if not soak_result or "skipped" in soak_result:
+            continue
         lines += [
-            "## soak",
+            f"## {soak_name}",
             "",
             f"{soak_result['duration_s']:.0f} s at concurrency {soak_result['concurrency']}: "
             f"{soak_result['requests']} requests, {soak_result['errors']} errors, "
