@@ -20,7 +20,6 @@ rec-v3``, and changes by restart instead of hot load).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
@@ -30,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+from tandem.artifacts import sha256_file
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj")  # packed into qkv_proj by vLLM
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -67,14 +68,6 @@ def find_adapter_dir(path: Path) -> Path:
     if not found:
         raise AdapterError(f"no peft adapter (adapter_config.json) in {path} or its subfolders")
     raise AdapterError(f"several adapters under {path}: {[str(p) for p in found]}; pass one")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def inspect_adapter(path: Path, max_rank: int = 8) -> AdapterInfo:
@@ -125,7 +118,7 @@ def inspect_adapter(path: Path, max_rank: int = 8) -> AdapterInfo:
         alpha=float(config.get("lora_alpha", rank)),
         targets=tuple(t for t in TARGET_MODULES if t in targets),
         layers=len(layers),
-        sha256=_sha256(path / "adapter_model.safetensors"),
+        sha256=sha256_file(path / "adapter_model.safetensors"),
         base_model=str(config.get("base_model_name_or_path") or ""),
     )
 
