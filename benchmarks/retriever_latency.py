@@ -5,7 +5,9 @@ ids back. ``onnx+faiss`` is ``Retriever.retrieve`` (what serving runs); ``torch+
 eager model plus a full matmul over the item table, a masked argpartition and a sort. Histories
 are the real ML-100K test histories (up to 200 items, median ~60), cycled. Each configuration
 runs in its own process (so peak RSS is its own) on one thread (torch, onnxruntime and Faiss),
-after a warm-up; latency is wall time per call (perf_counter_ns). Target: p99 < 5 ms.
+after a warm-up. Latency is wall time per call; "CPU" is the calling thread's CPU time for the
+same call, which does not count time spent waiting for a core on a shared machine (wall minus
+CPU is what other jobs cost us). Target: p99 < 5 ms.
 
     .venv/bin/python benchmarks/retriever_latency.py [--requests 2000]
 
@@ -80,11 +82,13 @@ def worker(run_dir: Path, engine: str, requests: int, warmup: int) -> dict:
     for n in range(warmup):
         call(histories[n % len(histories)])
     timings = np.empty(requests, dtype=np.float64)
+    cpu = np.empty(requests, dtype=np.float64)
     for n in range(requests):
         history = histories[n % len(histories)]
-        start = time.perf_counter_ns()
+        start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
         call(history)
         timings[n] = (time.perf_counter_ns() - start) / 1e6
+        cpu[n] = (time.thread_time_ns() - start_cpu) / 1e6
     return {
         "engine": engine,
         "requests": requests,
@@ -92,6 +96,8 @@ def worker(run_dir: Path, engine: str, requests: int, warmup: int) -> dict:
         "p90_ms": round(float(np.percentile(timings, 90)), 3),
         "p99_ms": round(float(np.percentile(timings, 99)), 3),
         "mean_ms": round(float(timings.mean()), 3),
+        "cpu_p50_ms": round(float(np.percentile(cpu, 50)), 3),
+        "cpu_p99_ms": round(float(np.percentile(cpu, 99)), 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -189,6 +195,7 @@ def main(argv: list[str]) -> None:
                 "torch_p99_ms": slow["p99_ms"],
                 "speedup_p50": round(slow["p50_ms"] / fast["p50_ms"], 2),
                 "speedup_p99": round(slow["p99_ms"] / fast["p99_ms"], 2),
+                "onnx_cpu_p99_ms": fast["cpu_p99_ms"],
                 "meets_p99_target": fast["p99_ms"] < TARGET_P99_MS,
             }
         )
@@ -211,18 +218,20 @@ def main(argv: list[str]) -> None:
 
 def write_markdown(results: dict, path: Path) -> None:
     rows = [
-        "| model | engine | p50 ms | p90 ms | p99 ms | mean ms | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| model | engine | p50 ms | p90 ms | p99 ms | mean ms | CPU p50 ms | CPU p99 ms "
+        "| peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in results["measurements"]:
         rows.append(
             f"| {m['model']} | {m['engine']} | {m['p50_ms']} | {m['p90_ms']} | {m['p99_ms']} "
-            f"| {m['mean_ms']} | {m['peak_rss_mb']} |"
+            f"| {m['mean_ms']} | {m['cpu_p50_ms']} | {m['cpu_p99_ms']} | {m['peak_rss_mb']} |"
         )
     lines = [
-        f"- {s['model']}: ONNX+Faiss p99 {s['onnx_p99_ms']} ms "
-        f"({'meets' if s['meets_p99_target'] else 'MISSES'} the {TARGET_P99_MS} ms target); "
-        f"torch eager is {s['speedup_p50']}x slower at p50, {s['speedup_p99']}x at p99"
+        f"- {s['model']}: ONNX+Faiss wall p99 {s['onnx_p99_ms']} ms "
+        f"({'meets' if s['meets_p99_target'] else 'MISSES'} the {TARGET_P99_MS} ms target; "
+        f"its CPU time p99 is {s['onnx_cpu_p99_ms']} ms); torch eager is "
+        f"{s['speedup_p50']}x slower at p50, {s['speedup_p99']}x at p99"
         for s in results["summary"]
     ]
     path.write_text(

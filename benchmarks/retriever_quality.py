@@ -12,7 +12,7 @@ timestamps replaced by their position, so RecBole's time sort reproduces our ord
 selects its epoch with its own validation (NDCG@10, RecBole's protocol), then scores the test
 users with history masked by OUR code (its scores come back as a .npy matrix).
 
-    .venv/bin/python benchmarks/retriever_quality.py [--minutes 10] [--peer-minutes 25]
+    .venv/bin/python benchmarks/retriever_quality.py [--minutes 10] [--peer-minutes 60]
 
 This file is also the peer's entry point (``--peer``); that mode imports only recbole.
 """
@@ -180,7 +180,7 @@ Raw numbers: `{out.name}`. Reproduce: `.venv/bin/python benchmarks/retriever_qua
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="budget per model of ours")
-    parser.add_argument("--peer-minutes", type=float, default=25.0, help="budget for the peer")
+    parser.add_argument("--peer-minutes", type=float, default=60.0, help="budget for the peer")
     parser.add_argument("--models", default="sasrec,lrurec")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "retriever_quality.json")
