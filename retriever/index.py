@@ -110,31 +110,30 @@ class ItemIndex:
             raise ValueError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
         barred = [np.unique(np.asarray(e, dtype=np.int64)) for e in exclude]
         fetch = min(self.num_items, k + max((len(b) for b in barred), default=0))
+        # An approximate search this deep is slower than a scan and no longer precise.
+        scan_only = self.config.kind != "flat" and fetch > self.num_items // 2
+        if not scan_only:
+            scores, rows = self.index.search(queries, fetch)
         out_items = np.zeros((len(queries), k), dtype=np.int64)
         out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        if self.config.kind != "flat" and fetch > self.num_items // 2:
-            # A graph/cell search this deep is slower than a scan and no longer precise.
-            for q, bar in enumerate(barred):
-                items, kept_scores = self._exact(queries[q], k, bar)
-                out_items[q, : len(items)] = items
-                out_scores[q, : len(items)] = kept_scores
-            return out_items, out_scores
-        scores, rows = self.index.search(queries, fetch)
-        for q, (row_scores, row_ids, bar) in enumerate(zip(scores, rows, barred, strict=True)):
-            items = row_ids + 1  # faiss row -> internal index; -1 (no result) -> 0
-            keep = (row_ids >= 0) & ~np.isin(items, bar)
-            items, kept_scores = items[keep][:k], row_scores[keep][:k]
-            eligible = self.num_items - int(np.count_nonzero((bar >= 1) & (bar <= self.num_items)))
-            if len(items) < min(k, eligible):
-                items, kept_scores = self._exact(queries[q], k, bar)
+        for q, bar in enumerate(barred):
+            if scan_only:
+                items, kept = self._exact(queries[q], k, bar)
+            else:
+                items = rows[q] + 1  # faiss row -> internal index; -1 (no result) -> 0
+                keep = (rows[q] >= 0) & ~np.isin(items, bar)
+                items, kept = items[keep][:k], scores[q][keep][:k]
+                in_catalog = int(np.count_nonzero((bar >= 1) & (bar <= self.num_items)))
+                if len(items) < min(k, self.num_items - in_catalog):
+                    items, kept = self._exact(queries[q], k, bar)
             out_items[q, : len(items)] = items
-            out_scores[q, : len(items)] = kept_scores
+            out_scores[q, : len(items)] = kept
         return out_items, out_scores
 
     def _exact(
         self, query: np.ndarray, k: int, barred: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Brute-force top-k over the non-barred items (the approximate index came back short)."""
+        """Brute-force top-k over the non-barred items."""
         scores = self.item_vectors @ query
         scores[0] = -np.inf
         scores[barred[(barred >= 0) & (barred <= self.num_items)]] = -np.inf
