@@ -24,13 +24,13 @@ import numpy as np
 
 from ranker.core import Ranker, RankerConfig
 from ranker.examples import prompt_input, sample_candidates
+from ranker.fusion import WEIGHT_GRID, best_weight, fuse
 from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
 from tandem.data import PADDING_INDEX
 from tandem.metrics import ranking_table, ranks_from_scores, sampled_auc
 
-FUSION_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))
 Progress = Callable[[int], None]
 
 
@@ -125,17 +125,6 @@ def _rank_of(scores: np.ndarray, target: int) -> int:
     return int((scores > value).sum() + (scores == value).sum() - 1)
 
 
-def _log_softmax(values: np.ndarray) -> np.ndarray:
-    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=-1e4, neginf=-1e4)
-    shifted = values - values.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
-def fuse(retrieval: np.ndarray, ranker: np.ndarray, weight: float) -> np.ndarray:
-    """Same formula as the gateway: (1 - w) log_softmax(retriever) + w log_softmax(ranker)."""
-    return (1.0 - weight) * _log_softmax(retrieval) + weight * _log_softmax(ranker)
-
-
 def _hit_inputs(inputs: TrainInputs, users: UserSet, rows: np.ndarray) -> list[PromptInput]:
     ids = inputs.dataset.interactions.user_ids
     return [
@@ -168,9 +157,8 @@ def tune_fusion(users: UserSet, rows: np.ndarray, scores: list[np.ndarray]) -> t
     """The weight with the best validation NDCG@10 (ties: the smaller weight)."""
     from tandem.metrics import ndcg_at_k
 
-    curve = {w: ndcg_at_k(_fused_ranks(users, rows, scores, w), 10) for w in FUSION_GRID}
-    best = max(curve, key=lambda w: (round(curve[w], 10), -w))
-    return best, {str(w): round(v, 4) for w, v in curve.items()}
+    curve = {w: ndcg_at_k(_fused_ranks(users, rows, scores, w), 10) for w in WEIGHT_GRID}
+    return best_weight(curve), {str(w): round(v, 4) for w, v in curve.items()}
 
 
 def random_candidate_metrics(

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import numpy as np
 
 from ranker.backends.base import RankerBackend, RankerError, RankerUnavailable, RenderedPrompt
+from ranker.fusion import fuse, order
 from ranker.prompts import PromptInput, PromptItem
 from ranker.verbalizer import to_candidate_order
 from services.common.context import current_request_id
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
-from services.gateway.fusion import fuse, order
 from services.gateway.schemas import ModelInfo, RecommendedItem, RecommendRequest, RecommendResponse
 from services.gateway.sources import CandidateSource, RetrievalUnavailable, Retrieved
 

@@ -7,15 +7,9 @@ import pytest
 
 from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 from ranker.core import Ranker, RankerConfig
-from ranker.evaluation import (
-    FUSION_GRID,
-    EvalConfig,
-    _fused_ranks,
-    evaluate,
-    fuse,
-    retrieve,
-)
+from ranker.evaluation import EvalConfig, _fused_ranks, evaluate, retrieve
 from ranker.examples import CandidateSource, ItemFeatures
+from ranker.fusion import WEIGHT_GRID, fuse
 from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import PromptConfig
 from ranker.train import TrainInputs
@@ -85,7 +79,7 @@ def test_report_covers_every_protocol(inputs, ranker, tiny_llm_dir):
     assert report["two_stage"]["recall@10"] == pytest.approx(
         report["ranker_on_retrieved"]["recall@10"] * hits / 12, abs=1e-3
     )
-    assert report["fused"]["weight"] in FUSION_GRID
+    assert report["fused"]["weight"] in WEIGHT_GRID
     random = report["random_candidates"]
     assert random["valid_ratio"] == 1.0 and 0.0 <= random["hit_ratio@1"] <= 1.0
     assert 0.0 <= random["auc"] <= 1.0

@@ -3,7 +3,8 @@
 Both score vectors are turned into log-probabilities over the same candidates (log-softmax),
 so the weight means the same thing whatever the retriever's score scale:
 ``fused = (1 - w) * log_softmax(retriever) + w * log_softmax(ranker)``; w = 0 keeps the
-retriever's order, w = 1 is the ranker alone.
+retriever's order, w = 1 is the ranker alone. The gateway serves with this formula and the
+evaluation and training tune ``w`` with it, so the weight a run recommends is the one served.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 FLOOR = -1e4  # stands in for -inf (a letter the backend gave no probability) so JSON stays finite
+WEIGHT_GRID = tuple(round(w, 2) for w in np.linspace(0.0, 1.0, 11))  # weights tried when tuning
 
 
 def log_softmax(scores: np.ndarray) -> np.ndarray:
@@ -32,3 +34,8 @@ def fuse(retrieval: np.ndarray, ranker: np.ndarray | None, weight: float) -> np.
 def order(scores: np.ndarray) -> np.ndarray:
     """Indices by descending score; ties keep candidate (retriever) order."""
     return np.argsort(-scores, kind="stable")
+
+
+def best_weight(curve: dict[float, float]) -> float:
+    """The weight with the best validation score; ties go to the smaller (safer) weight."""
+    return max(curve, key=lambda w: (round(curve[w], 10), -w))

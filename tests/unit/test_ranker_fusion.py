@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.gateway.fusion import fuse, log_softmax, order
+from ranker.fusion import fuse, log_softmax, order
 
 
 def test_weight_zero_keeps_retriever_order_and_one_is_ranker_alone():
