@@ -4,7 +4,7 @@
   masked) and hands its top-20 in retriever order to the ranker. A user whose test item was not
   retrieved is a miss for the two-stage system. Reported: retriever alone, ranker alone on the
   users it could help ("hits"), the two-stage system over all users, and the fused score of
-  ``services.gateway.fusion`` with its weight tuned on validation users.
+  ``ranker.fusion`` (what the gateway serves) with its weight tuned on validation users.
 - LLaRA / RSLLM: HitRatio@1 over the test item + 19 random items. ValidRatio (the share of
   answers that name a real candidate) is 1 by construction: letter scoring always picks one.
 - CIT-Rec: AUC of the test item against those 19 random negatives.
