@@ -76,7 +76,8 @@ class GatewaySettings(ServiceSettings):
     vllm_adapter: str | None = None  # served LoRA name, e.g. rec-v1; None = newest rec-v<n>
     ranker_retry_s: float = Field(5.0, gt=0)  # a ranker down at start-up is retried this often
     # Final score = (1 - w) * log_softmax(retriever) + w * ranker letter log-prob.
-    rank_weight: float = Field(0.5, ge=0.0, le=1.0)
+    # None = the weight the ranker run tuned on validation (its manifest), else 0.5.
+    rank_weight: float | None = Field(None, ge=0.0, le=1.0)
     num_candidates: int = Field(20, ge=1, le=20)  # retrieved and ranked per request (letters A..T)
     prompt_history: int = Field(20, ge=0, le=200)  # most recent history items shown to the ranker
     # Deadlines (ms): each stage gets min(its own, what is left of the request's). The defaults

@@ -393,7 +393,7 @@ class RecommendPipeline:
             trace.record(self.prompt.name, time.perf_counter() - start)
             deadline = min(self.settings.ranker_deadline_ms / 1000, trace.remaining_s())
             letters = await trace.run(self.ranker.name, self.ranker(rendered, deadline), deadline)
-            fused = fuse(base, letters, self.settings.rank_weight)
+            fused = fuse(base, letters, self.model.rank_weight)
         except StageDeadline as exc:
             trace.degrade("deadline_exceeded" if exc.overall else "ranker_timeout")
             return self._ranked(ids, fuse(base, None, 0.0), records)

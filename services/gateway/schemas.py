@@ -40,7 +40,9 @@ class ModelInfo(BaseModel):
     ranker_run: str | None = Field(description="None when the ranker is zero-shot or disabled.")
     backend: str = Field(description="Ranker backend: inprocess, vllm or none.")
     feature_version: int | None = Field(description="Feature-store version read, if any.")
-    rank_weight: float
+    rank_weight: float = Field(
+        description="Fusion weight served: configured, else tuned by the ranker run, else 0.5."
+    )
 
 
 class RecommendResponse(BaseModel):

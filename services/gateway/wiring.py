@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from retriever.core import Retriever
 
 
+DEFAULT_RANK_WEIGHT = 0.5  # neither configured nor tuned by the ranker run
+
+
 @dataclass
 class Artifacts:
     """What the gateway loads once: the retriever (catalog, popularity) and the ranker."""
@@ -37,6 +40,28 @@ class Artifacts:
     retriever: Retriever
     ranker: Ranker | None
     ranker_run: Path | None
+    tuned_rank_weight: float | None = None  # the fusion weight the ranker run chose on validation
+
+
+def tuned_rank_weight(run: Path | None) -> float | None:
+    """The ``rank_weight`` a ranker run's manifest records, if any (training tunes it)."""
+    from tandem.artifacts import Manifest
+
+    if run is None or not (run / "manifest.json").is_file():
+        return None
+    weight = Manifest.read(run).metrics.get("rank_weight")
+    return float(weight) if weight is not None else None
+
+
+def rank_weight(settings: GatewaySettings, artifacts: Artifacts) -> float:
+    """Configured weight first; else the run's tuned one; else 0.5 (0 without a ranker)."""
+    if artifacts.ranker is None:
+        return 0.0
+    if settings.rank_weight is not None:
+        return settings.rank_weight
+    if artifacts.tuned_rank_weight is not None:
+        return artifacts.tuned_rank_weight
+    return DEFAULT_RANK_WEIGHT
 
 
 def load_artifacts(settings: GatewaySettings) -> Artifacts:
@@ -53,7 +78,7 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
     if settings.ranker_backend == "vllm":
         backend = vllm_backend(settings)
     ranker = Ranker.load(run, settings.llm_path(), backend=backend)
-    return Artifacts(retriever, ranker, run)
+    return Artifacts(retriever, ranker, run, tuned_rank_weight(run))
 
 
 def vllm_backend(settings: GatewaySettings) -> RankerBackend:
@@ -129,6 +154,6 @@ def build_pipeline(
             ranker_run=ranker_run,
             backend=settings.ranker_backend,
             feature_version=None,
-            rank_weight=settings.rank_weight,
+            rank_weight=rank_weight(settings, artifacts),
         ),
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
+import shutil
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,7 +22,7 @@ import pytest
 from services.common.settings import GatewaySettings
 from services.gateway.app import create_app
 from services.gateway.sources import RemoteCandidates
-from services.gateway.wiring import Artifacts
+from services.gateway.wiring import Artifacts, tuned_rank_weight
 from tests.fixtures.services import ITEM_DIM, free_port, make_tiny_ranker_run, publish_dataset
 
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
@@ -183,6 +185,29 @@ async def test_rank_weight_one_follows_the_ranker_alone(
         )
     by_ranker = [ids[i] for i in np.argsort(-expected, kind="stable")]
     assert [item["item_id"] for item in out["items"]] == by_ranker
+
+
+async def test_the_run_tuned_weight_is_served_unless_one_is_configured(
+    gateway_artifacts, served_dataset, published, redis_url, namespace, tmp_path
+):
+    from tandem.artifacts import Manifest
+
+    run = tmp_path / "tuned-ranker"
+    shutil.copytree(gateway_artifacts.ranker_run, run)
+    manifest = Manifest.read(run)
+    manifest.metrics = {**manifest.metrics, "rank_weight": 0.0}
+    manifest.write(run)
+    tuned = dataclasses.replace(gateway_artifacts, tuned_rank_weight=tuned_rank_weight(run))
+    assert tuned.tuned_rank_weight == 0.0 and tuned_rank_weight(None) is None
+    user, _ = first_user(served_dataset)
+    async with gateway(tuned, redis_url, namespace) as client:
+        out = await recommend(client, user_id=user, k=10)
+    assert out["model"]["rank_weight"] == 0.0
+    assert [item["retrieval_rank"] for item in out["items"]] == list(range(1, 11))
+    async with gateway(tuned, redis_url, namespace, rank_weight=0.7) as client:
+        assert (await recommend(client, user_id=user, k=10))["model"]["rank_weight"] == 0.7
+    async with gateway(gateway_artifacts, redis_url, namespace) as client:
+        assert (await recommend(client, user_id=user, k=10))["model"]["rank_weight"] == 0.5
 
 
 async def test_given_history_replaces_the_stored_one_and_unknown_ids_are_reported(
