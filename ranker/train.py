@@ -34,6 +34,7 @@ from ranker.core import (
 )
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.forward import autocast, collate, letter_logits, project_soft_rows
+from ranker.fusion import WEIGHT_GRID, best_weight, fuse
 from ranker.llm import load_model, load_tokenizer
 from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
@@ -94,6 +95,16 @@ class TrainInputs:
     features: ItemFeatures
     source: CandidateSource | None = None  # the retriever: hard negatives and user vectors
     preferences: Mapping[str, str] = field(default_factory=dict)  # user_id -> text
+
+
+@dataclass
+class ValidationSet:
+    """LlamaRec-style validation: the validation item among the retriever's top-20."""
+
+    layouts: list[PromptLayout]
+    labels: np.ndarray  # the validation item's position among the candidates
+    retriever_ranks: np.ndarray  # its retriever rank (-1 without a retriever)
+    retriever_scores: np.ndarray  # [users, 20] retriever scores in candidate order ([users, 0])
 
 
 @dataclass
@@ -170,18 +181,20 @@ class ExampleMaker:
         return self.inputs.preferences.get(self.user_ids[user])
 
     def _vectors_and_top(self, histories: list[np.ndarray]):
+        """User vectors, the retriever's top-20 and their scores (empty without a retriever)."""
         source = self.inputs.source
         if source is None:
-            return [None] * len(histories), np.zeros((len(histories), 0), dtype=np.int64)
+            empty = np.zeros((len(histories), 0))
+            return [None] * len(histories), empty.astype(np.int64), empty
         vectors = source.user_vectors(histories)
-        top, _ = source.top_k(histories, MAX_CANDIDATES, vectors)
-        return list(vectors), top
+        top, scores = source.top_k(histories, MAX_CANDIDATES, vectors)
+        return list(vectors), top, scores
 
     def training_batch(self, pairs: np.ndarray) -> tuple[list[PromptLayout], list[int]]:
         """Prompts and answer positions; an example's negatives and order depend on it alone."""
         histories = [self.split.train[u][:p] for u, p in pairs]
         targets = [int(self.split.train[u][p]) for u, p in pairs]
-        vectors, top = self._vectors_and_top(histories)
+        vectors, top, _ = self._vectors_and_top(histories)
         layouts, labels = [], []
         for row, (user, position) in enumerate(pairs):
             rng = np.random.default_rng([self.config.seed, int(user), int(position)])
@@ -206,8 +219,8 @@ class ExampleMaker:
             labels.append(label)
         return layouts, labels
 
-    def validation_set(self) -> tuple[list[PromptLayout], np.ndarray, np.ndarray]:
-        """Prompts for the validation item, its position, and its retriever rank.
+    def validation_set(self) -> ValidationSet:
+        """Prompts for the validation item, its position, its retriever rank and scores.
 
         As LlamaRec validates: users whose validation item is in the retriever's top-20, the
         candidates in retriever order (so the retriever's own order is the baseline to beat).
@@ -215,11 +228,11 @@ class ExampleMaker:
         """
         order = np.random.default_rng(self.config.seed + 1).permutation(self.split.num_users)
         wanted = self.config.valid_users
-        users, histories, targets, vectors, tops = [], [], [], [], []
+        users, histories, targets, vectors, tops, top_scores = [], [], [], [], [], []
         for start in range(0, len(order), 256):
             chunk = order[start : start + 256]
             chunk_histories = [self.split.valid_inputs()[u] for u in chunk]
-            chunk_vectors, top = self._vectors_and_top(chunk_histories)
+            chunk_vectors, top, scores = self._vectors_and_top(chunk_histories)
             for row, user in enumerate(chunk):
                 target = int(self.split.valid_target[user])
                 if top.shape[1] and target not in top[row]:
@@ -229,6 +242,7 @@ class ExampleMaker:
                 targets.append(target)
                 vectors.append(chunk_vectors[row])
                 tops.append(top[row])
+                top_scores.append(scores[row])
             if len(users) >= wanted:
                 break
         layouts, labels, retriever_ranks = [], [], []
@@ -247,7 +261,12 @@ class ExampleMaker:
             )
             layouts.append(render_prompt(inp, self.config.prompt, self.tokens))
             labels.append(int(np.flatnonzero(candidates == target)[0]))
-        return layouts, np.asarray(labels, dtype=np.int64), np.asarray(retriever_ranks)
+        return ValidationSet(
+            layouts,
+            np.asarray(labels, dtype=np.int64),
+            np.asarray(retriever_ranks, dtype=np.int64),
+            np.asarray(top_scores[: len(layouts)], dtype=np.float64),
+        )
 
 
 # -- model ------------------------------------------------------------------------------
@@ -377,28 +396,41 @@ def ranks_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ((logits > target).sum(1) + (logits == target).sum(1) - 1).astype(np.int64)
 
 
-def validate(model: RankerModel, layouts, labels, retriever_ranks, batch_size: int) -> dict:
+def tune_rank_weight(logits: np.ndarray, labels: np.ndarray, retriever_scores: np.ndarray):
+    """The serving fusion weight with the best validation NDCG@10, and the NDCG per weight."""
+    curve = {}
+    for weight in WEIGHT_GRID:
+        fused = [fuse(r, s, weight) for r, s in zip(retriever_scores, logits, strict=True)]
+        curve[weight] = ndcg_at_k(ranks_from_logits(np.stack(fused), labels), 10)
+    return best_weight(curve), {str(w): round(v, 4) for w, v in curve.items()}
+
+
+def validate(model: RankerModel, valid: ValidationSet, batch_size: int) -> dict:
     model.train(False)
     logits, losses = [], []
     with torch.no_grad():
-        for start in range(0, len(layouts), batch_size):
-            chunk = model.logits(layouts[start : start + batch_size])
-            target = torch.as_tensor(labels[start : start + batch_size])
+        for start in range(0, len(valid.layouts), batch_size):
+            chunk = model.logits(valid.layouts[start : start + batch_size])
+            target = torch.as_tensor(valid.labels[start : start + batch_size])
             losses.append(torch.nn.functional.cross_entropy(chunk, target, reduction="sum").item())
-            logits.append(chunk.numpy())
+            logits.append(chunk.float().numpy())
     model.train(True)
-    ranks = ranks_from_logits(np.concatenate(logits), labels)
-    shown = np.where(retriever_ranks >= 0, retriever_ranks, MAX_CANDIDATES - 1)
-    return {
-        "valid_loss": round(sum(losses) / len(labels), 4),
+    logits_all = np.concatenate(logits)
+    ranks = ranks_from_logits(logits_all, valid.labels)
+    retrieved = (valid.retriever_ranks >= 0).any()
+    shown = np.where(valid.retriever_ranks >= 0, valid.retriever_ranks, MAX_CANDIDATES - 1)
+    metrics = {
+        "valid_loss": round(sum(losses) / len(valid.labels), 4),
         "valid_hr@1": round(recall_at_k(ranks, 1), 4),
         "valid_ndcg@10": round(ndcg_at_k(ranks, 10), 4),
         "valid_mrr@10": round(mrr_at_k(ranks, 10), 4),
-        "valid_retriever_order_ndcg@10": (
-            round(ndcg_at_k(shown, 10), 4) if (retriever_ranks >= 0).any() else None
-        ),
-        "valid_users": len(labels),
+        "valid_retriever_order_ndcg@10": round(ndcg_at_k(shown, 10), 4) if retrieved else None,
+        "valid_users": len(valid.labels),
     }
+    if retrieved:
+        weight, curve = tune_rank_weight(logits_all, valid.labels, valid.retriever_scores)
+        metrics |= {"rank_weight": weight, "valid_fused_ndcg@10": curve[str(weight)]}
+    return metrics
 
 
 # -- the loop ---------------------------------------------------------------------------
@@ -476,12 +508,12 @@ def train_ranker(
     per_step = config.batch_size * config.grad_accum
     order = example_order(len(pool), config.max_steps * per_step, config.seed)
     valid = maker.validation_set() if config.valid_users else None
-    if valid is not None and not len(valid[0]):
+    if valid is not None and not valid.layouts:
         say("no validation user has its item in the retriever's top-20: validation skipped")
         valid = None
     say(
         f"{len(pool)} training examples (users x steps), {per_step} per step, "
-        f"{len(valid[0]) if valid else 0} validation users"
+        f"{len(valid.layouts) if valid else 0} validation users"
     )
     log = (run_dir / LOG_FILE).open("a")
     started = time.perf_counter()
@@ -523,7 +555,7 @@ def train_ranker(
             if on_progress is not None:
                 on_progress(state, rate)
             if valid and config.eval_every and state.step % config.eval_every == 0:
-                metrics = validate(model, *valid, config.batch_size)
+                metrics = validate(model, valid, config.batch_size)
                 state.validations.append({"step": state.step, **metrics})
                 log.write(json.dumps({"step": state.step, **metrics}) + "\n")
                 say(f"step {state.step}: {metrics}")
@@ -532,7 +564,7 @@ def train_ranker(
     finally:
         log.close()
     if valid and (not state.validations or state.validations[-1]["step"] != state.step):
-        metrics = validate(model, *valid, config.batch_size)
+        metrics = validate(model, valid, config.batch_size)
         state.validations.append({"step": state.step, **metrics})
         say(f"step {state.step}: {metrics}")
     save_checkpoint(run_dir, model, optimizer, state)

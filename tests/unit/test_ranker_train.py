@@ -10,6 +10,7 @@ import pytest
 
 from ranker.core import ADAPTER_DIR, ITEM_EMBEDDINGS, ITEM_PROJECTOR, USER_PROJECTOR, Ranker
 from ranker.examples import CandidateSource, ItemFeatures
+from ranker.fusion import WEIGHT_GRID
 from ranker.prompts import PromptConfig
 from ranker.train import (
     CHECKPOINT_DIR,
@@ -19,6 +20,7 @@ from ranker.train import (
     TrainInputs,
     example_pool,
     train_ranker,
+    tune_rank_weight,
 )
 from tandem.artifacts import Manifest
 from tests.fixtures.data import synthetic_dataset
@@ -84,16 +86,17 @@ def test_run_folder_holds_a_vllm_loadable_adapter_projectors_and_manifest(traine
     assert manifest.kind == "ranker" and manifest.parents == {"retriever": "retriever-x"}
     assert manifest.verify(run) == []
     assert manifest.metrics["steps"] == 12
+    assert manifest.metrics["rank_weight"] in WEIGHT_GRID  # what the gateway will serve
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.bin"))
 
 
 def test_saved_run_reproduces_the_validation_loss(trained, inputs, tiny_llm_dir):
     ranker = Ranker.load(trained.run_dir, tiny_llm_dir, precision="fp32")
     maker = ExampleMaker(inputs, CONFIG, ranker.tokens)
-    layouts, labels, _ = maker.validation_set()
-    prompts = [layout.with_soft_vectors(ranker.project(layout)) for layout in layouts]
+    valid = maker.validation_set()
+    prompts = [layout.with_soft_vectors(ranker.project(layout)) for layout in valid.layouts]
     scores = ranker.backend.score_sync(prompts)
-    loss = -np.mean([row[label] for row, label in zip(scores, labels, strict=True)])
+    loss = -np.mean([row[label] for row, label in zip(scores, valid.labels, strict=True)])
     assert loss == pytest.approx(trained.metrics["valid_loss"], abs=2e-3)
 
 
@@ -125,3 +128,15 @@ def test_user_token_without_retriever_is_refused(inputs, tiny_llm_dir, tmp_path)
     no_retriever = replace(inputs, source=None)
     with pytest.raises(ValueError, match="user soft token needs the retriever"):
         train_ranker(no_retriever, tiny_llm_dir, tmp_path / "r", CONFIG)
+
+
+def test_rank_weight_follows_whichever_signal_finds_the_item():
+    labels = np.array([3, 1, 4])
+    retriever = np.tile(np.linspace(2.0, 0.0, 20), (3, 1))  # candidates in retriever order
+    knows = np.full((3, 20), -5.0)
+    knows[np.arange(3), labels] = 5.0
+    weight, curve = tune_rank_weight(knows, labels, retriever)
+    assert weight > 0.0 and curve[str(weight)] == 1.0 > curve["0.0"]
+    misleads = np.full((3, 20), -5.0)
+    misleads[:, 19] = 5.0
+    assert tune_rank_weight(misleads, np.array([0, 0, 0]), retriever)[0] == 0.0
