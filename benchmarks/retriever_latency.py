@@ -165,7 +165,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "retriever_latency.json")
     args = parser.parse_args(argv)
     runs = {
-        json.loads((r / "manifest.json").read_text())["config"]["model"]: r for r in args.run or []
+        json.loads((r / "manifest.json").read_text())["config"]["model"]: r.resolve()
+        for r in args.run or []
     }
     runs = runs or newest_runs()
     if not runs:
