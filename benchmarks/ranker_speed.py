@@ -1,9 +1,10 @@
 """Ranker speed: one-pass letter scoring vs generate(), batched throughput, peak RSS.
 
 Model: the prepared base LLM (``tandem llm prepare``: SmolLM2-135M-Instruct), in-process
-transformers backend, bf16 autocast unless ``--precision fp32``. Prompts: MovieLens-100K test
-users, LlamaRec/MLLM4Rec text prompt (history <= 20 titles, 20 candidates A..T), built with
-``ranker.prompts`` exactly as serving builds them; ``--compact`` uses the compact prompt mode.
+transformers backend, ``--precision auto`` (bf16 autocast where the CPU has bf16 units, else
+fp32; the resolved one is recorded). Prompts: MovieLens-100K test users, LlamaRec/MLLM4Rec text
+prompt (history <= 20 titles, 20 candidates A..T), built with ``ranker.prompts`` exactly as
+serving builds them; ``--compact`` uses the compact prompt mode.
 
 Measured, on the same prompts:
 1. one forward pass that reads the 20 letters' log-probs (what Tandem serves), batch 1;
@@ -37,6 +38,7 @@ import torch  # noqa: E402
 
 from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig  # noqa: E402
 from ranker.examples import ItemFeatures, prompt_input  # noqa: E402
+from ranker.forward import resolve_precision  # noqa: E402
 from ranker.llm import load_tokenizer  # noqa: E402
 from ranker.prompts import PromptConfig, PromptTokenizer, render_prompt  # noqa: E402
 from tandem.data import Dataset, prepare_movielens_100k  # noqa: E402
@@ -78,10 +80,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--gen-tokens", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     parser.add_argument("--compact", action="store_true")
     parser.add_argument("--out", default="ranker_speed")
     args = parser.parse_args()
+    args.precision = resolve_precision(args.precision)
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()

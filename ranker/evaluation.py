@@ -396,7 +396,7 @@ def evaluate_two_stage(
     mapb_users: int = 8,
     fusion_users: int = 200,
     permutations: int | None = None,
-    precision: str = "bf16",
+    precision: str = "auto",
     batch_size: int = 8,
     threads: int | None = None,
 ) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,13 +71,35 @@ def collate_prompts(prompts: Sequence[RenderedPrompt], pad_id: int) -> tuple[Bat
     return batch, soft
 
 
+@cache
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX).
+
+    Without it torch emulates bf16 and autocast is slower than fp32 (on an AVX2-only host,
+    SmolLM2 took 4.5 s per 380-token prompt in bf16: benchmarks/results/ranker_speed.md), so
+    ``auto`` picks fp32 there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 where the CPU has it, else fp32; ``bf16`` and ``fp32`` stay."""
+    if precision == "auto":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    if precision in ("bf16", "fp32"):
+        return precision
+    raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+
+
 def autocast(precision: str):
-    """bf16 autocast on CPU, or nothing for fp32."""
-    if precision == "bf16":
+    """bf16 autocast on CPU, or nothing for fp32 (``auto`` resolves by the CPU)."""
+    if resolve_precision(precision) == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
-    if precision == "fp32":
-        return nullcontext()
-    raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    return nullcontext()
 
 
 def letter_logits(model, batch: Batch, soft_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -69,7 +69,7 @@ class TrainConfig:
     steps_per_user: int = 0  # most recent steps of each user's sequence used; 0 = all
     min_history: int = 1
     part_dropout: float = 0.0  # per example, drop preference / item / user tokens independently
-    precision: str = "bf16"
+    precision: str = "auto"  # bf16 autocast where the CPU has bf16 units, else fp32
     threads: int = 1  # torch threads; 1 is fastest when other jobs share the CPU
     valid_users: int = 64  # validation subset (the validation item, retriever top-20)
     eval_every: int = 100  # steps between validations (0 = only at the end)

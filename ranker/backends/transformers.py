@@ -24,7 +24,7 @@ from ranker.backends.base import RankerUnavailable, RenderedPrompt
 class TransformersBackendConfig:
     llm_dir: Path  # a plain HF checkpoint (`tandem llm prepare`)
     adapter_dir: Path | None = None  # a peft LoRA adapter trained by `tandem ranker train`
-    precision: str = "bf16"  # "bf16" autocast or "fp32"
+    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where the CPU has it)
     max_batch: int = 8  # prompts per forward pass
     max_wait_ms: float = 5.0  # how long the first prompt waits for company
     max_queue: int = 256  # prompts waiting beyond this are refused (RankerUnavailable)

@@ -23,10 +23,12 @@ class PromptMode(StrEnum):
 
 
 class Precision(StrEnum):
+    auto = "auto"
     bf16 = "bf16"
     fp32 = "fp32"
 
 
+PRECISION_HELP = "bf16 autocast, fp32, or auto: bf16 only where the CPU has bf16 units."
 RUN_HELP = "A run folder, 'none' to go without, or leave out for the newest run."
 
 
@@ -74,7 +76,7 @@ def train(
     part_dropout: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Drop each prompt part per example.")
     ] = 0.2,
-    precision: Annotated[Precision, typer.Option(help="bf16 autocast or fp32.")] = (Precision.bf16),
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     threads: Annotated[int, typer.Option(min=1, help="torch threads (1 on a shared CPU).")] = 1,
     valid_users: Annotated[int, typer.Option(min=0, help="Validation users.")] = 64,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations.")] = 100,
@@ -241,7 +243,7 @@ def evaluate(
     permutations: Annotated[
         int | None, typer.Option(min=1, help="Orders averaged per prompt (position bias).")
     ] = None,
-    precision: Annotated[Precision, typer.Option(help="bf16 autocast or fp32.")] = (Precision.bf16),
+    precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per forward.")] = 8,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads.")] = None,
     json_out: Annotated[Path | None, typer.Option(help="Also write the report here.")] = None,

@@ -74,6 +74,18 @@ def test_bf16_scores_stay_close_to_fp32(tiny_llm_dir, model, tok):
         np.testing.assert_allclose(a, b, atol=0.05)
 
 
+def test_auto_precision_picks_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    from ranker import forward
+
+    assert forward.resolve_precision("fp32") == "fp32"
+    assert forward.resolve_precision("bf16") == "bf16"
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(forward, "cpu_has_bf16", lambda native=native: native)
+        assert forward.resolve_precision("auto") == expected
+    with pytest.raises(ValueError, match="precision"):
+        forward.resolve_precision("fp16")
+
+
 def test_soft_vector_equal_to_a_token_embedding_reproduces_the_text_scores(
     tiny_llm_dir, model, tok
 ):
