@@ -25,6 +25,15 @@ def scores(response: httpx.Response) -> dict[str, float]:
     return {item["item_id"]: item["score"] for item in response.json()["items"]}
 
 
+def first_ranked(url: str, body: dict, headers: dict, within_s: float = 60.0) -> httpx.Response:
+    """The first answer the ranker scored: on a loaded host the first calls may miss 1.5 s."""
+    deadline = time.monotonic() + within_s
+    while True:
+        response = httpx.post(url + "/recommend", json=body, headers=headers, timeout=30)
+        if response.json().get("degraded") == [] or time.monotonic() > deadline:
+            return response
+
+
 def test_gateway_ranks_through_vllm_and_falls_back_when_it_hangs(
     service_stack, vllm_server, tmp_path
 ):
@@ -41,8 +50,7 @@ def test_gateway_ranks_through_vllm_and_falls_back_when_it_hangs(
     try:
         user = service_stack.users[0]
         body = {"user_id": user, "k": 5}
-        via_vllm = httpx.post(gateway.url + "/recommend", json=body,
-                              headers=service_stack.headers(), timeout=30)  # fmt: skip
+        via_vllm = first_ranked(gateway.url, body, service_stack.headers())
         assert via_vllm.json()["degraded"] == [], gateway.logs()
         assert via_vllm.json()["model"]["backend"] == "vllm"
         in_process = httpx.post(service_stack.gateway.url + "/recommend", json=body,

@@ -85,6 +85,9 @@ def as_embeddings(prompt: RenderedPrompt, model_dir: Path) -> RenderedPrompt:
 
 
 async def started(server, model: str = AUTO, model_dir: Path | None = None, **overrides):
+    """A started backend; these tests check scores, not latency, so the deadline is generous
+    (a shared CI host can take seconds per batch) unless a test sets its own."""
+    overrides.setdefault("deadline_s", 120.0)
     backend = VLLMBackend(
         VLLMConfig(
             base_url=server.url, model_dir=model_dir or server.model_dir, model=model, **overrides
