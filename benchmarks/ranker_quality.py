@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ranker.evaluation import evaluate_two_stage  # noqa: E402
+from ranker.train import TRAIN_CONFIG_FILE  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGETS = {"recall@10": 0.1016, "ndcg@10": 0.0485, "mrr@10": 0.0326}
@@ -53,9 +54,29 @@ def targets(report: dict) -> list[tuple[str, float, float, bool]]:
     return rows
 
 
+def training_summary(run: str) -> tuple[str, float]:
+    """How the evaluated adapter was trained (from its run folder), and its part dropout."""
+    folder = REPO / run
+    if not (folder / TRAIN_CONFIG_FILE).is_file():
+        return "Zero-shot: no adapter, no projector training.", 0.0
+    config = json.loads((folder / TRAIN_CONFIG_FILE).read_text())
+    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    text = (
+        f"Adapter training: {metrics['examples']} examples in {metrics['steps']} steps "
+        f"({metrics['examples_per_second']} examples/s, precision {config['precision']}, "
+        f"{config['threads']} threads), LoRA lr {config['lr']}, projector lr "
+        f"{config['projector_lr']}, batch {config['batch_size']}, hard-negative share "
+        f"{config['hard_negative_ratio']}; last training loss {metrics['last_loss']} "
+        "(chance: ln 20 = 2.996); fusion weight tuned on validation "
+        f"{metrics.get('rank_weight', '-')}."
+    )
+    return text, float(config.get("part_dropout", 0.0))
+
+
 def markdown(report: dict, args: argparse.Namespace) -> str:
     ks = report["protocol"]["ks"]
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")]
+    trained, part_dropout = training_summary(report["ranker_run"])
     lines = [
         "# Ranker quality (two-stage, MovieLens-100K)",
         "",
@@ -69,6 +90,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"Mean prompt length {report['mean_prompt_tokens']} tokens; ranker time "
         f"{report['ranker_seconds_per_user']} s per user on this shared CPU; total "
         f"{report['seconds']} s.",
+        "",
+        trained,
         "",
         "| system | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
@@ -86,8 +109,13 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
     if "ablations" in report:
         lines += [
             "",
-            "Ablations (same adapter; parts switched off at inference; the run was "
-            "trained with per-part dropout):",
+            "Ablations (same adapter; parts switched off at inference; "
+            + (
+                f"the run was trained with per-part dropout {part_dropout}):"
+                if part_dropout
+                else "the run was trained with every part on, so a part switched off is "
+                "out of its training distribution):"
+            ),
             "",
             "| variant | ndcg@10 retrieved users | ndcg@10 two-stage | recall@10 two-stage |",
             "|---|---|---|---|",
