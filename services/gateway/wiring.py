@@ -6,6 +6,7 @@ a clear message when a run or checkpoint is missing; ``build_pipeline`` only wir
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from ranker.core import Ranker
     from retriever.core import Retriever
 
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RANK_WEIGHT = 0.5  # neither configured nor tuned by the ranker run
 
@@ -74,11 +77,19 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
     from ranker.core import Ranker
 
     run = settings.ranker_run_dir()
+    tuned = tuned_rank_weight(run)
+    if (settings.rank_weight if settings.rank_weight is not None else tuned) == 0.0:
+        log.warning(
+            "rank_weight is 0 (%s): the ranker is not loaded or called, answers keep the "
+            "retriever's order; set TANDEM_RANK_WEIGHT to serve it anyway",
+            "TANDEM_RANK_WEIGHT" if settings.rank_weight is not None else f"tuned by {run}",
+        )
+        return Artifacts(retriever, None, run, tuned)
     backend: RankerBackend | str = "transformers"
     if settings.ranker_backend == "vllm":
         backend = vllm_backend(settings)
     ranker = Ranker.load(run, settings.llm_path(), backend=backend)
-    return Artifacts(retriever, ranker, run, tuned_rank_weight(run))
+    return Artifacts(retriever, ranker, run, tuned)
 
 
 def vllm_backend(settings: GatewaySettings) -> RankerBackend:
@@ -136,10 +147,12 @@ def build_pipeline(
     """Wire the stages; ``store``/``source`` replace the configured clients (tests, embedding)."""
     store = store if store is not None else feature_store(settings)
     source = source if source is not None else candidate_source(settings, artifacts.retriever)
-    ranker = artifacts.ranker
+    weight = rank_weight(settings, artifacts)
+    ranker = artifacts.ranker if weight > 0 else None  # weight 0: calling it changes nothing
+    backend = settings.ranker_backend if ranker is not None else "none"
     ranker_run = artifacts.ranker_run.name if artifacts.ranker_run is not None else None
     retriever_run = artifacts.retriever.manifest.run_id
-    metrics.set_build_info(retriever_run, ranker_run or "none", settings.ranker_backend)
+    metrics.set_build_info(retriever_run, ranker_run or "none", backend)
     return RecommendPipeline(
         settings=settings,
         metrics=metrics,
@@ -152,8 +165,8 @@ def build_pipeline(
         model=ModelInfo(
             retriever_run=retriever_run,
             ranker_run=ranker_run,
-            backend=settings.ranker_backend,
+            backend=backend,
             feature_version=None,
-            rank_weight=rank_weight(settings, artifacts),
+            rank_weight=weight,
         ),
     )

@@ -22,7 +22,7 @@ import pytest
 from services.common.settings import GatewaySettings
 from services.gateway.app import create_app
 from services.gateway.sources import RemoteCandidates
-from services.gateway.wiring import Artifacts, tuned_rank_weight
+from services.gateway.wiring import Artifacts, load_artifacts, tuned_rank_weight
 from tests.fixtures.services import ITEM_DIM, free_port, make_tiny_ranker_run, publish_dataset
 
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
@@ -187,25 +187,44 @@ async def test_rank_weight_one_follows_the_ranker_alone(
     assert [item["item_id"] for item in out["items"]] == by_ranker
 
 
+def tuned_copy(run: Path, folder: Path, weight: float) -> Path:
+    """A copy of a ranker run whose manifest records a tuned fusion weight."""
+    from tandem.artifacts import Manifest
+
+    shutil.copytree(run, folder)
+    manifest = Manifest.read(folder)
+    manifest.metrics = {**manifest.metrics, "rank_weight": weight}
+    manifest.write(folder)
+    return folder
+
+
+def test_a_ranker_tuned_to_weight_zero_is_not_loaded_unless_forced(
+    gateway_artifacts, tiny_retriever_run, tiny_llm_dir, tmp_path
+):
+    run = tuned_copy(gateway_artifacts.ranker_run, tmp_path / "tuned-ranker", 0.0)
+    settings = GatewaySettings(
+        _env_file=None, retriever_run=tiny_retriever_run, ranker_run=run, llm_dir=tiny_llm_dir
+    )
+    skipped = load_artifacts(settings)
+    assert skipped.ranker is None and skipped.tuned_rank_weight == 0.0
+    assert load_artifacts(settings.model_copy(update={"rank_weight": 0.3})).ranker is not None
+
+
 async def test_the_run_tuned_weight_is_served_unless_one_is_configured(
     gateway_artifacts, served_dataset, published, redis_url, namespace, tmp_path
 ):
-    from tandem.artifacts import Manifest
-
-    run = tmp_path / "tuned-ranker"
-    shutil.copytree(gateway_artifacts.ranker_run, run)
-    manifest = Manifest.read(run)
-    manifest.metrics = {**manifest.metrics, "rank_weight": 0.0}
-    manifest.write(run)
+    run = tuned_copy(gateway_artifacts.ranker_run, tmp_path / "tuned-ranker", 0.0)
     tuned = dataclasses.replace(gateway_artifacts, tuned_rank_weight=tuned_rank_weight(run))
     assert tuned.tuned_rank_weight == 0.0 and tuned_rank_weight(None) is None
     user, _ = first_user(served_dataset)
     async with gateway(tuned, redis_url, namespace) as client:
         out = await recommend(client, user_id=user, k=10)
-    assert out["model"]["rank_weight"] == 0.0
+    assert out["model"]["rank_weight"] == 0.0 and out["model"]["backend"] == "none"
+    assert "ranker" not in out["timings_ms"]  # weight 0: the ranker would change nothing
     assert [item["retrieval_rank"] for item in out["items"]] == list(range(1, 11))
     async with gateway(tuned, redis_url, namespace, rank_weight=0.7) as client:
-        assert (await recommend(client, user_id=user, k=10))["model"]["rank_weight"] == 0.7
+        forced = await recommend(client, user_id=user, k=10)
+    assert forced["model"]["rank_weight"] == 0.7 and "ranker" in forced["timings_ms"]
     async with gateway(gateway_artifacts, redis_url, namespace) as client:
         assert (await recommend(client, user_id=user, k=10))["model"]["rank_weight"] == 0.5
 
