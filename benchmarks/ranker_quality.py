@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ranker.evaluation import evaluate_two_stage  # noqa: E402
 from ranker.train import TRAIN_CONFIG_FILE  # noqa: E402
+from tandem.artifacts import Manifest  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGETS = {"recall@10": 0.1016, "ndcg@10": 0.0485, "mrr@10": 0.0326}
@@ -60,7 +61,7 @@ def training_summary(run: str) -> tuple[str, float]:
     if not (folder / TRAIN_CONFIG_FILE).is_file():
         return "Zero-shot: no adapter, no projector training.", 0.0
     config = json.loads((folder / TRAIN_CONFIG_FILE).read_text())
-    metrics = json.loads((folder / "manifest.json").read_text())["metrics"]
+    metrics = Manifest.read(folder).metrics
     text = (
         f"Adapter training: {metrics['examples']} examples in {metrics['steps']} steps "
         f"({metrics['examples_per_second']} examples/s, precision {config['precision']}, "

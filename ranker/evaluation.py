@@ -24,7 +24,7 @@ import numpy as np
 
 from ranker.core import Ranker, RankerConfig
 from ranker.examples import prompt_input, sample_candidates
-from ranker.fusion import WEIGHT_GRID, best_weight, fuse
+from ranker.fusion import fuse, tune_weight
 from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
@@ -157,8 +157,7 @@ def tune_fusion(users: UserSet, rows: np.ndarray, scores: list[np.ndarray]) -> t
     """The weight with the best validation NDCG@10 (ties: the smaller weight)."""
     from tandem.metrics import ndcg_at_k
 
-    curve = {w: ndcg_at_k(_fused_ranks(users, rows, scores, w), 10) for w in WEIGHT_GRID}
-    return best_weight(curve), {str(w): round(v, 4) for w, v in curve.items()}
+    return tune_weight(lambda w: ndcg_at_k(_fused_ranks(users, rows, scores, w), 10))
 
 
 def random_candidate_metrics(

@@ -9,6 +9,8 @@ evaluation and training tune ``w`` with it, so the weight a run recommends is th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 FLOOR = -1e4  # stands in for -inf (a letter the backend gave no probability) so JSON stays finite
@@ -37,6 +39,9 @@ def order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def best_weight(curve: dict[float, float]) -> float:
-    """The weight with the best validation score; ties go to the smaller (safer) weight."""
-    return max(curve, key=lambda w: (round(curve[w], 10), -w))
+def tune_weight(score_at: Callable[[float], float]) -> tuple[float, dict[str, float]]:
+    """The grid weight with the best validation score (ties: the smaller, safer weight), and
+    the score per weight, rounded for reports."""
+    curve = {w: score_at(w) for w in WEIGHT_GRID}
+    best = max(curve, key=lambda w: (round(curve[w], 10), -w))
+    return best, {str(w): round(v, 4) for w, v in curve.items()}

@@ -34,7 +34,7 @@ from ranker.core import (
 )
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.forward import autocast, collate, letter_logits, project_soft_rows
-from ranker.fusion import WEIGHT_GRID, best_weight, fuse
+from ranker.fusion import fuse, tune_weight
 from ranker.llm import load_model, load_tokenizer
 from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
@@ -398,11 +398,12 @@ def ranks_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def tune_rank_weight(logits: np.ndarray, labels: np.ndarray, retriever_scores: np.ndarray):
     """The serving fusion weight with the best validation NDCG@10, and the NDCG per weight."""
-    curve = {}
-    for weight in WEIGHT_GRID:
+
+    def ndcg(weight: float) -> float:
         fused = [fuse(r, s, weight) for r, s in zip(retriever_scores, logits, strict=True)]
-        curve[weight] = ndcg_at_k(ranks_from_logits(np.stack(fused), labels), 10)
-    return best_weight(curve), {str(w): round(v, 4) for w, v in curve.items()}
+        return ndcg_at_k(ranks_from_logits(np.stack(fused), labels), 10)
+
+    return tune_weight(ndcg)
 
 
 def validate(model: RankerModel, valid: ValidationSet, batch_size: int) -> dict:

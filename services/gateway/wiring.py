@@ -56,15 +56,11 @@ def tuned_rank_weight(run: Path | None) -> float | None:
     return float(weight) if weight is not None else None
 
 
-def rank_weight(settings: GatewaySettings, artifacts: Artifacts) -> float:
-    """Configured weight first; else the run's tuned one; else 0.5 (0 without a ranker)."""
-    if artifacts.ranker is None:
-        return 0.0
-    if settings.rank_weight is not None:
-        return settings.rank_weight
-    if artifacts.tuned_rank_weight is not None:
-        return artifacts.tuned_rank_weight
-    return DEFAULT_RANK_WEIGHT
+def rank_weight(configured: float | None, tuned: float | None) -> float:
+    """The configured weight first; else the one the ranker run tuned; else 0.5."""
+    if configured is not None:
+        return configured
+    return tuned if tuned is not None else DEFAULT_RANK_WEIGHT
 
 
 def load_artifacts(settings: GatewaySettings) -> Artifacts:
@@ -78,10 +74,10 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
 
     run = settings.ranker_run_dir()
     tuned = tuned_rank_weight(run)
-    if (settings.rank_weight if settings.rank_weight is not None else tuned) == 0.0:
+    if rank_weight(settings.rank_weight, tuned) == 0.0:
         log.warning(
             "rank_weight is 0 (%s): the ranker is not loaded or called, answers keep the "
-            "retriever's order; set TANDEM_RANK_WEIGHT to serve it anyway",
+            "retriever's order; set TANDEM_RANK_WEIGHT above 0 to serve it",
             "TANDEM_RANK_WEIGHT" if settings.rank_weight is not None else f"tuned by {run}",
         )
         return Artifacts(retriever, None, run, tuned)
@@ -147,7 +143,9 @@ def build_pipeline(
     """Wire the stages; ``store``/``source`` replace the configured clients (tests, embedding)."""
     store = store if store is not None else feature_store(settings)
     source = source if source is not None else candidate_source(settings, artifacts.retriever)
-    weight = rank_weight(settings, artifacts)
+    weight = 0.0
+    if artifacts.ranker is not None:
+        weight = rank_weight(settings.rank_weight, artifacts.tuned_rank_weight)
     ranker = artifacts.ranker if weight > 0 else None  # weight 0: calling it changes nothing
     backend = settings.ranker_backend if ranker is not None else "none"
     ranker_run = artifacts.ranker_run.name if artifacts.ranker_run is not None else None
