@@ -30,6 +30,13 @@ def prepare(
             help="Optional items CSV/Parquet: item_id,title[,year,genres,text,image_path]."
         ),
     ] = None,
+    users: Annotated[
+        Path | None,
+        typer.Option(
+            help="Optional users CSV/Parquet (side features): "
+            "user_id[,age,gender,occupation,zip_code]; empty cells are missing values."
+        ),
+    ] = None,
     min_interactions: Annotated[
         int, typer.Option(min=3, help="Drop users with fewer interactions than this.")
     ] = 5,
@@ -38,14 +45,17 @@ def prepare(
     from tandem.data import DataFormatError, prepare_files, prepare_movielens_100k
     from tandem.paths import dataset_dir
 
+    if users is not None and interactions is None:
+        fail("--users goes with --interactions (ml-100k brings its own users file)")
     try:
         if interactions is not None:
-            data = prepare_files(dataset, interactions, items, min_interactions)
+            data = prepare_files(dataset, interactions, items, min_interactions, users)
         elif dataset == "ml-100k":
             data = prepare_movielens_100k(min_interactions)
         else:
             fail(
-                f"dataset {dataset!r} is not bundled: pass --interactions (and optionally --items)"
+                f"dataset {dataset!r} is not bundled: pass --interactions (and optionally "
+                "--items and --users)"
             )
     except (DataFormatError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -60,6 +70,7 @@ def prepare(
         (f"users dropped (< {min_interactions} interactions)", summary.dropped_users),
         ("interactions dropped with them", summary.dropped_interactions),
         ("interactions with unknown items", summary.unknown_item_interactions),
+        ("users with side features", summary.profiles),
         ("fingerprint", summary.fingerprint),
         ("saved to", str(folder)),
     ):

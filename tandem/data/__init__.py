@@ -1,4 +1,4 @@
-"""Catalog, interactions, loaders and the leave-one-out split."""
+"""Catalog, interactions, user side features, loaders and the leave-one-out split."""
 
 from tandem.data.catalog import PADDING_INDEX, Catalog, UnknownItemsError
 from tandem.data.dataset import (
@@ -12,6 +12,7 @@ from tandem.data.dataset import (
 from tandem.data.errors import DataFormatError
 from tandem.data.interactions import Interactions
 from tandem.data.split import LeaveOneOutSplit, leave_one_out
+from tandem.data.users import UserProfile, UserProfiles
 
 __all__ = [
     "DEFAULT_MIN_INTERACTIONS",
@@ -23,6 +24,8 @@ __all__ = [
     "Interactions",
     "LeaveOneOutSplit",
     "UnknownItemsError",
+    "UserProfile",
+    "UserProfiles",
     "build_dataset",
     "leave_one_out",
     "prepare_files",

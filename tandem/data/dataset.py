@@ -1,20 +1,25 @@
-"""A prepared dataset: catalog + interactions, filtered, saved as Parquet with a fingerprint."""
+"""A prepared dataset: catalog + interactions (+ user side features), saved as Parquet.
+
+The fingerprint covers items and interactions only: it names what a sequential model saw, and
+adding a users file later must not invalidate the models trained on the same interactions.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from tandem.data.catalog import Catalog
 from tandem.data.errors import DataFormatError
-from tandem.data.files import catalog_from_ids, read_interactions, read_items
+from tandem.data.files import catalog_from_ids, read_interactions, read_items, read_users
 from tandem.data.interactions import Interactions
-from tandem.data.movielens import load_movielens_100k
+from tandem.data.movielens import load_movielens_100k, load_movielens_users
 from tandem.data.split import MIN_SEQUENCE_LENGTH, LeaveOneOutSplit, leave_one_out
+from tandem.data.users import UserProfile, UserProfiles
 
 DEFAULT_MIN_INTERACTIONS = 5
 
@@ -31,6 +36,7 @@ class DataSummary:
     dropped_interactions: int
     unknown_item_interactions: int
     fingerprint: str
+    profiles: int = 0  # kept users with side features (0 = no users file)
 
 
 @dataclass(frozen=True)
@@ -39,9 +45,14 @@ class Dataset:
     catalog: Catalog
     interactions: Interactions
     summary: DataSummary
+    users: UserProfiles = field(default_factory=UserProfiles.empty)  # side features, optional
 
     def split(self) -> LeaveOneOutSplit:
         return leave_one_out(self.interactions.sequences())
+
+    def profile(self, user_id: str) -> UserProfile | None:
+        """The user's side features (age, gender, occupation, zip), or None when unknown."""
+        return self.users.get(user_id)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -50,6 +61,11 @@ class Dataset:
         self.interactions.frame[["user_id", "item_id", "timestamp", "rating"]].to_parquet(
             folder / "interactions.parquet", index=False
         )
+        users_path = folder / "users.parquet"
+        if len(self.users):
+            self.users.to_parquet_frame().to_parquet(users_path, index=False)
+        else:
+            users_path.unlink(missing_ok=True)
         (folder / "summary.json").write_text(json.dumps(asdict(self.summary), indent=2))
 
     @classmethod
@@ -64,7 +80,13 @@ class Dataset:
         items["year"] = items["year"].astype("Int64")
         catalog = Catalog(items)
         interactions = Interactions.build(pd.read_parquet(folder / "interactions.parquet"), catalog)
-        return cls(summary.name, catalog, interactions, summary)
+        users_path = folder / "users.parquet"
+        users = (
+            UserProfiles.from_parquet_frame(pd.read_parquet(users_path))
+            if users_path.is_file()
+            else UserProfiles.empty()
+        )
+        return cls(summary.name, catalog, interactions, summary, users)
 
 
 def build_dataset(
@@ -74,8 +96,13 @@ def build_dataset(
     *,
     min_interactions: int = DEFAULT_MIN_INTERACTIONS,
     source: str = "<memory>",
+    users: UserProfiles | None = None,
 ) -> Dataset:
-    """Drop interactions with unknown items and users below ``min_interactions``, then index."""
+    """Drop interactions with unknown items and users below ``min_interactions``, then index.
+
+    ``users`` (side features) keeps only the users that remain; users without a row simply
+    have no side features.
+    """
     if min_interactions < MIN_SEQUENCE_LENGTH:
         raise ValueError(
             f"min_interactions must be at least {MIN_SEQUENCE_LENGTH} "
@@ -93,6 +120,7 @@ def build_dataset(
             source, f"no user has at least {min_interactions} interactions with known items"
         )
     interactions = Interactions.build(kept, catalog)
+    profiles = (users or UserProfiles.empty()).restricted_to(interactions.user_ids)
     summary = DataSummary(
         name=name,
         users=interactions.num_users,
@@ -102,8 +130,9 @@ def build_dataset(
         dropped_interactions=int((~keep).sum()),
         unknown_item_interactions=unknown_count,
         fingerprint=fingerprint(catalog, interactions),
+        profiles=len(profiles),
     )
-    return Dataset(name, catalog, interactions, summary)
+    return Dataset(name, catalog, interactions, summary, profiles)
 
 
 def fingerprint(catalog: Catalog, interactions: Interactions) -> str:
@@ -119,7 +148,9 @@ def fingerprint(catalog: Catalog, interactions: Interactions) -> str:
 
 def prepare_movielens_100k(min_interactions: int = DEFAULT_MIN_INTERACTIONS) -> Dataset:
     catalog, raw = load_movielens_100k()
-    return build_dataset("ml-100k", catalog, raw, min_interactions=min_interactions)
+    return build_dataset(
+        "ml-100k", catalog, raw, min_interactions=min_interactions, users=load_movielens_users()
+    )
 
 
 def prepare_files(
@@ -127,12 +158,19 @@ def prepare_files(
     interactions_path: Path,
     items_path: Path | None = None,
     min_interactions: int = DEFAULT_MIN_INTERACTIONS,
+    users_path: Path | None = None,
 ) -> Dataset:
     raw = read_interactions(interactions_path)
+    users = read_users(users_path) if users_path is not None else None
     if items_path is not None:
         catalog = read_items(items_path)
     else:
         catalog = catalog_from_ids(list(dict.fromkeys(raw["item_id"].tolist())))
     return build_dataset(
-        name, catalog, raw, min_interactions=min_interactions, source=str(interactions_path)
+        name,
+        catalog,
+        raw,
+        min_interactions=min_interactions,
+        source=str(interactions_path),
+        users=users,
     )

@@ -1,4 +1,4 @@
-"""Load a user's own interactions (and optional items) from CSV or Parquet, strictly.
+"""Load a user's own interactions (and optional items and users) from CSV or Parquet, strictly.
 
 Every problem names the file, the column, the first bad row (1-based, header excluded) and what
 was expected, so a CLI can print it and exit non-zero instead of training on corrupt data.
@@ -12,6 +12,7 @@ import pandas as pd
 
 from tandem.data.catalog import Catalog
 from tandem.data.errors import DataFormatError
+from tandem.data.users import UserProfiles
 
 REQUIRED_INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 MAX_ID_LENGTH = 64
@@ -143,3 +144,75 @@ def read_items(path: Path) -> Catalog:
 def catalog_from_ids(item_ids: list[str]) -> Catalog:
     """A catalog for interactions without an items file: the id doubles as the title."""
     return Catalog.from_records(item_ids=item_ids, titles=item_ids)
+
+
+USER_TEXT_COLUMNS = ("gender", "occupation", "zip_code")
+MAX_AGE = 130
+
+
+def read_users(path: Path) -> UserProfiles:
+    """User side features: user_id, and any of age, gender, occupation, zip_code.
+
+    Empty cells are missing values; an age must be a whole number in 0..130 and text fields
+    printable and at most 64 characters. Other columns are ignored.
+    """
+    frame = read_table(path)
+    if "user_id" not in frame.columns:
+        raise DataFormatError(
+            str(path),
+            "missing required column 'user_id'; expected user_id[,age,gender,occupation,"
+            f"zip_code], found {list(frame.columns)}",
+        )
+    ids = _check_ids(frame, "user_id", path)
+    duplicated = ids.duplicated()
+    if duplicated.any():
+        row = _first_bad(duplicated)
+        raise DataFormatError(
+            str(path), f"duplicate user id {ids.iloc[row - 1]!r}", column="user_id", row=row
+        )
+    out = pd.DataFrame({"user_id": ids.to_numpy(dtype=object)})
+    out["age"] = _optional_ages(frame, path)
+    for column in USER_TEXT_COLUMNS:
+        out[column] = _optional_texts(frame, column, path)
+    return UserProfiles(out)
+
+
+def _missing(values: pd.Series) -> pd.Series:
+    return values.isna() | (values.astype(str).str.strip() == "")
+
+
+def _optional_ages(frame: pd.DataFrame, path: Path) -> pd.arrays.IntegerArray:
+    if "age" not in frame.columns:
+        return pd.array([None] * len(frame), dtype="Int64")
+    raw = frame["age"]
+    absent = _missing(raw)
+    ages = pd.to_numeric(raw.where(~absent, None), errors="coerce")
+    bad = ~absent & (ages.isna() | (ages != ages.round()) | (ages < 0) | (ages > MAX_AGE))
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataFormatError(
+            str(path),
+            f"expected a whole age in 0..{MAX_AGE} or an empty cell, got {raw.iloc[row - 1]!r}",
+            column="age",
+            row=row,
+        )
+    return pd.array([None if pd.isna(a) else int(a) for a in ages], dtype="Int64")
+
+
+def _optional_texts(frame: pd.DataFrame, column: str, path: Path) -> list[str | None]:
+    if column not in frame.columns:
+        return [None] * len(frame)
+    raw = frame[column]
+    absent = _missing(raw)
+    values = raw.astype(str).str.strip()
+    bad = ~absent & ((values.str.len() > MAX_ID_LENGTH) | ~values.map(str.isprintable).astype(bool))
+    if bad.any():
+        row = _first_bad(bad)
+        raise DataFormatError(
+            str(path),
+            f"expected printable text of at most {MAX_ID_LENGTH} characters or an empty cell, "
+            f"got {raw.iloc[row - 1]!r}",
+            column=column,
+            row=row,
+        )
+    return [None if gone else value for gone, value in zip(absent, values, strict=True)]
