@@ -8,7 +8,9 @@ Accepted enrichment files (the enrichment stage writes these):
 - captions: JSONL or Parquet rows ``{"item_id", "caption"}``.
 
 Rows for users or items the dataset does not know are skipped and counted, not fatal: the
-enrichment may have run on a superset.
+enrichment may have run on a superset. Side features come from the dataset itself: user
+profiles (age, gender, occupation, zip code) when it has a users file, item year and genres
+from its catalog.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Generic, TypeVar
 import numpy as np
 import pandas as pd
 
-from feature_store.schema import ItemRecord, UserRecord
+from feature_store.schema import FORMAT, ItemRecord, UserRecord
 from feature_store.writer import DEFAULT_HISTORY_CAP
 from tandem.artifacts import MANIFEST
 from tandem.data import DataFormatError, Dataset
@@ -88,18 +90,24 @@ def records_from_dataset(
         sequences = dataset.interactions.sequences()
         for user_id, sequence in zip(user_ids, sequences, strict=True):
             pref = prefs.get(user_id)
+            profile = dataset.profile(user_id)
             yield UserRecord(
                 user_id=user_id,
                 history=tuple(item_ids[sequence[-history_cap:] - 1]),
                 preference=pref.text if pref else None,
                 watermark=pref.watermark if pref else 0,
                 updated_at=built_at,
+                age=profile.age if profile else None,
+                gender=profile.gender if profile else None,
+                occupation=profile.occupation if profile else None,
+                zip_code=profile.zip_code if profile else None,
             )
 
     def items() -> Iterator[ItemRecord]:
         frame = catalog.frame
-        for index, (item_id, title, text) in enumerate(
-            zip(frame["item_id"], frame["title"], frame["text"], strict=True), start=1
+        columns = (frame["item_id"], frame["title"], frame["text"], frame["year"], frame["genres"])
+        for index, (item_id, title, text, year, genres) in enumerate(
+            zip(*columns, strict=True), start=1
         ):
             yield ItemRecord(
                 item_id=item_id,
@@ -107,6 +115,8 @@ def records_from_dataset(
                 caption=caps.get(item_id),
                 text=None if text is None or pd.isna(text) else str(text),
                 embedding=None if embeddings is None else embeddings[index],
+                year=None if pd.isna(year) else int(year),
+                genres=tuple(genres),
             )
 
     return Records(len(user_ids), users), Records(catalog.num_items, items)
@@ -142,6 +152,11 @@ def load_sources(
     for tag, path in (("emb", embeddings_path), ("pref", preferences_path), ("cap", captions_path)):
         if path is not None:
             parts.append(f"{tag}:{_content_id(path)}")
+    if len(dataset.users):
+        parts.append(f"users:{_frame_id(dataset.users.to_parquet_frame())}")
+    # The codec format is part of the identity: a version written by an older format (without
+    # side features) must not be re-activated in place of a fresh publish.
+    parts.append(f"format:{FORMAT}")
     return FeatureSources(
         users=users,
         items=items,
@@ -222,6 +237,12 @@ def _read_rows(path: Path, required: Sequence[str]) -> list[dict]:
             if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
                 raise DataFormatError(str(path), "missing or empty", column=column, row=number)
     return rows
+
+
+def _frame_id(frame: pd.DataFrame) -> str:
+    """A content hash of a small frame (the users' side features)."""
+    hashed = pd.util.hash_pandas_object(frame.astype(str), index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes()).hexdigest()[:12]
 
 
 def _content_id(path: Path) -> str:

@@ -27,11 +27,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FORMAT = 1  # codec format of the values below; bump on any incompatible change
+# Codec format written by this code; bump on any change. Format 2 added the side features
+# (user age/gender/occupation/zip_code, item year/genres) as optional fields, so a format-1
+# version still decodes: its records read as having no side features.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 EMBEDDING_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
-USER_FIELDS = ("history", "preference", "watermark", "updated_at")
-ITEM_FIELDS = ("title", "caption", "text", "embedding")
+USER_FIELDS = (
+    "history", "preference", "watermark", "updated_at", "age", "gender", "occupation", "zip_code",
+)  # fmt: skip
+ITEM_FIELDS = ("title", "caption", "text", "embedding", "year", "genres")
+USER_SIDE_FIELDS = ("gender", "occupation", "zip_code")  # optional text side features
 
 
 class CorruptValueError(ValueError):
@@ -48,7 +55,9 @@ class UserRecord:
     """What the gateway knows about a user: recent history (oldest first) and preference text.
 
     ``watermark`` is the history position the preference text was written from, so a consumer
-    can tell how stale the text is; ``updated_at`` is a Unix time in seconds.
+    can tell how stale the text is; ``updated_at`` is a Unix time in seconds. The side features
+    (age, gender, occupation, zip code) are None when the data has none (or the version is
+    format 1).
     """
 
     user_id: str
@@ -56,17 +65,26 @@ class UserRecord:
     preference: str | None = None
     watermark: int = 0
     updated_at: float = field(default_factory=time.time)
+    age: int | None = None
+    gender: str | None = None
+    occupation: str | None = None
+    zip_code: str | None = None
 
 
 @dataclass(frozen=True)
 class ItemRecord:
-    """Item features for the prompt; ``embedding`` is float32 on read (None if not published)."""
+    """Item features for the prompt; ``embedding`` is float32 on read (None if not published).
+
+    ``year`` and ``genres`` are side features: None and () when unknown (or format 1).
+    """
 
     item_id: str
     title: str
     caption: str | None = None
     text: str | None = None
     embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    year: int | None = None
+    genres: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -174,8 +192,9 @@ class VersionSchema:
         values = {_text(k, key, "?"): _text(v, key, _text(k, key, "?")) for k, v in raw.items()}
         try:
             fmt = int(values.get("format", "0"))
-            if fmt != FORMAT:
-                raise CorruptValueError(key, "format", f"format {fmt}, this code reads {FORMAT}")
+            if fmt not in READABLE_FORMATS:
+                readable = ", ".join(map(str, READABLE_FORMATS))
+                raise CorruptValueError(key, "format", f"format {fmt}, this code reads {readable}")
             dim = values.get("embedding_dim", "")
             completed = values.get("completed_at", "")
             schema = cls(
@@ -185,6 +204,7 @@ class VersionSchema:
                 embedding_dim=int(dim) if dim else None,
                 embedding_dtype=values.get("embedding_dtype", "float16"),
                 history_cap=int(values.get("history_cap", "200")),
+                format=fmt,
                 user_fields=tuple(values.get("user_fields", "").split(",")),
                 item_fields=tuple(values.get("item_fields", "").split(",")),
                 created_at=float(values.get("created_at", "0")),
@@ -269,6 +289,12 @@ def encode_user(user: UserRecord, history_cap: int) -> dict[str, str]:
     }
     if user.preference is not None:
         fields["preference"] = user.preference
+    if user.age is not None:
+        fields["age"] = str(int(user.age))
+    for name in USER_SIDE_FIELDS:
+        value = getattr(user, name)
+        if value is not None:
+            fields[name] = value
     return fields
 
 
@@ -287,12 +313,16 @@ def decode_user(user_id: str, raw: Mapping[bytes, bytes], key: str) -> UserRecor
     if not isinstance(history, list) or not all(isinstance(i, str) for i in history):
         raise CorruptValueError(key, "history", "not a JSON list of strings")
     preference = raw.get(b"preference")
+    age = raw.get(b"age")
+    side = {name: raw.get(name.encode()) for name in USER_SIDE_FIELDS}
     return UserRecord(
         user_id=user_id,
         history=tuple(history),
         preference=None if preference is None else _text(preference, key, "preference"),
         watermark=_int(raw.get(b"watermark", b"0"), key, "watermark"),
         updated_at=_float(raw.get(b"updated_at", b"0"), key, "updated_at"),
+        age=None if age is None else _int(age, key, "age"),
+        **{name: None if v is None else _text(v, key, name) for name, v in side.items()},
     )
 
 
@@ -307,6 +337,10 @@ def encode_item(
         fields["caption"] = item.caption
     if item.text is not None:
         fields["text"] = item.text
+    if item.year is not None:
+        fields["year"] = str(int(item.year))
+    if item.genres:
+        fields["genres"] = encode_history(item.genres)  # a JSON list of strings, like history
     if item.embedding is not None:
         if codec is None:
             raise ValueError(
@@ -328,12 +362,15 @@ def decode_item(
     caption, text, embedding = raw.get(b"caption"), raw.get(b"text"), raw.get(b"embedding")
     if embedding is not None and codec is None:
         raise CorruptValueError(key, "embedding", "present but the version declares none")
+    year, genres = raw.get(b"year"), raw.get(b"genres")
     return ItemRecord(
         item_id=item_id,
         title=_text(title, key, "title"),
         caption=None if caption is None else _text(caption, key, "caption"),
         text=None if text is None else _text(text, key, "text"),
         embedding=None if embedding is None else codec.decode(embedding, key),
+        year=None if year is None else _int(year, key, "year"),
+        genres=() if genres is None else _strings(genres, key, "genres"),
     )
 
 
@@ -344,6 +381,16 @@ def _text(raw: bytes | str, key: str, field_name: str) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise CorruptValueError(key, field_name, f"not UTF-8: {exc}") from exc
+
+
+def _strings(raw: bytes, key: str, field_name: str) -> tuple[str, ...]:
+    try:
+        values = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptValueError(key, field_name, f"not JSON: {exc}") from exc
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise CorruptValueError(key, field_name, "not a JSON list of strings")
+    return tuple(values)
 
 
 def _int(raw: bytes, key: str, field_name: str) -> int:
