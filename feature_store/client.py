@@ -1,9 +1,11 @@
 """Async feature reads for the request path: one Redis round trip per request stage.
 
 The user stage pipelines ``GET alias`` with ``HGETALL`` of the user under the version this
-client last saw; only when the alias moved does it read again (the user under the new version
-plus its schema). The items stage reads every candidate with one pipelined ``HGETALL`` each
-(plus the schema if this client has not cached it). Versions are never reused, so a cached
+client last saw and ``LRANGE`` of the user's live tail (events accepted by ``POST /events``,
+joined to the snapshot by ``feature_store.live.merge_history``); only when the alias moved does
+it read again (the user under the new version, its schema and its events watermark). The
+items stage reads every candidate with one pipelined ``HGETALL`` each (plus the schema if this
+client has not cached it). Versions are never reused, so a cached
 schema stays true for as long as its version exists.
 
 Failures split in two: an unreachable or slow Redis raises :class:`FeatureStoreUnavailable`
@@ -18,7 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 import redis.asyncio
@@ -26,6 +28,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ClusterError, RedisClusterException
 
 from feature_store.connection import async_client
+from feature_store.live import ZERO_ID, EventKeys, merge_history, newer_items
 from feature_store.metrics import metrics_for
 from feature_store.schema import (
     CorruptValueError,
@@ -94,6 +97,8 @@ class FeatureStoreClient:
         self._metrics = metrics_for(registry)
         self._version: int | None = None
         self._schemas: OrderedDict[int, VersionSchema] = OrderedDict()
+        self._through: dict[int, str] = {}  # version -> last stream id its snapshot includes
+        self.events = EventKeys(namespace)
         self._logged: OrderedDict[str, float] = OrderedDict()
 
     async def read_user(self, user_id: str) -> UserRead:
@@ -152,10 +157,12 @@ class FeatureStoreClient:
         cached = self._version if self._version in self._schemas else None
         pipe = self._redis.pipeline(transaction=False)
         pipe.get(self.keys.alias)
+        pipe.lrange(self.events.tail(user_id), 0, -1)
         if cached is not None:
             pipe.hgetall(self.keys.user(cached, user_id))
         replies = await pipe.execute(raise_on_error=False)
         current = self._parse_version(replies[0])
+        tail = self._tail(replies[1], user_id)
         if current is None:
             # Nothing published (or Redis lost its data): version numbers may start over, so
             # nothing cached may be trusted any more.
@@ -163,16 +170,45 @@ class FeatureStoreClient:
             self._schemas.clear()
             return UserRead(None, None)
         if current == cached:
-            return UserRead(current, self._decode_user(current, user_id, replies[1]))
+            return UserRead(current, self._user(current, user_id, replies[2], tail))
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.user(current, user_id))
         pipe.hgetall(self.keys.schema(current))
-        user_raw, schema_raw = await pipe.execute(raise_on_error=False)
-        if self._remember_schema(current, schema_raw) is None:
+        pipe.hgetall(self.events.through)  # a few fields: one per manifest with a watermark
+        user_raw, schema_raw, through_raw = await pipe.execute(raise_on_error=False)
+        schema = self._remember_schema(current, schema_raw)
+        if schema is None:
             return UserRead(current, None)
+        through = self._checked(through_raw, self.events.through, "user") or {}
+        self._through[current] = _text_or(through.get(schema.manifest_id.encode()), ZERO_ID)
         self._version = current
         self._metrics.version.set(current)
-        return UserRead(current, self._decode_user(current, user_id, user_raw))
+        return UserRead(current, self._user(current, user_id, user_raw, tail))
+
+    def _user(
+        self, version: int, user_id: str, raw: object, tail: list[bytes]
+    ) -> UserRecord | None:
+        """The stored record joined with the live tail (``feature_store.live.merge_history``)."""
+        user = self._decode_user(version, user_id, raw)
+        schema = self._schemas[version]
+        through = self._through.get(version, ZERO_ID)
+        if not tail or not newer_items(tail, through):
+            return user
+        stored = user.history if user is not None else ()
+        history = merge_history(stored, tail, through, schema.history_cap)
+        if user is None:
+            return UserRecord(user_id, history)
+        return replace(user, history=history)
+
+    def _tail(self, raw: object, user_id: str) -> list[bytes]:
+        """The user's live tail; a value of the wrong type is corrupt and read as empty."""
+        if isinstance(raw, Exception):
+            if not _wrong_type(raw):
+                raise raw
+            key = self.events.tail(user_id)
+            self._corrupt("user", CorruptValueError(key, "*", f"{type(raw).__name__}: {raw}"))
+            return []
+        return list(raw or [])  # type: ignore[call-overload]
 
     async def _read_items(self, version: int, item_ids: list[str]) -> dict[str, ItemRecord]:
         schema = self._schemas.get(version)
@@ -225,7 +261,8 @@ class FeatureStoreClient:
             return None
         self._schemas[version] = schema
         while len(self._schemas) > _SCHEMA_CACHE_SIZE:
-            self._schemas.popitem(last=False)
+            dropped, _ = self._schemas.popitem(last=False)
+            self._through.pop(dropped, None)
         return schema
 
     def _checked(self, raw: object, key: str, stage: str) -> Mapping[bytes, bytes] | None:
@@ -272,6 +309,10 @@ class FeatureStoreClient:
             exc,
             extra={"key": exc.key, "field": exc.field, "stage": stage},
         )
+
+
+def _text_or(raw: bytes | None, default: str) -> str:
+    return raw.decode() if raw else default
 
 
 def _wrong_type(error: Exception) -> bool:
