@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,8 +125,15 @@ def inspect_adapter(path: Path, max_rank: int = 8) -> AdapterInfo:
 
 
 def version_of(name: str, prefix: str = "rec") -> int | None:
+    """``n`` of an adapter version name ``{prefix}-v{n}``; None for any other name."""
     match = re.fullmatch(rf"{re.escape(prefix)}-v(\d+)", name)
     return int(match.group(1)) if match else None
+
+
+def versioned(names: Iterable[str], prefix: str = "rec") -> list[str]:
+    """The adapter versions among ``names``, oldest first (the newest is the last)."""
+    found = [(v, name) for name in names if (v := version_of(name, prefix)) is not None]
+    return [name for _, name in sorted(found)]
 
 
 class AdapterStore:
@@ -139,12 +147,8 @@ class AdapterStore:
         """Exported adapters by name, oldest first."""
         if not self.root.is_dir():
             return {}
-        found = [
-            (v, p.name, p)
-            for p in self.root.iterdir()
-            if p.is_dir() and (v := version_of(p.name, self.prefix)) is not None
-        ]
-        return {name: path for _, name, path in sorted(found)}
+        folders = {p.name: p for p in self.root.iterdir() if p.is_dir()}
+        return {name: folders[name] for name in versioned(folders, self.prefix)}
 
     def metadata(self, name: str) -> dict:
         return json.loads((self.root / name / METADATA_FILE).read_text())
@@ -253,8 +257,7 @@ class ServerAdapters:
         if response.status_code != 200:
             raise AdapterError(f"/v1/models answered {response.status_code}: {response.text[:200]}")
         names = [str(m.get("id")) for m in response.json().get("data", []) if m.get("parent")]
-        versioned = [(version_of(n, self.prefix), n) for n in names]
-        return [n for v, n in sorted(x for x in versioned if x[0] is not None)]
+        return versioned(names, self.prefix)
 
     def base_model(self) -> str:
         response = self._call("GET", "/v1/models")

@@ -56,6 +56,10 @@ class RankerUnavailable(RankerError):
     """The backend cannot score now: down, crashed, circuit open, or over its deadline."""
 
 
+class RankerTimeout(RankerUnavailable):
+    """The backend gave no answer within the call's deadline (a slow or stuck server)."""
+
+
 class RankerBadResponse(RankerError):
     """The backend answered, but not with usable letter scores (malformed body, 4xx)."""
 
@@ -69,8 +73,19 @@ class RankerBackend(Protocol):
     async def start(self) -> None:
         """Load weights / open connections and warm up; raise with a clear message on failure."""
 
-    async def score(self, prompts: Sequence[RenderedPrompt]) -> list[np.ndarray]:
-        """Per prompt, float32 log-probabilities over its letters (length ``num_candidates``)."""
+    async def score(
+        self,
+        prompts: Sequence[RenderedPrompt],
+        *,
+        request_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> list[np.ndarray]:
+        """Per prompt, float32 log-probabilities over its letters (length ``num_candidates``).
+
+        ``request_id`` travels with the call where the backend can log or forward it (a header,
+        an abort key); ``deadline_s`` is the caller's remaining budget, which a remote backend
+        enforces itself and an in-process one leaves to the caller's cancellation.
+        """
         ...
 
     async def ready(self) -> bool:

@@ -126,7 +126,19 @@ class TransformersBackend:
         self._queue = asyncio.Queue(maxsize=self.config.max_queue)
         self._task = asyncio.create_task(self._batcher(), name="ranker-batcher")
 
-    async def score(self, prompts: Sequence[RenderedPrompt]) -> list[np.ndarray]:
+    async def score(
+        self,
+        prompts: Sequence[RenderedPrompt],
+        *,
+        request_id: str | None = None,
+        deadline_s: float | None = None,
+    ) -> list[np.ndarray]:
+        """Queue the prompts for the batcher and wait for their scores.
+
+        The deadline is the caller's: cancelling this call withdraws its prompts that have not
+        reached a forward pass yet. ``request_id`` is accepted for the protocol; the batcher
+        mixes requests, so it has nowhere to send it.
+        """
         if self._queue is None or self._task is None or self._task.done():
             raise RankerUnavailable("transformers backend is not started (call start())")
         self.check(prompts)

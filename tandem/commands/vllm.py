@@ -121,7 +121,7 @@ def load(
         with ServerAdapters(vllm_url) as admin:
             loaded = admin.loaded()
             if source is not None:
-                newest = max((version_of(n) or 0 for n in loaded), default=0)
+                newest = (version_of(loaded[-1]) or 0) if loaded else 0  # oldest first
                 adapters = _store(store)
                 name, local, _ = adapters.export(source, max_rank, at_least=newest + 1)
                 path = f"{server_store.rstrip('/')}/{name}" if server_store else str(local)

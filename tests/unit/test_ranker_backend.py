@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from transformers import AutoTokenizer
 
 from ranker.backends.base import RankerBackend, RankerUnavailable, RenderedPrompt
 from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
+from ranker.backends.vllm import VLLMBackend
 from ranker.llm import load_model
 from ranker.prompts import PromptConfig, PromptInput, PromptItem, PromptTokenizer, render_prompt
 from tests.fixtures.retriever import one_torch_thread
@@ -50,8 +52,28 @@ def _backend(tiny_llm_dir, model=None, **options) -> TransformersBackend:
     return TransformersBackend(config, model=model)
 
 
-def test_backend_implements_the_contract(tiny_llm_dir):
-    assert isinstance(_backend(tiny_llm_dir), RankerBackend)
+@pytest.mark.parametrize("backend_class", [TransformersBackend, VLLMBackend])
+def test_backends_implement_the_protocol_signatures(backend_class):
+    """Every protocol method exists with the protocol's parameters (names, kinds, defaults)."""
+    for method in ("start", "score", "ready", "close"):
+        declared = inspect.signature(getattr(RankerBackend, method))
+        implemented = inspect.signature(getattr(backend_class, method))
+        assert inspect.iscoroutinefunction(getattr(backend_class, method)), method
+        shape = [(p.name, p.kind, p.default) for p in declared.parameters.values()]
+        assert [(p.name, p.kind, p.default) for p in implemented.parameters.values()] == shape
+    assert isinstance(backend_class.name, str)
+
+
+async def test_the_in_process_backend_accepts_the_request_context(tiny_llm_dir, model, tok):
+    backend = _backend(tiny_llm_dir, model)
+    await backend.start()
+    try:
+        prompts = _prompts(tok, 2)
+        scores = await backend.score(prompts, request_id="req-1", deadline_s=5.0)
+    finally:
+        await backend.close()
+    for got, want in zip(scores, backend.score_sync(prompts), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_batched_scores_equal_one_by_one_scores(tiny_llm_dir, model, tok):

@@ -19,12 +19,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 
-from ranker.backends.base import RankerBadResponse, RankerUnavailable, RenderedPrompt
+from ranker.backends.base import (
+    RankerBadResponse,
+    RankerTimeout,
+    RankerUnavailable,
+    RenderedPrompt,
+)
 from ranker.backends.vllm import (
     PROBE_TEXT,
-    CircuitBreaker,
     EmbeddingTable,
     ModelMismatchError,
     VLLMBackend,
@@ -98,9 +102,13 @@ def fake(tiny_llm_dir: Path) -> FakeVLLM:
     return FakeVLLM(tiny_llm_dir)
 
 
-def backend_for(fake: FakeVLLM, model_dir: Path, **overrides) -> VLLMBackend:
+def backend_for(
+    fake: FakeVLLM, model_dir: Path, registry: CollectorRegistry | None = None, **overrides
+) -> VLLMBackend:
     config = VLLMConfig(base_url="http://vllm.test", model_dir=model_dir, **overrides)
-    return VLLMBackend(config, transport=httpx.MockTransport(fake))
+    return VLLMBackend(
+        config, transport=httpx.MockTransport(fake), registry=registry or CollectorRegistry()
+    )
 
 
 def text_prompt(letters=(10, 11, 12, 13), length: int = 40) -> RenderedPrompt:
@@ -181,28 +189,6 @@ def test_soft_vectors_of_the_wrong_width_are_a_caller_error(tiny_llm_dir: Path):
         table.prompt_rows(hybrid_prompt(table.hidden_size + 1))
 
 
-# --- circuit breaker -----------------------------------------------------------------------
-
-
-def test_breaker_opens_after_n_failures_and_lets_one_probe_through_after_cooldown():
-    now = [0.0]
-    breaker = CircuitBreaker(failures=3, cooldown_s=10.0, clock=lambda: now[0])
-    for _ in range(2):
-        assert breaker.allow()
-        breaker.failure()
-    assert breaker.state == "closed"
-    breaker.failure()
-    assert breaker.state == "open" and not breaker.allow()
-    now[0] = 10.0
-    assert breaker.allow() and not breaker.allow()  # one probe at a time
-    breaker.failure()  # the probe failed: open again for a full cool-down
-    assert breaker.state == "open"
-    now[0] = 20.0
-    assert breaker.allow()
-    breaker.success()
-    assert breaker.state == "closed" and breaker.allow()
-
-
 # --- the backend against the fake server ---------------------------------------------------
 
 
@@ -242,15 +228,16 @@ async def test_each_prompt_is_one_completion_with_the_letter_contract(fake, tiny
     ],
 )  # fmt: skip
 async def test_server_failures_become_typed_errors(fake, tiny_llm_dir, status, body, error, label):
-    backend = backend_for(fake, tiny_llm_dir)
+    registry = CollectorRegistry()
+    backend = backend_for(fake, tiny_llm_dir, registry)
     await backend.start()
     content = {"json": body} if isinstance(body, dict) else {"text": body}
     fake.fail = lambda r: httpx.Response(status, **content) if "completions" in r.url.path else None
     labels = {"backend": "vllm", "error_type": label}
-    before = REGISTRY.get_sample_value("tandem_ranker_errors_total", labels)
+    assert registry.get_sample_value("tandem_ranker_errors_total", labels) == 0  # declared
     with pytest.raises(error):
         await backend.score([text_prompt()])
-    assert REGISTRY.get_sample_value("tandem_ranker_errors_total", labels) == before + 1
+    assert registry.get_sample_value("tandem_ranker_errors_total", labels) == 1
     await backend.close()
 
 
@@ -264,7 +251,7 @@ async def test_a_slow_server_is_cut_at_the_deadline(fake, tiny_llm_dir):
 
     fake.fail = stall
     began = time.monotonic()
-    with pytest.raises(RankerUnavailable, match=r"within 0\.20s"):
+    with pytest.raises(RankerTimeout, match=r"within 0\.20s"):
         await backend.score([text_prompt(), text_prompt()])
     assert time.monotonic() - began < 1.5  # the deadline, plus scheduling slack on a busy box
     await backend.close()
@@ -301,11 +288,35 @@ async def test_the_circuit_opens_fails_fast_and_closes_after_a_good_probe(fake, 
     with pytest.raises(RankerUnavailable, match="circuit open"):
         await backend.score([text_prompt()])
     assert len(fake.requests) == sent  # failed fast, nothing sent
-    assert not await backend.ready()
+    assert backend.breaker_state == "open" and not await backend.ready()
+    await asyncio.sleep(0.25)
+    assert backend.breaker_state == "half_open" and await backend.ready()
+    with pytest.raises(RankerUnavailable, match="500"):
+        await backend.score([text_prompt()])  # the probe fails: open for another cool-down
+    with pytest.raises(RankerUnavailable, match="circuit open"):
+        await backend.score([text_prompt()])
     await asyncio.sleep(0.25)
     fake.fail = None
-    await backend.score([text_prompt()])  # the half-open probe succeeds
+    await backend.score([text_prompt()])  # the probe succeeds
     assert backend.breaker_state == "closed"
+    await backend.close()
+
+
+async def test_a_call_its_caller_cancels_does_not_open_the_circuit(fake, tiny_llm_dir):
+    backend = backend_for(fake, tiny_llm_dir, breaker_failures=1)
+    await backend.start()
+
+    async def stall(request):
+        if "completions" in request.url.path:
+            await asyncio.sleep(30)
+
+    fake.fail = stall
+    with pytest.raises(TimeoutError):  # the gateway's stage deadline, not the client's
+        await asyncio.wait_for(backend.score([text_prompt()], deadline_s=10), 0.1)
+    assert backend.breaker_state == "closed"
+    with pytest.raises(RankerUnavailable, match="within"):
+        await backend.score([text_prompt()], deadline_s=0.1)  # the client's own deadline
+    assert backend.breaker_state == "open"
     await backend.close()
 
 
