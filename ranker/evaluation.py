@@ -28,7 +28,7 @@ from ranker.fusion import fuse, tune_weight
 from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
-from tandem.data import PADDING_INDEX
+from tandem.evaluate import masked_scores
 from tandem.metrics import ranking_table, ranks_from_scores, sampled_auc
 
 Progress = Callable[[int], None]
@@ -82,12 +82,7 @@ def retrieve(inputs: TrainInputs, users: np.ndarray, split: str) -> UserSet:
         raise ValueError("two-stage evaluation needs the retriever run")
     vectors = source.user_vectors(histories)
     scores = vectors @ source.item_table.T
-    rows = np.arange(len(users))
-    kept = scores[rows, targets].copy()
-    scores[:, PADDING_INDEX] = -np.inf
-    for row, history in enumerate(histories):
-        scores[row, history] = -np.inf
-    scores[rows, targets] = kept
+    masked_scores(scores, histories, targets)
     ranks = ranks_from_scores(scores, targets)
     top, top_scores = source.top_k(histories, MAX_CANDIDATES, vectors)
     return UserSet(users, histories, targets, vectors, top, top_scores, ranks)
