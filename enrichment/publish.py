@@ -49,7 +49,7 @@ def publish_enrichment(
     embedding_dtype: str = "float16",
 ) -> Published:
     """Publish the dataset's users and items with the given (else newest) enrichment runs."""
-    from feature_store.dataset import load_sources
+    from feature_store.dataset import publish_sources
     from feature_store.writer import FeatureWriter
 
     files = {
@@ -63,21 +63,15 @@ def publish_enrichment(
             root, dataset.name, captions_mod.KIND, captions_mod.CAPTIONS_FILE, captions_run
         ),
     }
-    sources = load_sources(
-        dataset,
-        embeddings_path=files["embeddings"],
-        preferences_path=files["preferences"],
-        captions_path=files["captions"],
-    )
     writer = FeatureWriter(redis_url, namespace)
     try:
-        version = writer.publish(
-            sources.users,
-            sources.items,
-            manifest_id=sources.manifest_id,
-            embedding_dim=sources.embedding_dim,
+        version, sources = publish_sources(
+            writer,
+            dataset,
+            embeddings_path=files["embeddings"],
+            preferences_path=files["preferences"],
+            captions_path=files["captions"],
             embedding_dtype=embedding_dtype,
-            progress=False,
         )
     finally:
         writer.close()

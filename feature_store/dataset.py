@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from feature_store.schema import FORMAT, ItemRecord, UserRecord
-from feature_store.writer import DEFAULT_HISTORY_CAP
+from feature_store.writer import DEFAULT_HISTORY_CAP, FeatureWriter
 from tandem.artifacts import MANIFEST
 from tandem.data import DataFormatError, Dataset
 
@@ -164,6 +164,44 @@ def load_sources(
         manifest_id="+".join(parts),
         skipped=skipped,
     )
+
+
+def publish_sources(
+    writer: FeatureWriter,
+    dataset: Dataset,
+    *,
+    embeddings_path: Path | None = None,
+    preferences_path: Path | None = None,
+    captions_path: Path | None = None,
+    embedding_dtype: str = "float16",
+    batch_size: int = 1000,
+    resume: bool = True,
+    progress: bool = False,
+) -> tuple[int, FeatureSources]:
+    """Load ``dataset``'s records (plus the enrichment files given) and publish one version.
+
+    Users keep the writer's ``history_cap`` newest items. The manifest id comes from the inputs'
+    content, so the same inputs published again re-activate their version instead of writing a
+    new one. Returns the serving version and the sources (sizes, skipped rows) for reports.
+    """
+    sources = load_sources(
+        dataset,
+        history_cap=writer.history_cap,
+        embeddings_path=embeddings_path,
+        preferences_path=preferences_path,
+        captions_path=captions_path,
+    )
+    version = writer.publish(
+        sources.users,
+        sources.items,
+        manifest_id=sources.manifest_id,
+        embedding_dim=sources.embedding_dim,
+        embedding_dtype=embedding_dtype,
+        batch_size=batch_size,
+        progress=progress,
+        resume=resume,
+    )
+    return version, sources
 
 
 def load_item_embeddings(path: Path) -> np.ndarray:

@@ -49,7 +49,7 @@ def build_retrieval(settings: RetrievalSettings) -> FastAPI:
 
 def publish_if_empty(settings: GatewaySettings, dataset: str) -> int:
     """Publish the dataset's users and items when the namespace has no version yet."""
-    from feature_store.dataset import load_sources
+    from feature_store.dataset import publish_sources
     from feature_store.writer import FeatureWriter
     from tandem.data import Dataset
 
@@ -60,15 +60,9 @@ def publish_if_empty(settings: GatewaySettings, dataset: str) -> int:
         if current is not None:
             return current
         data = _loaded(lambda: Dataset.load(settings.artifacts_dir / dataset / "data"))
-        sources = load_sources(data)
         log.info("feature store empty: publishing %s", dataset)
-        return writer.publish(
-            sources.users,
-            sources.items,
-            manifest_id=sources.manifest_id,
-            embedding_dim=sources.embedding_dim,
-            progress=False,
-        )
+        version, _ = publish_sources(writer, data)
+        return version
     finally:
         writer.close()
 

@@ -96,7 +96,7 @@ def publish(
 
     Publishing the same inputs again changes nothing; an interrupted publish resumes.
     """
-    from feature_store.dataset import load_sources
+    from feature_store.dataset import publish_sources
     from tandem.data import DataFormatError, Dataset
     from tandem.paths import dataset_dir
 
@@ -104,13 +104,6 @@ def publish(
         fail(f"--embedding-dtype must be float16 or float32, not {embedding_dtype!r}")
     try:
         data = Dataset.load(dataset_dir(dataset))
-        sources = load_sources(
-            data,
-            history_cap=history_cap,
-            embeddings_path=items_embeddings,
-            preferences_path=preferences,
-            captions_path=captions,
-        )
     except (DataFormatError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     ttl = int(user_ttl_days * 86400) or None
@@ -124,15 +117,20 @@ def publish(
     ) as writer:
         before = writer.current_version()
         start = time.perf_counter()
-        version = writer.publish(
-            sources.users,
-            sources.items,
-            manifest_id=sources.manifest_id,
-            embedding_dim=sources.embedding_dim,
-            embedding_dtype=embedding_dtype,
-            batch_size=batch_size,
-            resume=resume,
-        )
+        try:
+            version, sources = publish_sources(
+                writer,
+                data,
+                embeddings_path=items_embeddings,
+                preferences_path=preferences,
+                captions_path=captions,
+                embedding_dtype=embedding_dtype,
+                batch_size=batch_size,
+                resume=resume,
+                progress=True,
+            )
+        except (DataFormatError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
         seconds = time.perf_counter() - start
         keys = len(sources.users) + len(sources.items)
         dim = sources.embedding_dim
