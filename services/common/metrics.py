@@ -35,6 +35,7 @@ FALLBACK_REASONS = (
     "cold_start",
     "deadline_exceeded",
 )
+EVENT_RESULTS = ("accepted", "duplicate", "rejected")
 UNMATCHED_ROUTE = "<unmatched>"
 
 
@@ -114,10 +115,29 @@ class GatewayMetrics(ServiceMetrics):
             ["version", "retriever_run", "ranker_run", "backend"],
             registry=self.registry,
         )
+        self.events = Counter(
+            "tandem_events",
+            "Events received by POST /events, by result (accepted, duplicate, rejected).",
+            ["result"],
+            registry=self.registry,
+        )
+        self.events_ingest_duration = Histogram(
+            "tandem_events_ingest_duration_seconds",
+            "POST /events work per batch: validation plus the one atomic Redis script.",
+            buckets=WIDE_BUCKETS,
+            registry=self.registry,
+        )
+        self.events_stream_length = Gauge(
+            "tandem_events_stream_length",
+            "Entries in the events stream after the last accepted batch (bounded by MAXLEN ~).",
+            registry=self.registry,
+        )
         for stage in STAGES:
             self.stage_duration.labels(stage)
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
+        for result in EVENT_RESULTS:
+            self.events.labels(result)
 
     def set_build_info(self, retriever_run: str, ranker_run: str, backend: str) -> None:
         self.build_info.clear()

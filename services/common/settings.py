@@ -28,7 +28,8 @@ class ServiceSettings(BaseSettings):
     retriever_engine: Literal["onnx", "torch"] = "onnx"  # user encoder runtime
     # Comma-separated keys; empty = no authentication. Sent as Bearer or X-API-Key.
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    max_body_bytes: int = Field(64 * 1024, ge=1024)  # larger request bodies get 413
+    # Larger request bodies get 413; 256 KiB fits a full POST /events batch (500 events).
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
     # Checks whose failure makes /readyz answer 503 (comma-separated); empty = all of them.
     # Kubernetes may prefer "artifacts": a Redis or vLLM outage then degrades answers instead
     # of taking every gateway pod out of the Service.
@@ -88,6 +89,13 @@ class GatewaySettings(ServiceSettings):
     ranker_deadline_ms: float = Field(3500, gt=0)
     ranker_min_budget_ms: float = Field(20, ge=0)  # skip the ranker when less than this is left
     publish_if_empty: bool = True  # embedded mode: publish features when the store has none
+    # POST /events (feature_store.live documents the keys): the write's own deadline, the
+    # stream's approximate length bound, how long event ids are remembered (>= 24 h) and how
+    # many live events are kept per user (the default history cap).
+    events_deadline_ms: float = Field(1000, gt=0)
+    events_stream_max: int = Field(1_000_000, ge=1000)
+    events_dedup_ttl_s: int = Field(48 * 3600, ge=24 * 3600)
+    events_tail_cap: int = Field(200, ge=1)
 
     @model_validator(mode="after")
     def _check_backend(self) -> GatewaySettings:

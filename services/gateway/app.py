@@ -1,4 +1,5 @@
-"""The gateway app: loads artifacts and clients in the lifespan, then serves ``/recommend``."""
+"""The gateway app: loads artifacts and clients in the lifespan, then serves ``/recommend``
+and ``/events``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 from services.common.factory import build_app
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
+from services.gateway.events import build_events
 from services.gateway.pipeline import FeatureStore, RecommendPipeline
 from services.gateway.routes import router
 from services.gateway.sources import CandidateSource
@@ -36,6 +38,7 @@ def create_app(
         pipeline = build_pipeline(settings, metrics, loaded, store=store, source=source)
         await pipeline.load()
         app.state.pipeline = pipeline
+        app.state.events = build_events(settings, metrics, pipeline.catalog)
         _add_readiness(app, pipeline)
         log.info(
             "gateway ready to serve",
@@ -47,11 +50,13 @@ def create_app(
         try:
             yield
         finally:
+            await app.state.events.close()
             await pipeline.close()
 
     app = build_app(
         title="Tandem gateway",
-        description="POST /recommend: sequential retrieval + LLM ranking, fused, with fallbacks.",
+        description="POST /recommend: sequential retrieval + LLM ranking, fused, with fallbacks. "
+        "POST /events: live interactions, visible to the user's next /recommend.",
         settings=settings,
         metrics=metrics,
         lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""``POST /recommend``: validate, run the pipeline, return its answer (a few lines per route)."""
+"""``POST /recommend`` and ``POST /events``: validate, call one function, return its answer."""
 
 from __future__ import annotations
 
@@ -9,12 +9,22 @@ from fastapi import APIRouter, Depends, Request
 from services.common.auth import ApiKeyDep
 from services.common.context import current_request_id, new_request_id
 from services.common.errors import problem_responses
+from services.gateway.events import EventIngest
 from services.gateway.pipeline import RecommendPipeline
-from services.gateway.schemas import RecommendRequest, RecommendResponse
+from services.gateway.schemas import (
+    EventsRequest,
+    EventsResponse,
+    RecommendRequest,
+    RecommendResponse,
+)
 
 
 async def get_pipeline(request: Request) -> RecommendPipeline:
     return request.app.state.pipeline
+
+
+async def get_events(request: Request) -> EventIngest:
+    return request.app.state.events
 
 
 async def get_request_id() -> str:
@@ -23,6 +33,7 @@ async def get_request_id() -> str:
 
 PipelineDep = Annotated[RecommendPipeline, Depends(get_pipeline)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+EventsDep = Annotated[EventIngest, Depends(get_events)]
 
 router = APIRouter(tags=["recommend"])
 
@@ -38,3 +49,16 @@ async def recommend(
     """Top-k items for a user: retrieval, then the LLM ranker, fused; degrades, never fails
     because one dependency is down (see ``degraded``)."""
     return await pipeline(body, request_id)
+
+
+@router.post(
+    "/events",
+    response_model=EventsResponse,
+    responses=problem_responses(400, 401, 413, 422, 500, 503),
+    tags=["events"],
+)
+async def events(body: EventsRequest, ingest: EventsDep, _: ApiKeyDep) -> EventsResponse:
+    """Record 1-500 interactions; the next /recommend of each user sees them. Idempotent by
+    event_id; a bad event is rejected with a reason while the rest go in; 503 + Retry-After
+    (nothing recorded) when the store is unreachable."""
+    return await ingest(body)

@@ -1,12 +1,16 @@
-"""The ``POST /recommend`` contract (ARCHITECTURE.md): request and response families."""
+"""The ``POST /recommend`` and ``POST /events`` contracts (ARCHITECTURE.md): request and
+response families."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from services.common.ids import MAX_LIST, Count, ItemId, UserId
 
 MAX_K = 20
+MAX_EVENTS = 500
 
 
 class RecommendRequest(BaseModel):
@@ -58,3 +62,48 @@ class RecommendResponse(BaseModel):
     timings_ms: dict[str, float] = Field(
         description="Per stage: feature_user, retrieval, feature_items, prompt, ranker, total."
     )
+
+
+class Event(BaseModel):
+    """One interaction, as a product backend reports it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    event_id: ItemId = Field(
+        description="Idempotency key (1-64 printable characters): an id already accepted in "
+        "the last 48 h counts as a duplicate and is applied once."
+    )
+    user_id: UserId
+    item_id: ItemId = Field(description="Must be in the served catalog.")
+    type: Literal["interaction", "view", "click", "purchase"] = Field(
+        "interaction", description="What the user did; every type extends the history."
+    )
+    ts: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="Epoch seconds; default: server time."
+    )
+    request_id: ItemId | None = Field(
+        None, description="The /recommend answer this responds to (kept for attribution)."
+    )
+
+
+# Each event is validated on its own (a bad one is rejected, the rest go in), so the body
+# accepts any JSON objects while the schema documents the Event shape.
+RawEvent = Annotated[dict[str, Any], WithJsonSchema(Event.model_json_schema())]
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    events: list[RawEvent] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class RejectedEvent(BaseModel):
+    index: int = Field(ge=0, description="0-based position in the request's events.")
+    event_id: str | None = Field(description="The event's id when it had a usable one.")
+    detail: str = Field(description="Why it was rejected and what to change.")
+
+
+class EventsResponse(BaseModel):
+    accepted: int = Field(ge=0, description="New events, now visible to /recommend.")
+    duplicates: int = Field(ge=0, description="Events whose event_id was already accepted.")
+    rejected: list[RejectedEvent]

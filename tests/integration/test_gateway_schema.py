@@ -51,6 +51,12 @@ def test_gateway_recommend_answers_within_its_schema(service_stack, mode):
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_gateway_events_answers_within_its_schema(service_stack, mode):
+    service_stack.ensure_running()
+    fuzz(service_stack.gateway.url, "/events", "POST", mode, service_stack.headers())
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_retrieval_answers_within_its_schema(service_stack, mode):
     service_stack.ensure_running()
     headers = {"Authorization": f"Bearer {INTERNAL_KEY}"}
