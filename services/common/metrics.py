@@ -31,6 +31,7 @@ FALLBACK_REASONS = (
     "ranker_unavailable",
     "ranker_timeout",
     "feature_store_unavailable",
+    "feature_store_stale",  # the store failed; the user's record came from the near-cache
     "retrieval_unavailable",
     "cold_start",
     "deadline_exceeded",

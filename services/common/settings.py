@@ -69,6 +69,11 @@ class GatewaySettings(ServiceSettings):
     redis_url: str | None = None
     namespace: str = "default"  # feature-store key namespace
     redis_cluster: bool = False  # TANDEM_REDIS_URL names a Redis Cluster node
+    # Near-cache of user records read from Redis (feature_store.near_cache): consulted only
+    # while Redis is unreachable or past its deadline; such answers carry feature_store_stale.
+    # Records older than the TTL are not served; 0 users turns the near-cache off.
+    near_cache_users: int = Field(10_000, ge=0)
+    near_cache_ttl_s: float = Field(600.0, gt=0)
     # Ranker: inprocess (transformers), vllm (HTTP), or none (retriever order only).
     ranker_backend: Literal["inprocess", "vllm", "none"] = "inprocess"
     ranker_run: Path | None = None  # None = <dataset>/ranker/latest if any, else zero-shot

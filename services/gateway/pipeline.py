@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
+from feature_store.near_cache import StaleUserRead
 from ranker.backends.base import RankerBackend, RankerError, RankerUnavailable, RenderedPrompt
 from ranker.fusion import fuse, order
 from ranker.prompts import PromptInput, PromptItem
@@ -326,7 +327,12 @@ class RecommendPipeline:
             return None, False
         try:
             deadline = self.settings.feature_store_deadline_ms / 1000
-            return await trace.run(self.user.name, self.user(user_id), deadline), False
+            read = await trace.run(self.user.name, self.user(user_id), deadline)
+            stale = isinstance(read, StaleUserRead)  # the store failed; the near-cache answered
+            if stale:
+                trace.degrade("feature_store_unavailable")
+                trace.degrade("feature_store_stale")
+            return read, stale
         except StageDeadline as exc:
             trace.degrade("deadline_exceeded" if exc.overall else "feature_store_unavailable")
         except Exception as exc:  # any store failure degrades; the reason is logged

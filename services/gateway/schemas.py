@@ -55,7 +55,9 @@ class RecommendResponse(BaseModel):
     items: list[RecommendedItem]
     degraded: list[str] = Field(
         description="Fallbacks taken: ranker_unavailable, ranker_timeout, "
-        "feature_store_unavailable, retrieval_unavailable, cold_start, deadline_exceeded."
+        "feature_store_unavailable, feature_store_stale (the user's record came from the "
+        "gateway's near-cache while the store was down), retrieval_unavailable, cold_start, "
+        "deadline_exceeded."
     )
     warnings: list[str]
     model: ModelInfo

@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_RANK_WEIGHT = 0.5  # neither configured nor tuned by the ranker run
+# Share of the feature-store stage deadline Redis gets when the near-cache is on, so a stale
+# answer arrives before the stage itself is cut off.
+NEAR_CACHE_DEADLINE_SHARE = 0.8
 
 
 @dataclass
@@ -110,16 +113,26 @@ def redis_url(settings: GatewaySettings) -> str:
 
 
 def feature_store(settings: GatewaySettings) -> FeatureStore:
+    """The Redis client, behind the near-cache unless ``near_cache_users`` is 0."""
     from feature_store.client import FeatureStoreClient
+    from feature_store.near_cache import NearCache
 
     deadline = settings.feature_store_deadline_ms / 1000
-    return FeatureStoreClient(
+    client = FeatureStoreClient(
         redis_url(settings),
         settings.namespace,
         socket_timeout=deadline / 2,
         connect_timeout=deadline / 2,
         deadline=deadline,
         cluster=settings.redis_cluster,
+    )
+    if not settings.near_cache_users:
+        return client
+    return NearCache(
+        client,
+        max_users=settings.near_cache_users,
+        ttl_s=settings.near_cache_ttl_s,
+        deadline_s=deadline * NEAR_CACHE_DEADLINE_SHARE,
     )
 
 
