@@ -177,12 +177,15 @@ def publish_sources(
     batch_size: int = 1000,
     resume: bool = True,
     progress: bool = False,
+    before_publish: Callable[[str], None] | None = None,
 ) -> tuple[int, FeatureSources]:
     """Load ``dataset``'s records (plus the enrichment files given) and publish one version.
 
     Users keep the writer's ``history_cap`` newest items. The manifest id comes from the inputs'
     content, so the same inputs published again re-activate their version instead of writing a
     new one. Returns the serving version and the sources (sizes, skipped rows) for reports.
+    ``before_publish`` gets the manifest id before anything is written (the events watermark
+    of the snapshot must be recorded before readers can see the version).
     """
     sources = load_sources(
         dataset,
@@ -191,6 +194,8 @@ def publish_sources(
         preferences_path=preferences_path,
         captions_path=captions_path,
     )
+    if before_publish is not None:
+        before_publish(sources.manifest_id)
     version = writer.publish(
         sources.users,
         sources.items,

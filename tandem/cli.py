@@ -8,6 +8,7 @@ from tandem.commands import (
     data,
     enrich,
     evaluate,
+    events,
     features,
     llm,
     quickstart,
@@ -29,6 +30,7 @@ app.add_typer(llm.app, name="llm")
 app.add_typer(ranker.app, name="ranker")
 app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")
+app.add_typer(events.app, name="events")
 app.add_typer(vllm.app, name="vllm")
 app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)

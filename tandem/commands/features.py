@@ -13,7 +13,7 @@ from rich.table import Table
 from tandem.console import console, fail
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from feature_store.writer import FeatureWriter
 
@@ -91,6 +91,13 @@ def publish(
     resume: Annotated[
         bool, typer.Option(help="Resume an interrupted publish of the same inputs.")
     ] = True,
+    events_through: Annotated[
+        str | None,
+        typer.Option(
+            help="Last events-stream id the dataset already includes (`tandem events export` "
+            "prints it); live events after it are joined to this version. Unset: none included."
+        ),
+    ] = None,
 ) -> None:
     """Write a complete new feature version, then swap the alias to it atomically.
 
@@ -128,6 +135,7 @@ def publish(
                 batch_size=batch_size,
                 resume=resume,
                 progress=True,
+                before_publish=_events_watermark(redis_url, namespace, events_through),
             )
         except (DataFormatError, FileNotFoundError, ValueError) as exc:
             fail(str(exc))
@@ -151,6 +159,33 @@ def publish(
         for label, value in rows:
             table.add_row(label, value)
         console.print(table)
+
+
+def _events_watermark(
+    url: str | None, namespace: str, stream_id: str | None
+) -> Callable[[str], None] | None:
+    """A ``before_publish`` hook recording the snapshot's events watermark (readers cache it
+    with the version, so it is written before the version exists)."""
+    if stream_id is None:
+        return None
+    from feature_store.embedded import redis_url_from_env_or_embedded
+    from feature_store.event_log import EventLog
+    from feature_store.live import parse_id
+    from tandem.paths import artifacts_root
+
+    try:
+        parse_id(stream_id)
+    except ValueError:
+        fail(f"--events-through {stream_id!r} is not a stream id like 1700000000000-0")
+
+    def record(manifest_id: str) -> None:
+        events = EventLog(url or redis_url_from_env_or_embedded(artifacts_root()), namespace)
+        try:
+            events.set_snapshot_watermark(manifest_id, stream_id)
+        finally:
+            events.close()
+
+    return record
 
 
 @app.command()
