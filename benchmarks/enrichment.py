@@ -172,7 +172,7 @@ def bench_preferences(
     )
     del local
     if vllm:
-        from tests.fixtures.vllm_server import start_vllm_server
+        from tandem.testing.vllm_server import start_vllm_server
 
         start = time.perf_counter()
         server = start_vllm_server(

@@ -40,15 +40,13 @@ from gateway_load import (  # noqa: E402
     run_load,
 )
 
-from tests.fixtures.services import (  # noqa: E402
-    ITEM_DIM,
+from tandem.testing.processes import (  # noqa: E402
     ServerProcess,
     free_port,
-    make_tiny_ranker_run,
-    publish_dataset,
     redis_server,
     tandem_server,
 )
+from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 REASONS = {
@@ -72,7 +70,7 @@ def vllm_server(work: Path, llm: Path, adapter: Path) -> ServerProcess:
 class Drill:
     def __init__(self, work: Path, quick: bool):
         from retriever.core import Retriever
-        from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_lora
+        from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_lora
 
         self.work = work
         self.assets = find_or_train_retriever(work, "ml-100k")

@@ -46,15 +46,13 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tests.fixtures.services import (  # noqa: E402
-    ITEM_DIM,
+from tandem.testing.processes import (  # noqa: E402
     ServerProcess,
     free_port,
-    make_tiny_ranker_run,
-    publish_dataset,
     redis_server,
     tandem_server,
 )
+from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PROFILES = ("none", "tiny", "tiny-vllm", "soak", "soak-vllm", "smollm2", "smollm2-vllm")
@@ -197,7 +195,7 @@ def find_or_train_retriever(work: Path, dataset_name: str) -> Assets:
         run = resolve_run(artifacts / dataset_name / "retriever")
         dataset = Dataset.load(artifacts / dataset_name / "data")
     except FileNotFoundError:
-        from tests.fixtures.retriever import train_tiny_run
+        from tandem.testing.retriever import train_tiny_run
 
         artifacts = work / "artifacts"
         run = train_tiny_run(artifacts)
@@ -327,7 +325,7 @@ class Tiny:
 
 def tiny_models(work: Path, assets: Assets) -> Tiny:
     from retriever.core import Retriever
-    from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_lora
+    from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_lora
 
     if (work / "tiny_llm" / "config.json").is_file():
         return Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")

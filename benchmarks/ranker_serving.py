@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 from ranker.adapters import merge_adapter  # noqa: E402
 from ranker.backends.base import RenderedPrompt  # noqa: E402
-from tests.fixtures.vllm_server import VLLMServer, start_vllm_server  # noqa: E402
+from tandem.testing.vllm_server import VLLMServer, start_vllm_server  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 NUM_CANDIDATES = 20

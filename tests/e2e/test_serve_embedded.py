@@ -11,13 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.services import (
-    ITEM_DIM,
-    REPO,
-    free_port,
-    make_tiny_ranker_run,
-    tandem_server,
-)
+from tandem.testing.processes import REPO, free_port, tandem_server
+from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")

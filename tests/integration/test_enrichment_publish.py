@@ -12,7 +12,7 @@ from enrichment.runs import read_preferences
 from feature_store.client import FeatureStoreClient
 from tandem.cli import app
 from tandem.paths import dataset_dir
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 

@@ -10,7 +10,7 @@ from enrichment.generation import GeneratorSpec
 from enrichment.items import encode_content
 from enrichment.preferences import PreferenceConfig, item_lines, run_preferences, user_histories
 from enrichment.towers import TextTower
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

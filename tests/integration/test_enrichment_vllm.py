@@ -6,7 +6,7 @@ import pytest
 
 from enrichment.generation import GenerationError, OpenAIGenerator
 from enrichment.preferences import PreferenceConfig, item_lines, summarise_users, user_histories
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 pytestmark = pytest.mark.integration
 

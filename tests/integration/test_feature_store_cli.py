@@ -19,7 +19,7 @@ from feature_store.dataset import records_from_dataset
 from feature_store.embedded import redis_url_from_env_or_embedded, stop_embedded
 from feature_store.writer import FeatureWriter
 from tandem.cli import app
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 pytestmark = pytest.mark.integration
 

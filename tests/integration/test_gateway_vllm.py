@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.fixtures.services import free_port, tandem_server
+from tandem.testing.processes import free_port, tandem_server
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")

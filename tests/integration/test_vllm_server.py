@@ -22,7 +22,7 @@ from ranker.backends.base import RankerUnavailable, RenderedPrompt
 from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 from ranker.backends.vllm import AUTO, ModelMismatchError, VLLMBackend, VLLMConfig
 from ranker.prompts import PromptConfig, PromptInput, PromptItem, PromptTokenizer, render_prompt
-from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_tokenizer
+from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_tokenizer
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 import redis
 
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 from tests.fixtures.deploy import REPO, run_tool
 
 SCRIPT = REPO / "deploy" / "job" / "release.py"

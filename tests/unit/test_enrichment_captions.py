@@ -16,7 +16,7 @@ from enrichment.captions import (
 from enrichment.generation import TransformersGenerator
 from enrichment.runs import run_captions
 from tandem.data import Catalog
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 from tests.fixtures.enrichment import write_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

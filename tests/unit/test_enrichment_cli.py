@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from tandem.cli import app
 from tandem.paths import dataset_dir
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

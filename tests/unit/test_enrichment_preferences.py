@@ -23,7 +23,7 @@ from enrichment.preferences import (
 from enrichment.runs import PARTIAL_FILE, read_preferences
 from enrichment.runs import run_preferences as run_preferences_job
 from enrichment.sanitize import cut_repetition
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

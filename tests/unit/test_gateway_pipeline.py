@@ -23,7 +23,8 @@ from services.common.settings import GatewaySettings
 from services.gateway.app import create_app
 from services.gateway.sources import RemoteCandidates
 from services.gateway.wiring import Artifacts, load_artifacts, tuned_rank_weight
-from tests.fixtures.services import ITEM_DIM, free_port, make_tiny_ranker_run, publish_dataset
+from tandem.testing.processes import free_port
+from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
 
 pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 

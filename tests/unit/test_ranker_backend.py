@@ -15,7 +15,7 @@ from ranker.backends.transformers import TransformersBackend, TransformersBacken
 from ranker.backends.vllm import VLLMBackend
 from ranker.llm import load_model
 from ranker.prompts import PromptConfig, PromptInput, PromptItem, PromptTokenizer, render_prompt
-from tests.fixtures.retriever import one_torch_thread
+from tandem.testing.retriever import one_torch_thread
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -14,7 +14,7 @@ from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import PromptConfig
 from ranker.train import TrainInputs
 from tandem.data import Dataset
-from tests.fixtures.retriever import one_torch_thread
+from tandem.testing.retriever import one_torch_thread
 
 
 @pytest.fixture(scope="module")

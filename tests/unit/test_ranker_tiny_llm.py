@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.fixtures.tiny_llm import LETTERS
+from tandem.testing.tiny_llm import LETTERS
 
 
 def test_tiny_llm_letters_are_single_tokens(tiny_llm_dir):

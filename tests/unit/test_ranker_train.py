@@ -23,7 +23,7 @@ from ranker.train import (
     tune_rank_weight,
 )
 from tandem.artifacts import Manifest
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 CONFIG = TrainConfig(
     prompt=PromptConfig.compact(

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tandem.artifacts import Manifest
 from tandem.cli import app
-from tests.fixtures.data import synthetic_dataset
+from tandem.testing.data import synthetic_dataset
 
 runner = CliRunner()
 

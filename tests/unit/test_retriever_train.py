@@ -11,7 +11,7 @@ from retriever.train import FitReport, TrainConfig, fit
 from retriever.windows import batches, left_pad, training_windows
 from tandem.data import Dataset
 from tandem.evaluate import evaluate_full_ranking
-from tests.fixtures.retriever import TINY_TRAIN_OPTIONS, one_torch_thread
+from tandem.testing.retriever import TINY_TRAIN_OPTIONS, one_torch_thread
 
 
 def test_windows_cover_every_training_target_exactly_once() -> None:

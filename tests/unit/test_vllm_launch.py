@@ -172,7 +172,7 @@ def test_serve_waits_for_health_warms_up_with_a_long_prompt_and_returns_the_exit
         (folder / "__init__.py").write_text("")
     (package / "api_server.py").write_text(STUB_SERVER)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    from tests.fixtures.vllm_server import free_port
+    from tandem.testing.processes import free_port
 
     config = LaunchConfig(model="/m", port=free_port())
     assert serve(config, ready_timeout_s=30) == 7
