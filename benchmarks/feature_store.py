@@ -45,7 +45,7 @@ from feature_store.dataset import Records, records_from_dataset  # noqa: E402
 from feature_store.schema import ItemRecord, VersionSchema, decode_item, decode_user  # noqa: E402
 from feature_store.writer import FeatureWriter  # noqa: E402
 from tandem.data import prepare_movielens_100k  # noqa: E402
-from tandem.testing.redis import RedisProcess, delete_namespace  # noqa: E402
+from tandem.testing.private_redis import RedisProcess, delete_namespace  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 DIM = 64

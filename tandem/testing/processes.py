@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tandem.testing.redis import redis_server_binary
+from tandem.testing.private_redis import redis_server_binary
 
 REPO = Path(__file__).resolve().parents[2]
 

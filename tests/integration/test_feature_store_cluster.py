@@ -14,7 +14,7 @@ from redis.exceptions import RedisClusterException
 from feature_store.client import FeatureStoreClient, FeatureStoreUnavailable
 from feature_store.schema import ItemRecord, UserRecord
 from feature_store.writer import FeatureWriter
-from tandem.testing.redis import start_cluster
+from tandem.testing.private_redis import start_cluster
 
 pytestmark = pytest.mark.integration
 

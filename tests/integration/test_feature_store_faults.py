@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from feature_store.client import FeatureStoreClient, FeatureStoreUnavailable
 from feature_store.schema import ItemRecord, UserRecord
 from feature_store.writer import FeatureWriter
-from tandem.testing.redis import RedisProcess, free_port
+from tandem.testing.private_redis import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 
