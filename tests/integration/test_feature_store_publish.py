@@ -49,6 +49,12 @@ def publish(writer: FeatureWriter, tag: str, **kwargs) -> int:
     )
 
 
+def publish_records(writer: FeatureWriter, user_records, item_records, **kwargs) -> int:
+    return writer.publish(
+        user_records, item_records, manifest_id="a", embedding_dim=DIM, progress=False, **kwargs
+    )
+
+
 def read(url: str, namespace: str, user_id: str, item_ids: list[str]):
     async def go():
         client = FeatureStoreClient(url, namespace, socket_timeout=1, connect_timeout=1)
@@ -222,6 +228,32 @@ def test_a_second_operator_is_turned_away_while_the_namespace_is_locked(writer, 
     redis.Redis.from_url(redis_url).set(writer.keys.lock, "publish other pid=1", px=5000)
     with pytest.raises(FeatureStoreError, match="busy"):
         publish(writer, "a")
+
+
+def test_a_publish_that_lost_its_lock_stops_and_says_so(writer, redis_url):
+    def stolen() -> Iterator[ItemRecord]:
+        yield from items("a")[:5]
+        redis.Redis.from_url(redis_url).set(writer.keys.lock, "someone else", px=5000)
+        yield from items("a")[5:]
+
+    with pytest.raises(FeatureStoreError, match="lost the lock"):
+        publish_records(writer, users("a"), stolen(), batch_size=5)
+    assert redis.Redis.from_url(redis_url).get(writer.keys.lock) == b"someone else"  # kept
+    assert writer.current_version() is None
+
+
+def test_the_lock_is_released_after_each_operation_and_names_its_holder(writer, redis_url):
+    client = redis.Redis.from_url(redis_url)
+    seen: list[bytes | None] = []
+
+    def watched() -> Iterator[ItemRecord]:
+        seen.append(client.get(writer.keys.lock))
+        yield from items("a")
+
+    publish_records(writer, users("a"), watched())
+    assert seen[0] is not None and seen[0].startswith(b"publish a pid=")
+    assert client.get(writer.keys.lock) is None
+    publish(writer, "b")  # the next operation gets the lock
 
 
 def test_status_reports_versions_counts_and_memory(writer):
