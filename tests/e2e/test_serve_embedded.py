@@ -15,7 +15,6 @@ from tandem.testing.processes import REPO, free_port, tandem_server
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from schemathesis import GenerationMode
 from tests.fixtures.services import INTERNAL_KEY
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 
 CHECKS = [
     schemathesis.checks.not_a_server_error,

@@ -13,7 +13,6 @@ import pytest
 from tests.fixtures.services import INTERNAL_KEY
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 
 
 @pytest.fixture

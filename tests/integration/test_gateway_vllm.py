@@ -16,7 +16,6 @@ import pytest
 from tandem.testing.processes import free_port, tandem_server
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 pytest.importorskip("vllm", reason="vLLM is not installed")
 
 

@@ -166,8 +166,9 @@ def test_env_files_exist_and_hold_only_settings_the_services_read():
 
 @pytest.mark.parametrize("role", ["gateway", "retrieval"])
 def test_env_files_parse_into_valid_settings(role: str, monkeypatch: pytest.MonkeyPatch):
-    settings = pytest.importorskip("services.common.settings")
-    cls = {"gateway": settings.GatewaySettings, "retrieval": settings.RetrievalSettings}[role]
+    from services.common.settings import GatewaySettings, RetrievalSettings
+
+    cls = {"gateway": GatewaySettings, "retrieval": RetrievalSettings}[role]
     for key, value in _env(role).items():
         monkeypatch.setenv(key, value)
     parsed = cls(_env_file=None)

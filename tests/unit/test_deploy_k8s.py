@@ -61,19 +61,17 @@ def _env_of(container: dict, docs: dict) -> dict[str, str]:
 
 def _app_routes(role: str) -> set[str]:
     """Paths the service's FastAPI app really serves (the app is built, not started)."""
-    settings = pytest.importorskip("services.common.settings")
+    from services.common.settings import GatewaySettings, RetrievalSettings
+
     if role == "gateway":
-        app_module = pytest.importorskip("services.gateway.app")
-        app = app_module.create_app(settings.GatewaySettings(_env_file=None))
+        from services.gateway.app import create_app
+
+        app = create_app(GatewaySettings(_env_file=None))
     else:
-        app_module = pytest.importorskip("services.retrieval.app")
-        app = app_module.create_app(settings.RetrievalSettings(_env_file=None))
+        from services.retrieval.app import create_app
+
+        app = create_app(RetrievalSettings(_env_file=None))
     return {route.path for route in app.routes}
-
-
-def test_a_real_kustomize_renders_the_overlays():
-    if kustomize_command() is None:
-        pytest.skip("no kubectl/kustomize: the overlays are assembled in Python instead")
 
 
 @overlay_names
@@ -290,7 +288,8 @@ def test_pods_run_non_root_with_read_only_roots_and_bounded_resources(
 def test_environment_names_are_settings_the_services_read(
     overlay: str, rendered_overlays: dict, monkeypatch: pytest.MonkeyPatch
 ):
-    settings = pytest.importorskip("services.common.settings")
+    from services.common import settings
+
     names = settings_env_names()
     docs = _index(rendered_overlays[overlay])
     allowed = {

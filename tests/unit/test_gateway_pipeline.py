@@ -26,8 +26,6 @@ from services.gateway.wiring import Artifacts, load_artifacts, tuned_rank_weight
 from tandem.testing.processes import free_port
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
 
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
-
 
 @pytest.fixture(scope="session")
 def gateway_artifacts(

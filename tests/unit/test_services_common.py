@@ -191,9 +191,31 @@ def test_missing_retriever_run_says_what_to_do(tmp_path):
         settings.retriever_run_dir()
 
 
-def test_log_records_carry_the_request_id():
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
-    assert RequestIdFilter().filter(record) and record.request_id is None
+async def test_log_records_carry_the_request_id_of_their_request():
+    app = shell()
+    log = logging.getLogger("tests.request_id")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.addFilter(RequestIdFilter())
+    handler.emit = records.append  # type: ignore[method-assign]
+
+    @app.get("/log")
+    async def log_inside() -> dict:
+        log.warning("inside")
+        return {}
+
+    log.addHandler(handler)
+    try:
+        async with await client_for(app) as client:
+            response = await client.get("/log", headers={"X-Request-ID": "req-7"})
+        log.warning("outside")
+    finally:
+        log.removeHandler(handler)
+    assert response.status_code == 200
+    assert [(r.getMessage(), r.request_id) for r in records] == [  # type: ignore[attr-defined]
+        ("inside", "req-7"),
+        ("outside", None),
+    ]
 
 
 async def test_readiness_gates_limit_which_checks_cause_503():

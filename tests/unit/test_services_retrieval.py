@@ -11,8 +11,6 @@ import pytest
 from services.common.settings import RetrievalSettings
 from services.retrieval.app import create_app
 
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
-
 
 @pytest.fixture(scope="session")
 def loaded_retriever(tiny_retriever_run: Path):
