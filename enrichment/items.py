@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
+from enrichment.calibration import ColdStartCalibration, ProbeUsers, fit_calibration
 from enrichment.fusion import FusionConfig, FusionEncoder, FusionReport, encode, train_fusion
 from enrichment.towers import item_text
 from tandem.data import Catalog
@@ -212,6 +213,7 @@ class ItemEnrichmentResult:
     report: FusionReport
     id_scale: float
     scale_method: str = "median-norm"  # or "calibrated" (least squares on probe users)
+    calibration: ColdStartCalibration | None = None  # cold rows of the index, when fitted
 
     def summary(self) -> dict[str, float | int]:
         mask = self.items.modality_mask[1:]
@@ -229,6 +231,7 @@ class ItemEnrichmentResult:
             "alignment_chance@10": round(self.report.chance_recall_at_10, 4),
             "content_scale": round(self.id_scale, 4),
             "content_scale_method": self.scale_method,
+            **(self.calibration.summary() if self.calibration is not None else {}),
         }
 
 
@@ -239,10 +242,14 @@ def enrich_items(
     config: ItemEnrichmentConfig = ItemEnrichmentConfig(),
     on_epoch: Callable[[int, float], None] | None = None,
     probe_users: np.ndarray | None = None,
+    probes: ProbeUsers | None = None,
 ) -> ItemEnrichmentResult:
     """Train the fusion encoder on warm items and build the three output matrices.
 
-    ``probe_users`` (user vectors ``[n, d]``) calibrate the content vectors' scale.
+    ``probe_users`` (user vectors ``[n, d]``) calibrate the content vectors' scale. ``probes``
+    (the same users with their validation targets and histories) fit the cold-start
+    calibration (``enrichment.calibration``): cold rows of ``retrieval_embeddings`` are then
+    the calibrated map of the content features instead of the scaled content vector.
     """
     id_embeddings = np.asarray(id_embeddings, dtype=np.float32)
     rows = content.mask.shape[0]
@@ -273,8 +280,16 @@ def enrich_items(
             scale, method = calibrated, "calibrated"
     embeddings = unit * scale
     embeddings[0] = 0.0
+    calibration = None
+    stand_ins = embeddings
+    if probes is not None and len(probes.vectors):
+        features = calibration_features(content, unit)
+        fit_rows = np.setdiff1d(train_rows, report.valid_rows)
+        calibration = fit_calibration(features, id_embeddings, fit_rows, report.valid_rows, probes)
+        stand_ins = calibration.apply(features) * has_content[:, None]
+        stand_ins[0] = 0.0
     retrieval, _ = augmented_item_matrix(
-        id_embeddings, embeddings, item_counts, config.min_interactions
+        id_embeddings, stand_ins, item_counts, config.min_interactions
     )
     by_name = dict(zip(content.modalities, content.mask.T, strict=True))
     modality_mask = np.stack(
@@ -282,7 +297,12 @@ def enrich_items(
         axis=1,
     ).astype(np.uint8)
     items = ItemEmbeddings(embeddings, retrieval, modality_mask)
-    return ItemEnrichmentResult(items, encoder, report, scale, method)
+    return ItemEnrichmentResult(items, encoder, report, scale, method, calibration)
+
+
+def calibration_features(content: ContentFeatures, unit: np.ndarray) -> np.ndarray:
+    """What the cold-start map reads: the fused vector next to the raw tower outputs."""
+    return np.concatenate([unit, *content.features.values()], axis=1).astype(np.float32)
 
 
 def calibrated_scale(
