@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from enrichment.generation import Generator
@@ -31,6 +32,7 @@ from feature_store.event_log import EventLog, Refresh
 from tandem.data import Catalog
 
 log = logging.getLogger(__name__)
+RETRY_S = 1.0  # pause after a Redis connection error before the next attempt
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,17 @@ class PreferenceFollower:
         return StepResult(len(entries), applied, len(refreshes))
 
     def run(self, should_stop: Callable[[], bool], on_step: Callable[[StepResult], None]) -> None:
-        """Steps until ``should_stop()``; ``on_step`` sees each batch (progress logs)."""
+        """Steps until ``should_stop()``; ``on_step`` sees each batch (progress logs).
+
+        A Redis outage pauses the worker instead of ending it: a batch that was not committed
+        is delivered again once Redis is back (its commit is atomic), so retrying is safe.
+        """
         while not should_stop():
-            on_step(self.step())
+            try:
+                on_step(self.step())
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, RETRY_S)
+                time.sleep(RETRY_S)
 
     def _refresh(self, pending: dict[str, int]) -> tuple[list[Refresh], int | None]:
         """New preference texts for users with ``pending`` unread events each."""
