@@ -50,12 +50,18 @@ def embedded_redis_url(artifacts_dir: Path) -> str:
     return f"unix://{server.socket_file}"
 
 
-def stop_embedded(artifacts_dir: Path) -> None:
-    """Stop this process's embedded server for ``artifacts_dir`` (saving its data), if any."""
+def stop_embedded(artifacts_dir: Path, *, force: bool = True) -> None:
+    """Stop this process's embedded server for ``artifacts_dir`` (saving its data), if any.
+
+    ``force=False`` leaves it running while another process still uses it (that process's exit
+    stops it). Call this when the work that needed the server ends, not only at exit: a process
+    killed by a signal never runs its exit hooks, and uvicorn ends a graceful shutdown by
+    re-raising SIGTERM/SIGINT, so a server left to ``atexit`` outlives ``tandem serve``.
+    """
     data_file = (Path(artifacts_dir) / "redis" / DATA_FILE).resolve()
     server = _servers.pop(data_file, None)
     if server is not None:
-        _release(server, True)
+        _release(server, force)
 
 
 def _release(server: Any, force: bool) -> None:

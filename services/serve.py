@@ -8,8 +8,12 @@ load before the port is bound, so a missing run fails at once with what to do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Literal
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -34,11 +38,15 @@ def build_gateway(settings: GatewaySettings, *, embedded: bool) -> FastAPI:
 
     if embedded:
         settings = settings.model_copy(update={"retrieval_url": None})
+    embedded_store = not settings.redis_url
     settings = settings.model_copy(update={"redis_url": redis_url(settings)})
     artifacts = _loaded(lambda: load_artifacts(settings))
     if embedded and settings.publish_if_empty:
         publish_if_empty(settings, artifacts.retriever.manifest.dataset)
-    return create_app(settings, artifacts=artifacts)
+    app = create_app(settings, artifacts=artifacts)
+    if embedded_store:
+        _stop_store_with(app, settings.artifacts_dir)
+    return app
 
 
 def build_retrieval(settings: RetrievalSettings) -> FastAPI:
@@ -65,6 +73,27 @@ def publish_if_empty(settings: GatewaySettings, dataset: str) -> int:
         return version
     finally:
         writer.close()
+
+
+def _stop_store_with(app: FastAPI, artifacts_dir: Path) -> None:
+    """The embedded Redis stops when the app's lifespan ends (after its clients closed).
+
+    Exit hooks are too late: uvicorn ends a graceful shutdown by re-raising SIGTERM/SIGINT, so
+    the process dies by the signal and the server would be left running as an orphan.
+    """
+    from feature_store.embedded import stop_embedded
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Mapping[str, Any] | None]:
+        try:
+            async with inner(app) as state:
+                yield state
+        finally:
+            await asyncio.to_thread(stop_embedded, artifacts_dir, force=False)
+
+    app.router.lifespan_context = lifespan
 
 
 def _loaded(load):  # type: ignore[no-untyped-def]

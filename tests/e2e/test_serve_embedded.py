@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -55,6 +57,70 @@ def test_embedded_stack_publishes_features_and_ranks(artifacts, tmp_path):
     finally:
         server.stop()
     assert (root / "redis").is_dir()  # the embedded server kept its data under artifacts/
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _working_in(folder: Path) -> set[int]:
+    """Live processes whose working directory is ``folder`` (redis-server runs in its data dir)."""
+    pids = set()
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if cwd.resolve() == folder.resolve():
+                pids.add(int(cwd.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (zombies, already dead, do not count)."""
+    running = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.add(pid)
+    return running
+
+
+def test_sigterm_stops_the_embedded_redis_with_the_app(artifacts, tmp_path):
+    root, dataset = artifacts
+    env = {"TANDEM_ARTIFACTS_DIR": str(root), "TANDEM_DATASET": dataset, "TANDEM_REDIS_URL": ""}
+    server = tandem_server("embedded", free_port(), tmp_path / "serve.log", env)
+    server.start(timeout_s=180)
+    assert server.process is not None
+    spawned = _descendants(server.process.pid) | _working_in(root / "redis")
+    try:
+        assert _working_in(root / "redis"), "the embedded redis-server is not running"
+        server.process.send_signal(signal.SIGTERM)  # the process alone, as Ctrl-C or k8s do
+        # uvicorn shuts down gracefully, then re-raises the signal: the exit hooks never run
+        assert server.process.wait(60) in (0, -signal.SIGTERM), server.logs()
+        assert "Application shutdown complete" in server.logs()
+        deadline = time.monotonic() + 15
+        while _alive(spawned) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(spawned), f"survived the app: {_alive(spawned)}\n{server.logs()}"
+    finally:
+        server.stop()
+        for pid in _alive(spawned):  # a failed run leaves no orphan behind either
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_missing_artifacts_fail_fast_with_a_clear_message(tmp_path):
