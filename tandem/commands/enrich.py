@@ -269,6 +269,13 @@ def preferences(
         int | None,
         typer.Option(min=1, help="Read at most the newest N unread interactions per user."),
     ] = None,
+    full_first_build: Annotated[
+        bool,
+        typer.Option(
+            help="A user's first summary walks the whole history (CoT-Rec) instead of reading "
+            "only the newest window (one generation per user)."
+        ),
+    ] = False,
     max_new_tokens: Annotated[
         int, typer.Option(min=8, help="Cap on generated tokens per step.")
     ] = 96,
@@ -307,7 +314,11 @@ def preferences(
     data = _load_dataset(dataset)
     try:
         config = PreferenceConfig(
-            window=window, stride=stride, history=history.value, max_history=max_history
+            window=window,
+            stride=stride,
+            history=history.value,
+            max_history=max_history,
+            first_build="full" if full_first_build else "recent",
         )
     except ValueError as exc:
         fail(str(exc))

@@ -69,7 +69,7 @@ def test_train_history_leaves_out_the_validation_and_test_items(dataset):
 
 
 def test_each_step_reads_the_previous_summary_and_the_next_window(dataset, generator):
-    config = PreferenceConfig(window=4, stride=2, max_words=12)
+    config = PreferenceConfig(window=4, stride=2, max_words=12, first_build="full")
     history = user_histories(dataset)[0]
     lines = item_lines(dataset.catalog)
     [state] = summarise_users([history], lines, generator, config)
@@ -126,13 +126,13 @@ def test_a_killed_job_resumes_without_redoing_users(dataset, chatty_llm_dir, tmp
     real_generate = TransformersGenerator.generate
     calls = {"n": 0}
 
-    def dies_on_the_fourth_call(self, conversations):
+    def dies_on_the_second_call(self, conversations):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:  # one generation per chunk of users on a first build
             raise KeyboardInterrupt  # the operator's Ctrl-C, or the machine going away
         return real_generate(self, conversations)
 
-    monkeypatch.setattr(TransformersGenerator, "generate", dies_on_the_fourth_call)
+    monkeypatch.setattr(TransformersGenerator, "generate", dies_on_the_second_call)
     checkpoint = JsonlCheckpoint(path, "user_id", {"job": 1})
     with pytest.raises(KeyboardInterrupt):
         run_preferences(histories, lines, spec, config, checkpoint, chunk_users=2)
@@ -178,7 +178,7 @@ def test_the_job_writes_a_manifest_and_a_feature_store_file(dataset, chatty_llm_
 
 
 def test_max_history_bounds_the_first_summary_to_the_newest_items(dataset, generator):
-    config = PreferenceConfig(window=4, stride=2, max_history=5)
+    config = PreferenceConfig(window=4, stride=2, max_history=5, first_build="full")
     history = user_histories(dataset, "full")[2]
     lines = item_lines(dataset.catalog)
     [state] = summarise_users([history], lines, generator, config)
@@ -191,3 +191,30 @@ def test_max_history_bounds_the_first_summary_to_the_newest_items(dataset, gener
         for a, b in windows(len(history.items), 4, 2, start=start)
     ]
     assert state.watermark == len(history.items)
+
+
+def test_the_first_build_reads_only_the_newest_window_then_refreshes_by_watermark(
+    dataset, generator
+):
+    config = PreferenceConfig(window=4, stride=2, max_words=60)
+    lines = item_lines(dataset.catalog)
+    histories = user_histories(dataset, "full")[:3]
+    older = [UserHistory(h.user_id, h.items[:-3], h.ratings[:-3]) for h in histories]
+    first = summarise_users(older, lines, generator, config)
+    assert len(generator.seen) == len(older)  # one generation per user
+    for history, conversation in zip(older, generator.seen, strict=True):
+        listed = [x for x in conversation[-1]["content"].splitlines() if x.startswith("- ")]
+        assert listed == [f"- {lines[i]}" for i in history.items[-4:]]
+    assert [s.watermark for s in first] == [len(h.items) for h in older]
+    assert all(len(s.preference.split()) <= 60 and "<|" not in s.preference for s in first)
+
+    generator.seen.clear()
+    stored = {s.user_id: s for s in first}
+    refreshed = summarise_users(histories, lines, generator, config, stored)
+    assert [s.watermark for s in refreshed] == [len(h.items) for h in histories]
+    assert all("What we know" in c[-1]["content"] for c in generator.seen)  # the update path
+
+
+def test_an_unknown_first_build_is_refused():
+    with pytest.raises(ValueError, match="first_build"):
+        PreferenceConfig(first_build="everything")
