@@ -116,8 +116,14 @@ def fit(
     best_score, best_epoch, best_valid, best_state = -1.0, 0, {}, None
     curve: list[dict[str, float]] = []
     stopped = "max_epochs"
-    epoch_bar = tqdm(range(1, config.max_epochs + 1), desc=f"{config.model}", disable=not progress)
-    for epoch in epoch_bar:
+    # The bar measures the time budget (minutes), which ends most runs, not the epoch cap.
+    budget_bar = tqdm(
+        total=config.max_minutes,
+        desc=f"{config.model}",
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{remaining} left{postfix}]",
+        disable=not progress,
+    )
+    for epoch in range(1, config.max_epochs + 1):
         model.train()
         losses, out_of_time = [], False
         for inputs, targets in batches(windows, config.batch_size, rng):
@@ -136,19 +142,21 @@ def fit(
         if score > best_score:
             best_score, best_epoch, best_valid = score, epoch, valid
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        epoch_bar.set_postfix(
+        budget_bar.set_postfix(
+            epoch=epoch,
             loss=f"{np.mean(losses):.3f}",
             ndcg10=f"{score:.4f}",
             best=f"{best_score:.4f}@{best_epoch}",
-            budget_left=f"{max(0.0, deadline - time.monotonic()) / 60:.1f}min",
+            refresh=False,
         )
+        budget_bar.update(min((time.monotonic() - start) / 60, config.max_minutes) - budget_bar.n)
         if out_of_time:
             stopped = "time_budget"
             break
         if epoch - best_epoch >= config.patience:
             stopped = "patience"
             break
-    epoch_bar.close()
+    budget_bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     return FitReport(

@@ -90,3 +90,15 @@ def test_training_is_reproducible_with_a_seed(tiny_dataset: Dataset) -> None:
     second, _ = _fit(tiny_dataset, "sasrec", max_epochs=2)
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_the_progress_bar_counts_the_time_budget_not_the_epoch_cap(
+    tiny_dataset: Dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = TrainConfig(model="lrurec", **{**TINY_TRAIN_OPTIONS, "max_epochs": 2})
+    model = build_model("lrurec", tiny_dataset.catalog.num_items, config.model_options())
+    with one_torch_thread():
+        fit(model, tiny_dataset.split(), config, progress=True)
+    shown = capsys.readouterr().err
+    assert f"/{config.max_minutes:.1f} min" in shown and "left" in shown
+    assert "epoch=2" in shown and f"/{config.max_epochs}" not in shown
