@@ -1,5 +1,5 @@
-"""The ``POST /recommend`` and ``POST /events`` contracts (ARCHITECTURE.md): request and
-response families."""
+"""The ``POST /recommend`` and ``POST /events`` contracts (docs/architecture.md, "Contracts"):
+request and response families."""
 
 from __future__ import annotations
 
