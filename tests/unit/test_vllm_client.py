@@ -396,3 +396,26 @@ async def test_start_against_a_silent_socket_fails_instead_of_hanging(tiny_llm_d
     assert not await backend.ready()
     await backend.close()
     server.close()
+
+
+async def test_prompt_embeddings_are_serialised_off_the_event_loop(fake, tiny_llm_dir, monkeypatch):
+    import threading
+
+    from ranker.backends.vllm import backend as backend_module
+
+    threads: list[str] = []
+    build = backend_module.completion_body
+
+    def recording(prompt, *args):
+        threads.append(threading.current_thread().name)
+        return build(prompt, *args)
+
+    monkeypatch.setattr(backend_module, "completion_body", recording)
+    backend = backend_for(fake, tiny_llm_dir)
+    await backend.start()
+    threads.clear()
+    hidden = EmbeddingTable.load(tiny_llm_dir).hidden_size
+    await backend.score([hybrid_prompt(hidden), hybrid_prompt(hidden)])
+    await backend.close()
+    assert len(threads) == 2
+    assert all(name.startswith("vllm-encode") for name in threads), threads
