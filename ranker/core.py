@@ -8,8 +8,12 @@ vLLM server). A trained run folder holds everything except the base LLM:
     adapter/                     peft LoRA adapter (adapter_config.json + adapter_model.safetensors)
     item_projector.safetensors   present when item soft tokens are on
     user_projector.safetensors   present when the user soft token is on
+    candidate_projector.safetensors  present when candidates are signal tokens (ranker.signals)
     item_embeddings.safetensors  the item table the item projector was trained on ("embeddings",
                                  [num_items + 1, d]): publish these to the feature store
+    item_ids.json                the table's row ids (row i + 1 is item_ids[i]); when present the
+                                 ranker reads item rows from its own table, so what it serves is
+                                 exactly what it was trained on, whatever the feature store holds
     manifest.json
 """
 
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,7 @@ from ranker.projector import Projector
 from ranker.prompts import (
     PromptConfig,
     PromptInput,
+    PromptItem,
     PromptLayout,
     PromptTokenizer,
     render_prompt,
@@ -38,7 +43,38 @@ CONFIG_FILE = "ranker.json"
 ADAPTER_DIR = "adapter"
 ITEM_PROJECTOR = "item_projector.safetensors"
 USER_PROJECTOR = "user_projector.safetensors"
+CANDIDATE_PROJECTOR = "candidate_projector.safetensors"
 ITEM_EMBEDDINGS = "item_embeddings.safetensors"  # the item-token inputs training used
+ITEM_IDS = "item_ids.json"  # row ids of ITEM_EMBEDDINGS (row 0 is padding)
+PROJECTOR_FILES = {"item": ITEM_PROJECTOR, "user": USER_PROJECTOR, "candidate": CANDIDATE_PROJECTOR}
+
+
+class ItemTable:
+    """A run's own item rows by item id: fills ``PromptItem.embedding`` before rendering."""
+
+    def __init__(self, item_ids: list[str], rows: np.ndarray):
+        if rows.shape[0] != len(item_ids) + 1:
+            raise ValueError(f"{rows.shape[0]} item rows for {len(item_ids)} ids (+ padding)")
+        self.index = {item_id: n for n, item_id in enumerate(item_ids, start=1)}
+        self.rows = rows
+
+    @classmethod
+    def load(cls, run_dir: Path) -> ItemTable:
+        from safetensors.numpy import load_file
+
+        rows = load_file(str(run_dir / ITEM_EMBEDDINGS))["embeddings"].astype(np.float32)
+        return cls(json.loads((run_dir / ITEM_IDS).read_text()), rows)
+
+    def _filled(self, item: PromptItem) -> PromptItem:
+        row = self.index.get(item.item_id) if item.item_id is not None else None
+        return item if row is None else replace(item, embedding=self.rows[row])
+
+    def fill(self, inp: PromptInput) -> PromptInput:
+        return replace(
+            inp,
+            history=[self._filled(i) for i in inp.history],
+            candidates=[self._filled(i) for i in inp.candidates],
+        )
 
 
 @dataclass(frozen=True)
@@ -67,17 +103,26 @@ class Ranker:
         backend: RankerBackend,
         item_projector: Projector | None = None,
         user_projector: Projector | None = None,
+        candidate_projector: Projector | None = None,
+        item_table: ItemTable | None = None,
     ):
         if config.prompt.item_soft_tokens and item_projector is None:
             raise ValueError("item soft tokens are on but no item projector was given")
         if config.prompt.user_soft_token and user_projector is None:
             raise ValueError("the user soft token is on but no user projector was given")
+        if config.prompt.candidate_signals and candidate_projector is None:
+            raise ValueError("candidate signals are on but no candidate projector was given")
         self.tokens = (
             tokenizer if isinstance(tokenizer, PromptTokenizer) else PromptTokenizer(tokenizer)
         )
         self.config = config
         self.backend = backend
-        self.projectors = {"item": item_projector, "user": user_projector}
+        self.projectors = {
+            "item": item_projector,
+            "user": user_projector,
+            "candidate": candidate_projector,
+        }
+        self.item_table = item_table
 
     @classmethod
     def load(
@@ -97,19 +142,20 @@ class Ranker:
         from ranker.llm import load_tokenizer
 
         tokenizer = load_tokenizer(llm_dir)
-        item_projector = user_projector = None
-        adapter = None
+        projectors: dict[str, Projector] = {}
+        adapter = table = None
         if run_dir is not None:
             from tandem.artifacts import resolve_run
 
             run_dir = resolve_run(run_dir)
             config = config or RankerConfig.from_json((run_dir / CONFIG_FILE).read_text())
-            if (run_dir / ITEM_PROJECTOR).is_file():
-                item_projector = Projector.load(run_dir / ITEM_PROJECTOR)
-            if (run_dir / USER_PROJECTOR).is_file():
-                user_projector = Projector.load(run_dir / USER_PROJECTOR)
+            for kind, name in PROJECTOR_FILES.items():
+                if (run_dir / name).is_file():
+                    projectors[kind] = Projector.load(run_dir / name)
             if (run_dir / ADAPTER_DIR / "adapter_config.json").is_file():
                 adapter = run_dir / ADAPTER_DIR
+            if (run_dir / ITEM_IDS).is_file():
+                table = ItemTable.load(run_dir)
         config = config or RankerConfig()
         if isinstance(backend, str):
             if backend != "transformers":
@@ -119,11 +165,21 @@ class Ranker:
             backend = TransformersBackend(
                 TransformersBackendConfig(llm_dir=llm_dir, adapter_dir=adapter, **backend_options)
             )
-        return cls(tokenizer, config, backend, item_projector, user_projector)
+        return cls(
+            tokenizer,
+            config,
+            backend,
+            projectors.get("item"),
+            projectors.get("user"),
+            projectors.get("candidate"),
+            table,
+        )
 
     # -- rendering -----------------------------------------------------------------------
 
     def layout(self, inp: PromptInput) -> PromptLayout:
+        if self.item_table is not None:
+            inp = self.item_table.fill(inp)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def project(self, layout: PromptLayout) -> np.ndarray | None:

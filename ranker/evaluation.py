@@ -29,7 +29,13 @@ from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
 from tandem.evaluate import masked_scores
-from tandem.metrics import ranking_table, ranks_from_scores, sampled_auc
+from tandem.metrics import (
+    ndcg_per_user,
+    paired_bootstrap_ci,
+    ranking_table,
+    ranks_from_scores,
+    sampled_auc,
+)
 
 Progress = Callable[[int], None]
 
@@ -120,18 +126,23 @@ def _rank_of(scores: np.ndarray, target: int) -> int:
     return int((scores > value).sum() + (scores == value).sum() - 1)
 
 
-def _hit_inputs(inputs: TrainInputs, users: UserSet, rows: np.ndarray) -> list[PromptInput]:
+def _user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndarray) -> PromptInput:
+    """User row ``r`` with ``candidates`` in the given order, and their retriever scores."""
     ids = inputs.dataset.interactions.user_ids
-    return [
-        prompt_input(
-            inputs.features,
-            users.histories[r],
-            users.top[r],
-            inputs.preferences.get(ids[users.users[r]]),
-            None if users.vectors is None else users.vectors[r],
-        )
-        for r in rows
-    ]
+    vector = None if users.vectors is None else users.vectors[r]
+    scores = None if vector is None else inputs.source.item_table[candidates] @ vector
+    return prompt_input(
+        inputs.features,
+        users.histories[r],
+        candidates,
+        inputs.preferences.get(ids[users.users[r]]),
+        vector,
+        scores,
+    )
+
+
+def _hit_inputs(inputs: TrainInputs, users: UserSet, rows: np.ndarray) -> list[PromptInput]:
+    return [_user_input(inputs, users, r, users.top[r]) for r in rows]
 
 
 def _two_stage_ranks(users: UserSet, rows: np.ndarray, scores: list[np.ndarray]) -> np.ndarray:
@@ -159,7 +170,6 @@ def random_candidate_metrics(
     ranker: Ranker, inputs: TrainInputs, users: UserSet, seed: int, progress: Progress | None
 ) -> dict:
     """HitRatio@1 (LLaRA/RSLLM) and AUC (CIT-Rec) over the target + 19 random items."""
-    ids = inputs.dataset.interactions.user_ids
     prompts, labels = [], []
     for r, (user, history, target) in enumerate(
         zip(users.users, users.histories, users.targets, strict=True)
@@ -173,12 +183,7 @@ def random_candidate_metrics(
             inputs.dataset.catalog.num_items,
             hard_ratio=0.0,
         )
-        vector = None if users.vectors is None else users.vectors[r]
-        prompts.append(
-            prompt_input(
-                inputs.features, history, candidates, inputs.preferences.get(ids[user]), vector
-            )
-        )
+        prompts.append(_user_input(inputs, users, r, candidates))
         labels.append(label)
     scores = score_inputs(ranker, prompts, progress)
     ranks = np.array([_rank_of(s, y) for s, y in zip(scores, labels, strict=True)])
@@ -195,7 +200,6 @@ def random_candidate_metrics(
 
 def mapb(ranker: Ranker, inputs: TrainInputs, users: UserSet, rows: np.ndarray, progress) -> float:
     """CoT-Rec's Mean Absolute Position Bias: the target moved through every position."""
-    ids = inputs.dataset.interactions.user_ids
     biases = []
     for r in rows:
         target = users.targets[r]
@@ -203,16 +207,7 @@ def mapb(ranker: Ranker, inputs: TrainInputs, users: UserSet, rows: np.ndarray, 
         prompts = []
         for position in range(len(others) + 1):
             candidates = np.array([*others[:position], target, *others[position:]])
-            vector = None if users.vectors is None else users.vectors[r]
-            prompts.append(
-                prompt_input(
-                    inputs.features,
-                    users.histories[r],
-                    candidates,
-                    inputs.preferences.get(ids[users.users[r]]),
-                    vector,
-                )
-            )
+            prompts.append(_user_input(inputs, users, r, candidates))
         scores = score_inputs(ranker, prompts, progress)
         ranks = np.array([_rank_of(s, p) for p, s in enumerate(scores)], dtype=np.float64)
         biases.append(np.abs(ranks - ranks.mean()).mean())
@@ -220,8 +215,11 @@ def mapb(ranker: Ranker, inputs: TrainInputs, users: UserSet, rows: np.ndarray, 
 
 
 def _variants(ranker: Ranker) -> list[tuple[str, RankerConfig]]:
-    """Cumulative prompt ablations this ranker can run (parts it has projectors for)."""
+    """Cumulative prompt ablations this ranker can run (parts it has projectors for); none for
+    a signal-token ranker, whose prompt has no text part to ablate."""
     base = ranker.config.prompt
+    if base.candidate_signals:
+        return []
     text = replace(base, preference=False, item_soft_tokens=False, user_soft_token=False)
     steps = [("text only", text), ("+ preferences", replace(text, preference=True))]
     if ranker.projectors.get("item") is not None:
@@ -238,6 +236,8 @@ def _with_config(ranker: Ranker, config: RankerConfig, backend=None) -> Ranker:
         backend or ranker.backend,
         ranker.projectors.get("item") if config.prompt.item_soft_tokens else None,
         ranker.projectors.get("user") if config.prompt.user_soft_token else None,
+        ranker.projectors.get("candidate") if config.prompt.candidate_signals else None,
+        ranker.item_table,
     )
 
 
@@ -304,6 +304,7 @@ def evaluate(
             "valid_ndcg@10_by_weight": curve,
             **_rounded(ranking_table(fused, ks)),
         }
+        report |= paired_comparison(fused, users.retriever_ranks, config.seed)
 
     if config.random_candidates:
         report["random_candidates"] = random_candidate_metrics(
@@ -370,6 +371,19 @@ def _ablations(ranker, zero_shot, inputs, users, hits, ks, stage, main) -> list[
             }
         )
     return rows
+
+
+def paired_comparison(fused_ranks: np.ndarray, retriever_ranks: np.ndarray, seed: int) -> dict:
+    """Fused two-stage vs the retriever on the same users: NDCG@10 difference, its paired
+    bootstrap 95% interval, and the relative gain."""
+    fused = ndcg_per_user(fused_ranks, 10)
+    base = ndcg_per_user(retriever_ranks, 10)
+    lo, hi = paired_bootstrap_ci(fused, base, seed=seed)
+    return {
+        "ndcg10_diff": round(float(fused.mean() - base.mean()), 5),
+        "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
+        "ndcg10_ratio": round(float(fused.mean() / max(base.mean(), 1e-12)), 4),
+    }
 
 
 def _rounded(table: dict[str, float]) -> dict[str, float]:
@@ -443,6 +457,10 @@ def evaluate_two_stage(
     report = _run_with_progress(ranker, inputs, config, base, console)
     report["ranker_run"] = str(run_dir) if run_dir else "zero-shot"
     report["inputs"] = runs.to_parents()
+    if run_dir is not None:
+        trained = Manifest.read(run_dir)
+        report["examples_seen"] = trained.metrics.get("examples")
+        report["recipe"] = trained.config.get("train")
     print_report(report, console)
     if run_dir is not None:
         manifest = Manifest.read(run_dir)

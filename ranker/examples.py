@@ -24,6 +24,7 @@ class ItemFeatures:
     titles: list[str]
     captions: list[str | None]
     embeddings: np.ndarray | None = None  # [num_items + 1, d]: item soft-token inputs
+    ids: list[str] | None = None  # item id per row (row 0, padding, is "")
 
     @classmethod
     def build(
@@ -44,6 +45,7 @@ class ItemFeatures:
             titles=titles,
             captions=[None, *(captions.get(i) for i in ids)],
             embeddings=None if embeddings is None else np.asarray(embeddings, np.float32),
+            ids=["", *ids],
         )
 
     @property
@@ -52,7 +54,8 @@ class ItemFeatures:
 
     def item(self, index: int) -> PromptItem:
         embedding = None if self.embeddings is None else self.embeddings[index]
-        return PromptItem(self.titles[index], self.captions[index], embedding)
+        item_id = None if self.ids is None else self.ids[index]
+        return PromptItem(self.titles[index], self.captions[index], embedding, item_id)
 
 
 class CandidateSource:
@@ -127,6 +130,7 @@ def prompt_input(
     candidates: np.ndarray,
     preference: str | None = None,
     user_vector: np.ndarray | None = None,
+    retriever_scores: np.ndarray | None = None,
 ) -> PromptInput:
     """A ``PromptInput`` for catalog indices (history oldest first, candidates in shown order)."""
     return PromptInput(
@@ -134,4 +138,5 @@ def prompt_input(
         candidates=[features.item(int(i)) for i in candidates],
         preference=preference,
         user_embedding=user_vector,
+        retriever_scores=retriever_scores,
     )

@@ -112,15 +112,19 @@ def letter_logits(model, batch: Batch, soft_rows: torch.Tensor | None = None) ->
                 f"{len(batch.soft_index[0])} slots of hidden size {embeds.shape[-1]}"
             )
         embeds = embeds.index_put(batch.soft_index, soft_rows.to(embeds.dtype))
-    out = model(
+    out = model.get_decoder()(
         inputs_embeds=embeds,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
-        logits_to_keep=1,
         use_cache=False,
     )
-    last = out.logits[:, -1, :].float()
-    picked = last.gather(1, batch.letter_ids)
+    # Only the letters' rows of the LM head: a full-vocabulary head costs more than the whole
+    # 2-layer decoder (49k x 576 per prompt, and its gradient) and is thrown away but 20 logits.
+    last = out.last_hidden_state[:, -1, :]
+    head = model.get_output_embeddings()
+    picked = torch.einsum("bh,bch->bc", last, head.weight[batch.letter_ids]).float()
+    if getattr(head, "bias", None) is not None:
+        picked = picked + head.bias[batch.letter_ids].float()
     return picked.masked_fill(~batch.letter_mask, float("-inf"))
 
 
@@ -136,6 +140,9 @@ def project_soft_rows(layouts, projectors: dict, hidden: int) -> torch.Tensor:
     """
     kinds = [kind for layout in layouts for kind in layout.soft_kinds]
     raws = [raw for layout in layouts for raw in layout.soft_inputs]
+    slots = [
+        slot for layout in layouts for slot in (layout.soft_slots or (-1,) * len(layout.soft_kinds))
+    ]
     if not kinds:
         return torch.zeros((0, hidden))
     parts, index = [], []
@@ -150,7 +157,10 @@ def project_soft_rows(layouts, projectors: dict, hidden: int) -> torch.Tensor:
                 f"{kind} embeddings have size {inputs.shape[1]}, the projector expects "
                 f"{projector.config.in_dim}"
             )
-        parts.append(projector(inputs).float())
+        if projector.config.anchors:
+            parts.append(projector(inputs, torch.as_tensor([slots[n] for n in rows])).float())
+        else:
+            parts.append(projector(inputs).float())
         index.extend(rows)
     stacked = torch.cat(parts)
     inverse = torch.empty(len(index), dtype=torch.long)

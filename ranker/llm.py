@@ -36,11 +36,43 @@ def bundled_smollm2_gguf() -> Path:
     return path
 
 
-def prepare_llm(out_dir: Path, source: Path | None = None) -> Path:
+def kept_layers(total: int, keep: int) -> list[int]:
+    """Which of ``total`` decoder layers a ``keep``-layer copy keeps: the bottom half and the top
+    half, dropping the middle, so the LM head still reads final-layer features."""
+    if not 1 <= keep <= total:
+        raise LLMError(f"--layers must be between 1 and {total}, got {keep}")
+    top = keep // 2
+    return list(range(keep - top)) + list(range(total - top, total))
+
+
+def prune_layers(model, keep: int) -> list[int]:
+    """Cut ``model`` (a HF causal LM) to ``keep`` decoder layers in place; returns the kept ones.
+
+    The cost of a forward is close to linear in layers, so a 4-layer copy of SmolLM2 trains and
+    scores ~7x faster than the 30-layer original (RECIPES.md).
+    """
+    import torch
+
+    layers = model.model.layers
+    kept = kept_layers(len(layers), keep)
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in kept)
+    for new_index, layer in enumerate(model.model.layers):
+        if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "layer_idx"):
+            layer.self_attn.layer_idx = new_index
+    model.config.num_hidden_layers = keep
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types:
+        model.config.layer_types = [layer_types[i] for i in kept]
+    return kept
+
+
+def prepare_llm(out_dir: Path, source: Path | None = None, layers: int | None = None) -> Path:
     """Write a plain HF checkpoint (safetensors + tokenizer) to ``out_dir`` and return it.
 
     ``source`` is a ``.gguf`` file, a local HF causal-LM folder, or None for the bundled
-    SmolLM2-135M-Instruct. GGUF weights are dequantized to float32.
+    SmolLM2-135M-Instruct. GGUF weights are dequantized to float32. ``layers`` keeps that many
+    decoder layers (``prune_layers``); the kept indices go into the config as
+    ``tandem_kept_layers`` so the copy says what it is.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +95,8 @@ def prepare_llm(out_dir: Path, source: Path | None = None) -> Path:
     except (OSError, ValueError) as exc:
         raise LLMError(f"cannot load a causal LM from {source}: {exc}") from exc
     check_letters(tokenizer)
+    if layers is not None:
+        model.config.tandem_kept_layers = prune_layers(model, layers)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

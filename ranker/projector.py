@@ -1,8 +1,13 @@
 """Projector: a 2-layer MLP that maps an outside embedding into the LLM's input space (RSLLM).
 
-One projector per embedding source (item multimodal embeddings, the retriever's user vector).
-Its output replaces the input embedding of a placeholder token, so the LLM reads it as a "soft
-token". Saved as safetensors with its config in the file's metadata.
+One projector per embedding source (item multimodal embeddings, the retriever's user vector,
+candidate signals). Its output replaces the input embedding of a placeholder token, so the LLM
+reads it as a "soft token". Saved as safetensors with its config in the file's metadata.
+
+A candidate projector has ``anchors``: one learned row per candidate slot, added to its output
+and initialised to the embedding of that slot's letter. The candidate's token then *is* its
+letter plus its evidence, so answering means copying the letter of the best-evidenced token —
+the pointing a small LLM learns quickly — instead of recovering which letter preceded it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class ProjectorConfig:
     hidden_dim: int = 0  # MLP width; 0 means out_dim
     dropout: float = 0.0  # on the hidden layer, training only
     out_scale: float = 0.02  # initial output scale, about the size of token embeddings
+    anchors: int = 0  # learned per-slot rows added to the output (candidate letters); 0 = none
 
 
 class Projector(nn.Module):
@@ -38,10 +44,20 @@ class Projector(nn.Module):
         self.fc2 = nn.Linear(hidden, config.out_dim)
         self.scale = nn.Parameter(torch.tensor(float(config.out_scale)))
         self.norm = nn.LayerNorm(config.in_dim, elementwise_affine=False)
+        if config.anchors:
+            self.anchor = nn.Parameter(torch.zeros(config.anchors, config.out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[..., in_dim]`` -> ``[..., out_dim]``; inputs are layer-normed (sources differ)."""
-        return self.scale * self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+    def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``[..., in_dim]`` -> ``[..., out_dim]``; inputs are layer-normed (sources differ).
+
+        ``slots`` (``[...]`` long) picks the anchor row added to each output when the projector
+        has anchors."""
+        out = self.scale * self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+        if self.config.anchors:
+            if slots is None:
+                raise ValueError("this projector has slot anchors: pass each row's slot")
+            out = out + self.anchor[slots]
+        return out
 
     def save(self, path: Path) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}

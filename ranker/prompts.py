@@ -17,12 +17,17 @@ from functools import lru_cache
 import numpy as np
 
 from ranker.backends.base import RenderedPrompt
+from ranker.signals import candidate_signals
 from ranker.verbalizer import letter_token_ids, letters_for
 
 ITEM_SLOT = "<item>"  # how an item soft token shows in the rendered text
 USER_SLOT = "<user>"  # how the user soft token shows in the rendered text
+CANDIDATE_SLOT = "<cand>"  # how a candidate's signal token shows in the rendered text
 _ITEM_MARK = "\x00item\x00"
 _USER_MARK = "\x00user\x00"
+_CANDIDATE_MARK = "\x00candidate\x00"
+_MARKS = ((_ITEM_MARK, "item"), (_USER_MARK, "user"), (_CANDIDATE_MARK, "candidate"))
+_SLOT_TEXT = {"item": ITEM_SLOT, "user": USER_SLOT, "candidate": CANDIDATE_SLOT}
 
 
 class PromptError(ValueError):
@@ -34,6 +39,7 @@ class PromptItem:
     title: str
     caption: str | None = None
     embedding: np.ndarray | None = field(default=None, compare=False)
+    item_id: str | None = None  # lets a ranker that ships its own item table look the item up
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,7 @@ class PromptInput:
     candidates: Sequence[PromptItem]  # in the order they are shown (A, B, ...)
     preference: str | None = None
     user_embedding: np.ndarray | None = field(default=None, compare=False)
+    retriever_scores: np.ndarray | None = field(default=None, compare=False)  # candidate order
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,10 @@ class PromptConfig:
     item_soft_tokens: bool = False  # a projected item embedding after each item (RSLLM, LLaRA)
     user_soft_token: bool = False  # a projected user vector before the history (CIT-Rec)
     item_titles: bool = True  # False: an item with an embedding is shown by its soft token only
+    candidate_signals: bool = False  # each candidate is one token of its signals (ranker.signals)
+    terse: bool = False  # a few words of instruction, no chat template (short = fast on CPU)
+    candidate_letters: bool = True  # write each candidate's letter before it (terse mode: off
+    # when the candidate tokens carry their letter themselves, see ranker.projector anchors)
     max_history: int = 20  # most recent items kept (LlamaRec: 20)
     max_title_tokens: int = 32  # titles are cut to this many tokens (LlamaRec: 32)
     max_caption_tokens: int = 32
@@ -117,9 +128,29 @@ class PromptConfig:
         values = {"max_history": 10, "max_title_tokens": 10, "max_caption_tokens": 12}
         return cls(**{**values, **overrides})
 
+    @classmethod
+    def pointer(cls, **overrides) -> PromptConfig:
+        """The CPU recipe: a terse prompt of soft tokens: the user, then one signal token per
+        candidate after its letter (~50 tokens). The LLM points at the candidate whose token
+        carries the strongest evidence (ranker.signals)."""
+        values = {
+            "persona": False,
+            "captions": False,
+            "preference": False,
+            "item_soft_tokens": False,
+            "user_soft_token": True,
+            "item_titles": False,
+            "candidate_signals": True,
+            "terse": True,
+            "max_history": 0,
+            "chat_template": False,
+            "candidate_letters": False,
+        }
+        return cls(**{**values, **overrides})
+
     @property
     def uses_soft_tokens(self) -> bool:
-        return self.item_soft_tokens or self.user_soft_token
+        return self.item_soft_tokens or self.user_soft_token or self.candidate_signals
 
 
 @dataclass(frozen=True)
@@ -132,6 +163,7 @@ class PromptLayout:
     soft_positions: tuple[int, ...] = ()
     soft_kinds: tuple[str, ...] = ()  # "item" or "user", per soft position
     soft_inputs: tuple[np.ndarray, ...] = field(default=(), compare=False)
+    soft_slots: tuple[int, ...] = ()  # per soft position: the candidate's index, or -1
     history_used: int = 0  # history items that fit (the most recent ones)
 
     def with_soft_vectors(self, soft_vectors: np.ndarray | None) -> RenderedPrompt:
@@ -176,6 +208,13 @@ def _placeholder_id(tokenizer) -> int:
 def _clean(text: str) -> str:
     """One line of prompt text: no newlines or marker characters from user data."""
     return " ".join(text.replace("\x00", " ").split())
+
+
+def _candidate_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer) -> str:
+    """A candidate in signal mode: its (optional) title, then its signal token."""
+    if not config.item_titles:
+        return _CANDIDATE_MARK
+    return tok.truncate(_clean(item.title), config.max_title_tokens) + " " + _CANDIDATE_MARK
 
 
 def _item_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer) -> tuple[str, bool]:
@@ -233,7 +272,33 @@ def _body(
     return "\n".join(lines)
 
 
+def _terse_body(
+    history: list[str],
+    candidates: list[str],
+    preference: str | None,
+    user_soft: bool,
+    letters: bool = True,
+) -> str:
+    """Pointer prompt: a line per part, candidates as ``A <cand> B <cand> ...`` (or, without
+    ``letters``, just their tokens)."""
+    lines = ["Pick the candidate this user chooses next."]
+    if preference:
+        lines.append(f"Preference: {preference}")
+    if user_soft:
+        lines.append(f"User: {_USER_MARK}")
+    if history:
+        lines.append("History: " + " ".join(history))
+    if letters:
+        pairs = zip(letters_for(len(candidates)), candidates, strict=True)
+        candidates = [f"{letter} {text}" for letter, text in pairs]
+    lines.append("Candidates: " + (" " if letters else "").join(candidates))
+    lines.append("Answer:")
+    return "\n".join(lines) + "\n"
+
+
 def _wrap(instruction: str, body: str, config: PromptConfig, tok: PromptTokenizer) -> str:
+    if config.terse:
+        return body
     if config.chat_template and tok.has_chat_template:
         messages = [
             {"role": "system", "content": instruction},
@@ -253,10 +318,7 @@ def _assemble(text: str, tok: PromptTokenizer) -> tuple[list[int], list[int], li
     display: list[str] = []
     rest = text
     while rest:
-        cut = [
-            (rest.find(mark), mark, kind)
-            for mark, kind in ((_ITEM_MARK, "item"), (_USER_MARK, "user"))
-        ]
+        cut = [(rest.find(mark), mark, kind) for mark, kind in _MARKS]
         cut = [c for c in cut if c[0] >= 0]
         if not cut:
             ids.extend(tok.encode(rest))
@@ -269,7 +331,7 @@ def _assemble(text: str, tok: PromptTokenizer) -> tuple[list[int], list[int], li
         positions.append(len(ids))
         kinds.append(kind)
         ids.append(tok.placeholder_id)
-        display.append(ITEM_SLOT if kind == "item" else USER_SLOT)
+        display.append(_SLOT_TEXT[kind])
         rest = rest[at + len(mark) :]
     return ids, positions, kinds, "".join(display)
 
@@ -282,7 +344,10 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
     """
     num = len(inp.candidates)
     letters_for(num)
-    candidates = [_item_text(item, config, tok) for item in inp.candidates]
+    if config.candidate_signals:
+        candidates = [(_candidate_text(item, config, tok), False) for item in inp.candidates]
+    else:
+        candidates = [_item_text(item, config, tok) for item in inp.candidates]
     history_items = list(inp.history)[-config.max_history :] if config.max_history else []
     history = [_item_text(item, config, tok) for item in history_items]
     with_captions = config.captions and any(
@@ -294,7 +359,11 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
     user_soft = config.user_soft_token and inp.user_embedding is not None
     instruction = _instruction(config, with_captions)
     while True:
-        body = _body([t for t, _ in history], [t for t, _ in candidates], preference, user_soft)
+        parts = ([t for t, _ in history], [t for t, _ in candidates], preference, user_soft)
+        if config.terse:
+            body = _terse_body(*parts, letters=config.candidate_letters)
+        else:
+            body = _body(*parts)
         ids, positions, kinds, display = _assemble(_wrap(instruction, body, config, tok), tok)
         if len(ids) <= config.max_prompt_tokens:
             break
@@ -306,6 +375,10 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
         history = history[1:]
         history_items = history_items[1:]
     soft_inputs = _soft_inputs(kinds, inp, history_items, history, candidates)
+    if config.candidate_signals:
+        soft_inputs = (*soft_inputs, *signal_rows(inp))
+    candidate_index = iter(range(num))
+    slots = tuple(next(candidate_index) if kind == "candidate" else -1 for kind in kinds)
     return PromptLayout(
         token_ids=tuple(ids),
         letter_token_ids=tok.letter_ids[:num],
@@ -313,7 +386,31 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
         soft_positions=tuple(positions),
         soft_kinds=tuple(kinds),
         soft_inputs=soft_inputs,
+        soft_slots=slots,
         history_used=len(history),
+    )
+
+
+def signal_rows(inp: PromptInput) -> np.ndarray:
+    """The candidates' signal rows (``ranker.signals``); says what is missing, if anything."""
+    missing = [
+        name
+        for name, absent in (
+            ("the user vector", inp.user_embedding is None),
+            ("the retriever's scores", inp.retriever_scores is None),
+            ("candidate item rows", any(c.embedding is None for c in inp.candidates)),
+        )
+        if absent
+    ]
+    if missing:
+        raise PromptError("candidate signals need " + ", ".join(missing))
+    history = [h.embedding for h in inp.history if h.embedding is not None]
+    width = len(inp.candidates[0].embedding)
+    return candidate_signals(
+        inp.user_embedding,
+        np.stack([c.embedding for c in inp.candidates]),
+        np.stack(history) if history else np.zeros((0, width), np.float32),
+        inp.retriever_scores,
     )
 
 
@@ -324,7 +421,8 @@ def _soft_inputs(
     history: list[tuple[str, bool]],
     candidates: list[tuple[str, bool]],
 ) -> tuple[np.ndarray, ...]:
-    """Raw embeddings in slot order: user first, then history items, then candidates."""
+    """Raw embeddings in slot order: user first, then history items, then candidates' item
+    tokens (signal rows, one per candidate, follow them: the caller appends those)."""
     rows: list[np.ndarray] = []
     if kinds and kinds[0] == "user":
         rows.append(np.asarray(inp.user_embedding, dtype=np.float32))
@@ -335,11 +433,17 @@ def _soft_inputs(
         for item, soft in zip(items, flags, strict=True)
         if soft
     )
-    if len(rows) != len(kinds):
-        raise PromptError(f"{len(kinds)} soft slots but {len(rows)} embeddings")
+    expected = len(kinds) - kinds.count("candidate")
+    if len(rows) != expected:
+        raise PromptError(f"{expected} soft slots but {len(rows)} embeddings")
     return tuple(rows)
 
 
 def reorder(inp: PromptInput, order: Sequence[int]) -> PromptInput:
     """The same input with candidates shown in ``order`` (position -> candidate index)."""
-    return replace(inp, candidates=[inp.candidates[i] for i in order])
+    scores = inp.retriever_scores
+    return replace(
+        inp,
+        candidates=[inp.candidates[i] for i in order],
+        retriever_scores=None if scores is None else np.asarray(scores)[list(order)],
+    )

@@ -80,3 +80,29 @@ def ranking_table(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[s
         table[f"ndcg@{k}"] = ndcg_at_k(ranks, k)
         table[f"mrr@{k}"] = mrr_at_k(ranks, k)
     return table
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Each user's NDCG@k (a miss, rank -1 or >= k, scores 0): the unit a paired test resamples."""
+    return np.where(_in_top(ranks, k), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
+def paired_bootstrap_ci(
+    a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile interval of mean(a - b) over users resampled with replacement (paired).
+
+    ``a`` and ``b`` are per-user values of two systems on the same users, in the same order.
+    """
+    if a.shape != b.shape or not len(a):
+        raise ValueError("paired bootstrap needs two equally long, non-empty per-user arrays")
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):
+        stop = min(start + 1000, resamples)
+        picks = rng.integers(0, len(diff), size=(stop - start, len(diff)))
+        means[start:stop] = diff[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)

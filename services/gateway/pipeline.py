@@ -392,6 +392,7 @@ class RecommendPipeline:
             candidates=[self._prompt_item(i, records) for i in ids],
             preference=preference,
             user_embedding=retrieved.user_embedding,
+            retriever_scores=base,
         )
         try:
             start = time.perf_counter()
@@ -431,8 +432,13 @@ class RecommendPipeline:
     def _prompt_item(self, item_id: str, records: dict[str, ItemRecord]) -> PromptItem:
         record = records.get(item_id)
         if record is None:
-            return PromptItem(title=self._catalog_title(item_id))
-        return PromptItem(title=record.title, caption=record.caption, embedding=record.embedding)
+            return PromptItem(title=self._catalog_title(item_id), item_id=item_id)
+        return PromptItem(
+            title=record.title,
+            caption=record.caption,
+            embedding=record.embedding,
+            item_id=item_id,
+        )
 
     def _catalog_title(self, item_id: str) -> str:
         return self._catalog_titles([item_id])[0]

@@ -45,7 +45,11 @@ class ModelInfo(BaseModel):
     backend: str = Field(description="Ranker backend: inprocess, vllm or none.")
     feature_version: int | None = Field(description="Feature-store version read, if any.")
     rank_weight: float = Field(
-        description="Fusion weight served: configured, else tuned by the ranker run, else 0.5."
+        description="Fusion weight served: configured, else tuned by the ranker run on "
+        "validation, else 0 (retriever order: an unproven ranker is not served)."
+    )
+    ranker_note: str | None = Field(
+        None, description="Which ranker is served and why, or why none is (e.g. no run)."
     )
 
 

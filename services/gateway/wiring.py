@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RANK_WEIGHT = 0.5  # neither configured nor tuned by the ranker run
 # Share of the feature-store stage deadline Redis gets when the near-cache is on, so a stale
 # answer arrives before the stage itself is cut off.
 NEAR_CACHE_DEADLINE_SHARE = 0.8
@@ -47,6 +46,7 @@ class Artifacts:
     ranker: Ranker | None
     ranker_run: Path | None
     tuned_rank_weight: float | None = None  # the fusion weight the ranker run chose on validation
+    ranker_note: str = ""  # why the ranker is (not) served, for start-up logs and responses
 
 
 def tuned_rank_weight(run: Path | None) -> float | None:
@@ -60,10 +60,31 @@ def tuned_rank_weight(run: Path | None) -> float | None:
 
 
 def rank_weight(configured: float | None, tuned: float | None) -> float:
-    """The configured weight first; else the one the ranker run tuned; else 0.5."""
+    """The configured weight first; else the one the ranker run tuned; else 0 (retriever order).
+
+    Defaults never harm: a ranker that has not been shown to help on validation (no run, or a
+    run whose tuned weight is 0) is not served unless TANDEM_RANK_WEIGHT asks for it.
+    """
     if configured is not None:
         return configured
-    return tuned if tuned is not None else DEFAULT_RANK_WEIGHT
+    return tuned if tuned is not None else 0.0
+
+
+def ranker_note(configured: float | None, tuned: float | None, run: Path | None) -> str:
+    """One line saying which ranker is served and why (logged at start-up, in every response)."""
+    if configured is not None:
+        return f"TANDEM_RANK_WEIGHT={configured} (configured), ranker run {_name(run)}"
+    if run is None:
+        return "off: no trained ranker run; answers keep the retriever's order"
+    if tuned is None:
+        return f"off: ranker run {run.name} has no validation-tuned weight; retriever order"
+    if tuned == 0.0:
+        return f"off: ranker run {run.name} did not beat retriever order on validation (weight 0)"
+    return f"ranker run {run.name} at weight {tuned}, tuned on validation"
+
+
+def _name(run: Path | None) -> str:
+    return run.name if run is not None else "none (zero-shot LLM)"
 
 
 def load_artifacts(settings: GatewaySettings) -> Artifacts:
@@ -72,23 +93,24 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
 
     retriever = Retriever.load(settings.retriever_run_dir(), engine=settings.retriever_engine)
     if settings.ranker_backend == "none":
-        return Artifacts(retriever, None, None)
+        return Artifacts(retriever, None, None, ranker_note="off: TANDEM_RANKER_BACKEND=none")
     from ranker.core import Ranker
 
     run = settings.ranker_run_dir()
     tuned = tuned_rank_weight(run)
+    note = ranker_note(settings.rank_weight, tuned, run)
     if rank_weight(settings.rank_weight, tuned) == 0.0:
         log.warning(
-            "rank_weight is 0 (%s): the ranker is not loaded or called, answers keep the "
-            "retriever's order; set TANDEM_RANK_WEIGHT above 0 to serve it",
-            "TANDEM_RANK_WEIGHT" if settings.rank_weight is not None else f"tuned by {run}",
+            "ranker %s: it is not loaded or called; set TANDEM_RANK_WEIGHT above 0 to force it",
+            note,
         )
-        return Artifacts(retriever, None, run, tuned)
+        return Artifacts(retriever, None, run, tuned, note)
+    log.info("ranker: %s", note)
     backend: RankerBackend | str = "transformers"
     if settings.ranker_backend == "vllm":
         backend = vllm_backend(settings)
     ranker = Ranker.load(run, settings.llm_path(), backend=backend)
-    return Artifacts(retriever, ranker, run, tuned)
+    return Artifacts(retriever, ranker, run, tuned, note)
 
 
 def vllm_backend(settings: GatewaySettings) -> RankerBackend:
@@ -179,5 +201,6 @@ def build_pipeline(
             backend=backend,
             feature_version=None,
             rank_weight=weight,
+            ranker_note=artifacts.ranker_note or None,
         ),
     )

@@ -1,12 +1,16 @@
 """``tandem quickstart``: build whatever is missing with small budgets, then serve.
 
 This is what ``make run`` calls on a fresh clone: prepare MovieLens-100K, train the default
-retriever, print its test metrics, prepare the base LLM, and start the embedded stack on
-127.0.0.1:8000. Steps whose artifacts exist are skipped, so a second run starts in seconds.
+retriever, print its test metrics, prepare the base LLM, pick the ranker (a local run, else the
+one shipped in ``models/`` after its hash and data checks, else none: retriever order), say
+which and why, and start the embedded stack on 127.0.0.1:8000. Steps whose artifacts exist are
+skipped, so a second run starts in seconds.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,21 +38,21 @@ def quickstart(
     folder = dataset_dir(DATASET)
     try:
         data = Dataset.load(folder)
-        console.print(f"[1/4] dataset {DATASET}: found in {folder}")
+        console.print(f"[1/5] dataset {DATASET}: found in {folder}")
     except FileNotFoundError:
-        console.print(f"[1/4] dataset {DATASET}: preparing the bundled MovieLens-100K")
+        console.print(f"[1/5] dataset {DATASET}: preparing the bundled MovieLens-100K")
         data = prepare_movielens_100k()
         data.save(folder)
 
     retriever_runs = runs_dir(artifacts_root(), DATASET, "retriever")
     try:
         run_dir = resolve_run(retriever_runs)
-        console.print(f"[2/4] retriever: found {run_dir}")
+        console.print(f"[2/5] retriever: found {run_dir}")
     except FileNotFoundError:
         from retriever.train import TrainConfig, train_retriever
 
         config = TrainConfig(max_minutes=retriever_minutes)
-        console.print(f"[2/4] retriever: training {config.model} for <= {retriever_minutes} min")
+        console.print(f"[2/5] retriever: training {config.model} for <= {retriever_minutes} min")
         run_dir = train_retriever(data, config, artifacts_root(), progress=True)
 
     from retriever.evaluation import evaluate_run, store_metrics
@@ -58,27 +62,73 @@ def quickstart(
     store_metrics(run_dir, result)
     console.print(render_table(result, title=f"Retriever {run_dir.name}"))
 
-    llm_dir = artifacts_root() / "llm"
-    if (llm_dir / "config.json").is_file():
-        console.print(f"[3/4] ranker LLM: found {llm_dir}")
-    else:
-        from ranker.llm import LLMError, prepare_llm
-
-        console.print("[3/4] ranker LLM: converting the bundled SmolLM2-135M-Instruct GGUF")
-        try:
-            prepare_llm(llm_dir)
-        except LLMError as exc:
-            fail(str(exc))
+    ranker_run, llm_dir, layers = _pick_ranker(data)
+    if llm_dir is not None:
+        _ensure_llm(llm_dir, layers)
 
     if not serve:
-        console.print("[4/4] built; start the service with `tandem serve`")
+        console.print("[5/5] built; start the service with `tandem serve`")
         return
+    if ranker_run is not None:
+        os.environ.setdefault("TANDEM_RANKER_RUN", str(ranker_run))
+        os.environ.setdefault("TANDEM_LLM_DIR", str(llm_dir))
     console.print(
-        f"[4/4] serving on http://{host}:{port} (Ctrl-C stops). Once it logs that start-up is "
+        f"[5/5] serving on http://{host}:{port} (Ctrl-C stops). Once it logs that start-up is "
         "complete, try:\n"
         f"  curl -s -X POST http://{host}:{port}/recommend -H 'Content-Type: application/json' "
-        "-d '{\"user_id\": \"1\", \"k\": 5}'"
+        '-d \'{"user_id": "1", "k": 5}\''
     )
     from tandem.commands.serve import serve as serve_command
 
     serve_command(host=host, port=port)
+
+
+def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
+    """[3/5] The ranker to serve and its LLM folder: a local run, else the shipped one, else
+    none. Prints which and its validation gain; a ranker whose tuned weight is 0 is named but
+    the gateway will not load it (retriever order)."""
+    from ranker.shipping import ShippedRankerError, check_shipped, llm_layers, validation_summary
+    from tandem.artifacts import Manifest, resolve_run, runs_dir
+    from tandem.paths import artifacts_root, models_root
+
+    root = artifacts_root()
+    try:
+        run = resolve_run(runs_dir(root, DATASET, "ranker"))
+        manifest = Manifest.read(run)
+        llm = Path(manifest.config.get("llm_dir") or root / "llm")
+        console.print(f"[3/5] ranker: local run {run.name}: {validation_summary(manifest)}")
+        return run, llm, None
+    except FileNotFoundError:
+        pass
+    shipped = models_root() / "ranker"
+    if not (shipped / "manifest.json").is_file():
+        console.print("[3/5] ranker: none trained or shipped: answers keep the retriever's order")
+        return None, None, None
+    try:
+        manifest = check_shipped(shipped, data.summary.fingerprint)
+    except ShippedRankerError as exc:
+        console.print(f"[3/5] ranker: shipped one not used ({exc}): retriever order")
+        return None, None, None
+    layers = llm_layers(manifest)
+    llm = root / (f"llm-{layers}" if layers else "llm")
+    console.print(
+        f"[3/5] ranker: shipped {shipped} (hashes checked): {validation_summary(manifest)}"
+    )
+    return shipped, llm, layers
+
+
+def _ensure_llm(llm_dir: Path, layers: int | None) -> None:
+    """[4/5] The ranker's base LLM, converted (and cut to its layers) once."""
+    from ranker.llm import LLMError, prepare_llm
+
+    if (llm_dir / "config.json").is_file():
+        console.print(f"[4/5] ranker LLM: found {llm_dir}")
+        return
+    console.print(
+        f"[4/5] ranker LLM: converting the bundled SmolLM2-135M-Instruct GGUF to {llm_dir}"
+        + (f" ({layers} layers)" if layers else "")
+    )
+    try:
+        prepare_llm(llm_dir, layers=layers)
+    except LLMError as exc:
+        fail(str(exc))

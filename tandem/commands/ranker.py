@@ -20,6 +20,12 @@ app = typer.Typer(
 class PromptMode(StrEnum):
     full = "full"
     compact = "compact"
+    pointer = "pointer"
+
+
+class CandidateMode(StrEnum):
+    sampled = "sampled"
+    retrieved = "retrieved"
 
 
 class Precision(StrEnum):
@@ -46,7 +52,11 @@ def train(
     captions_run: Annotated[str | None, typer.Option(help=RUN_HELP)] = None,
     preferences_run: Annotated[str | None, typer.Option(help=RUN_HELP)] = None,
     prompt: Annotated[
-        PromptMode, typer.Option(help="'compact': 10 history items, titles cut to 10 tokens.")
+        PromptMode,
+        typer.Option(
+            help="'compact': 10 history items, titles cut to 10 tokens. 'pointer': the CPU "
+            "recipe, a ~40-token prompt of soft tokens (user + one signal token per candidate)."
+        ),
     ] = PromptMode.compact,
     persona: Annotated[bool, typer.Option(help="MLLM4Rec role-play opening.")] = True,
     preference: Annotated[bool, typer.Option(help="CoT-Rec preference text.")] = True,
@@ -56,6 +66,34 @@ def train(
         bool, typer.Option(help="Show item titles (off: items are their soft token only).")
     ] = True,
     max_history: Annotated[int | None, typer.Option(min=0, help="History items shown.")] = None,
+    candidates: Annotated[
+        CandidateMode,
+        typer.Option(
+            help="'sampled': target + negatives, shuffled (LlamaRec). 'retrieved': the "
+            "retriever's top-20 in its order, as served (examples it missed are skipped)."
+        ),
+    ] = CandidateMode.sampled,
+    curriculum: Annotated[
+        str,
+        typer.Option(help="Candidate counts of the first stages, e.g. '4,8' (then 20)."),
+    ] = "",
+    curriculum_examples: Annotated[
+        int, typer.Option(min=1, help="Examples each curriculum stage lasts.")
+    ] = 2000,
+    distill_weight: Annotated[
+        float, typer.Option(min=0.0, help="KL weight towards the retriever's softmax.")
+    ] = 0.0,
+    distill_examples: Annotated[
+        int, typer.Option(min=0, help="Examples over which the KL weight falls to 0 (0: kept).")
+    ] = 0,
+    side_features: Annotated[
+        bool, typer.Option(help="Item rows gain popularity, year and genres.")
+    ] = False,
+    lora_targets: Annotated[
+        str, typer.Option(help="Comma-separated module names LoRA adapts.")
+    ] = "q_proj,k_proj,v_proj",
+    lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 20,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in total.")] = 1000,
     max_minutes: Annotated[
         float, typer.Option(min=0.1, help="Wall-clock budget of this session.")
@@ -115,11 +153,26 @@ def train(
                 "user_soft_token": user_token,
                 "item_titles": titles,
             }
+            if prompt is PromptMode.pointer:  # its own defaults; only these switches apply
+                prompt_options = {"user_soft_token": user_token}
             if max_history is not None:
                 prompt_options["max_history"] = max_history
-            base = PromptConfig.compact if prompt is PromptMode.compact else PromptConfig
+            base = {
+                PromptMode.full: PromptConfig,
+                PromptMode.compact: PromptConfig.compact,
+                PromptMode.pointer: PromptConfig.pointer,
+            }[prompt]
             config = TrainConfig(
                 prompt=base(**prompt_options),
+                candidates=candidates.value,
+                curriculum=_counts(curriculum),
+                curriculum_examples=curriculum_examples,
+                distill_weight=distill_weight,
+                distill_examples=distill_examples,
+                side_features=side_features,
+                target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
+                lora_r=lora_r,
+                warmup_steps=warmup_steps,
                 max_steps=max_steps,
                 max_minutes=max_minutes,
                 batch_size=batch_size,
@@ -163,6 +216,17 @@ def train(
     console.print(table)
     if result.stopped_by == "max_minutes":
         console.print(f"budget reached: continue with `tandem ranker train --resume {run_dir}`")
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """'4,8' -> (4, 8); each count must be 2..20."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--curriculum takes comma-separated numbers, got {text!r}") from None
+    if any(not 2 <= c <= 20 for c in counts):
+        raise ValueError(f"--curriculum counts must be between 2 and 20, got {text!r}")
+    return counts
 
 
 def _json(value) -> str:
@@ -273,3 +337,37 @@ def evaluate(
         batch_size=batch_size,
         threads=threads,
     )
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="The ranker run folder to ship.")],
+    reproduce: Annotated[
+        str, typer.Option(help="The exact command that trained it (goes into the manifest).")
+    ],
+    llm_layers: Annotated[
+        int | None, typer.Option(min=1, help="Decoder layers of the LLM it was trained on.")
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="A JSON report (e.g. its test evaluation) to include.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Default: <models>/ranker.")] = None,
+) -> None:
+    """Ship a trained ranker in the repository (models/, <= 20 MiB) for `make run` to serve."""
+    import json
+
+    from ranker.shipping import ShippedRankerError, export_run, validation_summary
+    from tandem.artifacts import resolve_run
+    from tandem.paths import models_root
+
+    out = out or models_root() / "ranker"
+    try:
+        report = json.loads(results.read_text()) if results else None
+        manifest = export_run(
+            resolve_run(run), out, reproduce=reproduce, llm_layers=llm_layers, results=report
+        )
+    except (FileNotFoundError, ShippedRankerError, json.JSONDecodeError) as exc:
+        fail(str(exc))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    console.print(f"shipped {manifest.run_id} to {out} ({size / 2**20:.1f} MiB)")
+    console.print(validation_summary(manifest))

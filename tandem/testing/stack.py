@@ -70,7 +70,7 @@ def make_tiny_ranker_run(
     shutil.copytree(lora_dir, folder / ADAPTER_DIR, dirs_exist_ok=True)
     Manifest(
         kind="ranker", run_id=folder.name, dataset=dataset, config={"test": True},
-        data_fingerprint="test",
+        data_fingerprint="test", metrics={"rank_weight": 0.5},  # as if validation tuned it
     ).write(folder)  # fmt: skip
     mark_latest(folder)
     return folder

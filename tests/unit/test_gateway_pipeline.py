@@ -39,7 +39,7 @@ def gateway_artifacts(
         tmp_path_factory.mktemp("ranker") / "tiny-ranker", tiny_llm_dir, tiny_lora_dir,
         item_dim=ITEM_DIM, user_dim=retriever.dim, dataset=retriever.manifest.dataset,
     )  # fmt: skip
-    return Artifacts(retriever, Ranker.load(run, tiny_llm_dir), run)
+    return Artifacts(retriever, Ranker.load(run, tiny_llm_dir), run, tuned_rank_weight=0.5)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +100,7 @@ class SlowBackend:
 def with_backend(artifacts: Artifacts, backend) -> Artifacts:
     ranker = copy.copy(artifacts.ranker)
     ranker.backend = backend
-    return Artifacts(artifacts.retriever, ranker, artifacts.ranker_run)
+    return dataclasses.replace(artifacts, ranker=ranker)
 
 
 @asynccontextmanager
@@ -226,6 +226,25 @@ async def test_the_run_tuned_weight_is_served_unless_one_is_configured(
     assert forced["model"]["rank_weight"] == 0.7 and "ranker" in forced["timings_ms"]
     async with gateway(gateway_artifacts, redis_url, namespace) as client:
         assert (await recommend(client, user_id=user, k=10))["model"]["rank_weight"] == 0.5
+
+
+async def test_a_ranker_without_a_validation_tuned_weight_is_not_served_by_default(
+    gateway_artifacts, tiny_retriever_run, tiny_llm_dir, tmp_path
+):
+    """Defaults never harm: no proof of gain on validation, no ranker (unless forced)."""
+    from tandem.artifacts import Manifest
+
+    run = tuned_copy(gateway_artifacts.ranker_run, tmp_path / "untuned-ranker", 0.0)
+    manifest = Manifest.read(run)
+    manifest.metrics = {}
+    manifest.write(run)
+    settings = GatewaySettings(
+        _env_file=None, retriever_run=tiny_retriever_run, ranker_run=run, llm_dir=tiny_llm_dir
+    )
+    untuned = load_artifacts(settings)
+    assert untuned.ranker is None and "no validation-tuned weight" in untuned.ranker_note
+    forced = load_artifacts(settings.model_copy(update={"rank_weight": 0.4}))
+    assert forced.ranker is not None and "configured" in forced.ranker_note
 
 
 async def test_given_history_replaces_the_stored_one_and_unknown_ids_are_reported(

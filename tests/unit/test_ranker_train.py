@@ -12,16 +12,10 @@ from ranker.core import ADAPTER_DIR, ITEM_EMBEDDINGS, ITEM_PROJECTOR, USER_PROJE
 from ranker.examples import CandidateSource, ItemFeatures
 from ranker.fusion import WEIGHT_GRID
 from ranker.prompts import PromptConfig
-from ranker.train import (
-    CHECKPOINT_DIR,
-    LOG_FILE,
-    ExampleMaker,
-    TrainConfig,
-    TrainInputs,
-    example_pool,
-    train_ranker,
-    tune_rank_weight,
-)
+from ranker.train import LOG_FILE, TrainConfig, TrainInputs, train_ranker
+from ranker.train_data import ExampleMaker, example_pool
+from ranker.train_model import CHECKPOINT_DIR
+from ranker.train_validate import spearman, tune_rank_weight
 from tandem.artifacts import Manifest
 from tandem.testing.data import synthetic_dataset
 
@@ -92,7 +86,7 @@ def test_run_folder_holds_a_vllm_loadable_adapter_projectors_and_manifest(traine
 
 def test_saved_run_reproduces_the_validation_loss(trained, inputs, tiny_llm_dir):
     ranker = Ranker.load(trained.run_dir, tiny_llm_dir, precision="fp32")
-    maker = ExampleMaker(inputs, CONFIG, ranker.tokens)
+    maker = ExampleMaker(inputs, CONFIG.examples(), ranker.tokens)
     valid = maker.validation_set()
     prompts = [layout.with_soft_vectors(ranker.project(layout)) for layout in valid.layouts]
     scores = ranker.backend.score_sync(prompts)
@@ -126,7 +120,7 @@ def test_examples_cover_each_step_of_history_or_the_most_recent_ones():
 
 def test_user_token_without_retriever_is_refused(inputs, tiny_llm_dir, tmp_path):
     no_retriever = replace(inputs, source=None)
-    with pytest.raises(ValueError, match="user soft token needs the retriever"):
+    with pytest.raises(ValueError, match="user token and candidate signals need the retriever"):
         train_ranker(no_retriever, tiny_llm_dir, tmp_path / "r", CONFIG)
 
 
@@ -140,3 +134,19 @@ def test_rank_weight_follows_whichever_signal_finds_the_item():
     misleads = np.full((3, 20), -5.0)
     misleads[:, 19] = 5.0
     assert tune_rank_weight(misleads, np.array([0, 0, 0]), retriever)[0] == 0.0
+
+
+def test_spearman_is_one_for_the_same_order_and_minus_one_reversed():
+    a = np.array([[3.0, 2.0, 1.0, 0.0]])
+    assert spearman(a, a * 2) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_curriculum_and_distillation_schedules():
+    config = TrainConfig(curriculum=(4, 8), curriculum_examples=100, distill_weight=1.0,
+                         distill_examples=200)  # fmt: skip
+    assert [config.candidates_at(n) for n in (0, 99, 100, 199, 200, 10_000)] == [
+        4, 4, 8, 8, 20, 20
+    ]  # fmt: skip
+    assert config.distill_at(0) == 1.0 and config.distill_at(100) == 0.5
+    assert config.distill_at(400) == 0.0

