@@ -36,7 +36,8 @@ class SyntheticConfig:
     task: str = "match"  # one of TASKS
     dim: int = 16  # user and item vector size
     history: int = 5  # history items per example
-    valid_examples: int = 256  # held-out examples, always with 20 candidates
+    valid_examples: int = 256  # held-out examples
+    valid_candidates: int = MAX_CANDIDATES  # candidates per held-out example
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,7 +84,7 @@ class SyntheticTask:
         return TrainBatch(layouts, labels, None, size)
 
     def validation_set(self) -> ValidationSet:
-        batch = self.batch(HELD_OUT, self.config.valid_examples, MAX_CANDIDATES)
+        batch = self.batch(HELD_OUT, self.config.valid_examples, self.config.valid_candidates)
         n = len(batch.labels)
         return ValidationSet(
             batch.layouts,
@@ -96,8 +97,8 @@ class SyntheticTask:
 def train_synthetic(llm_dir: Path, task: SyntheticConfig, config, on_progress=None) -> dict:
     """Train a fresh ranker (``config``: a ``TrainConfig``) on ``task``; held-out results.
 
-    Returns examples seen, minutes, held-out accuracy with 20 candidates (chance 0.05) and the
-    validation curve.
+    Returns examples seen, minutes, held-out accuracy (with ``task.valid_candidates``
+    candidates) and the validation curve.
     """
     from ranker.train import TrainState, fit, new_model, optimizer_for
     from ranker.train_validate import validate
@@ -122,7 +123,8 @@ def train_synthetic(llm_dir: Path, task: SyntheticConfig, config, on_progress=No
         "stopped_by": stopped_by,
         "heldout_accuracy": final["valid_hr@1"],
         "heldout_loss": final["valid_loss"],
-        "chance": round(1 / MAX_CANDIDATES, 3),
+        "candidates": task.valid_candidates,
+        "chance": round(1 / task.valid_candidates, 3),
         "curve": [
             {k: v[k] for k in ("examples", "valid_hr@1", "valid_loss")} for v in state.validations
         ],

@@ -86,6 +86,10 @@ def train(
     distill_examples: Annotated[
         int, typer.Option(min=0, help="Examples over which the KL weight falls to 0 (0: kept).")
     ] = 0,
+    aux_weight: Annotated[
+        float,
+        typer.Option(min=0.0, help="Per-candidate probe loss on signal tokens (training only)."),
+    ] = 0.0,
     side_features: Annotated[
         bool, typer.Option(help="Item rows gain popularity, year and genres.")
     ] = False,
@@ -169,6 +173,7 @@ def train(
                 curriculum_examples=curriculum_examples,
                 distill_weight=distill_weight,
                 distill_examples=distill_examples,
+                aux_weight=aux_weight,
                 side_features=side_features,
                 target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
                 lora_r=lora_r,
