@@ -11,6 +11,7 @@ vLLM server). A trained run folder holds everything except the base LLM:
     candidate_projector.safetensors  present when candidates are signal tokens (ranker.signals)
     item_embeddings.safetensors  the item table the item projector was trained on ("embeddings",
                                  [num_items + 1, d]): publish these to the feature store
+    trends.safetensors           recent popularity per item and day (ranker.trends), when used
     item_ids.json                the table's row ids (row i + 1 is item_ids[i]); when present the
                                  ranker reads item rows from its own table, so what it serves is
                                  exactly what it was trained on, whatever the feature store holds
@@ -37,6 +38,7 @@ from ranker.prompts import (
     render_prompt,
     reorder,
 )
+from ranker.trends import TREND_FILE, TrendTable, with_trends
 from ranker.verbalizer import candidate_key, permutations, to_candidate_order
 
 CONFIG_FILE = "ranker.json"
@@ -105,6 +107,7 @@ class Ranker:
         user_projector: Projector | None = None,
         candidate_projector: Projector | None = None,
         item_table: ItemTable | None = None,
+        trends: TrendTable | None = None,
     ):
         if config.prompt.item_soft_tokens and item_projector is None:
             raise ValueError("item soft tokens are on but no item projector was given")
@@ -123,6 +126,9 @@ class Ranker:
             "candidate": candidate_projector,
         }
         self.item_table = item_table
+        self.trends = trends
+        if trends is not None and item_table is None:
+            raise ValueError("trend features need the run's item table (item ids)")
 
     @classmethod
     def load(
@@ -143,7 +149,7 @@ class Ranker:
 
         tokenizer = load_tokenizer(llm_dir)
         projectors: dict[str, Projector] = {}
-        adapter = table = None
+        adapter = table = trends = None
         if run_dir is not None:
             from tandem.artifacts import resolve_run
 
@@ -156,6 +162,8 @@ class Ranker:
                 adapter = run_dir / ADAPTER_DIR
             if (run_dir / ITEM_IDS).is_file():
                 table = ItemTable.load(run_dir)
+            if (run_dir / TREND_FILE).is_file():
+                trends = TrendTable.load(run_dir / TREND_FILE)
         config = config or RankerConfig()
         if isinstance(backend, str):
             if backend != "transformers":
@@ -173,6 +181,7 @@ class Ranker:
             projectors.get("user"),
             projectors.get("candidate"),
             table,
+            trends,
         )
 
     # -- rendering -----------------------------------------------------------------------
@@ -180,6 +189,8 @@ class Ranker:
     def layout(self, inp: PromptInput) -> PromptLayout:
         if self.item_table is not None:
             inp = self.item_table.fill(inp)
+        if self.trends is not None:
+            inp = with_trends(inp, self.trends, self.item_table.index)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def project(self, layout: PromptLayout) -> np.ndarray | None:

@@ -27,6 +27,7 @@ from ranker.examples import prompt_input, sample_candidates
 from ranker.fusion import fuse, tune_weight
 from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
+from ranker.trends import user_times
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
 from tandem.evaluate import masked_scores
 from tandem.metrics import (
@@ -62,6 +63,7 @@ class UserSet:
     targets: np.ndarray
     vectors: np.ndarray | None
     top: np.ndarray  # [U, 20] retriever order
+    times: np.ndarray  # decision time per user: when the last history item was consumed
     top_scores: np.ndarray
     retriever_ranks: np.ndarray  # among all items, history masked
 
@@ -91,7 +93,11 @@ def retrieve(inputs: TrainInputs, users: np.ndarray, split: str) -> UserSet:
     masked_scores(scores, histories, targets)
     ranks = ranks_from_scores(scores, targets)
     top, top_scores = source.top_k(histories, MAX_CANDIDATES, vectors)
-    return UserSet(users, histories, targets, vectors, top, top_scores, ranks)
+    frame = inputs.dataset.interactions.frame
+    all_times = user_times(frame, data.num_users)
+    last = -2 if split == "test" else -3  # the validation item, or the last training item
+    times = np.array([all_times[u][last] for u in users], dtype=np.float64)
+    return UserSet(users, histories, targets, vectors, top, times, top_scores, ranks)
 
 
 def score_inputs(
@@ -138,6 +144,7 @@ def _user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndar
         inputs.preferences.get(ids[users.users[r]]),
         vector,
         scores,
+        float(users.times[r]),
     )
 
 
@@ -238,6 +245,7 @@ def _with_config(ranker: Ranker, config: RankerConfig, backend=None) -> Ranker:
         ranker.projectors.get("user") if config.prompt.user_soft_token else None,
         ranker.projectors.get("candidate") if config.prompt.candidate_signals else None,
         ranker.item_table,
+        ranker.trends,
     )
 
 

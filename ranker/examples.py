@@ -131,6 +131,7 @@ def prompt_input(
     preference: str | None = None,
     user_vector: np.ndarray | None = None,
     retriever_scores: np.ndarray | None = None,
+    timestamp: float | None = None,
 ) -> PromptInput:
     """A ``PromptInput`` for catalog indices (history oldest first, candidates in shown order)."""
     return PromptInput(
@@ -139,4 +140,5 @@ def prompt_input(
         preference=preference,
         user_embedding=user_vector,
         retriever_scores=retriever_scores,
+        timestamp=timestamp,
     )

@@ -49,6 +49,9 @@ class PromptInput:
     preference: str | None = None
     user_embedding: np.ndarray | None = field(default=None, compare=False)
     retriever_scores: np.ndarray | None = field(default=None, compare=False)  # candidate order
+    timestamp: float | None = None  # decision time (epoch s): what "recent" means (ranker.trends)
+    candidate_context: np.ndarray | None = field(default=None, compare=False)  # [n, k] extra
+    # per-candidate evidence the ranker computed for this decision (e.g. recent popularity)
 
 
 @dataclass(frozen=True)
@@ -411,6 +414,7 @@ def signal_rows(inp: PromptInput) -> np.ndarray:
         np.stack([c.embedding for c in inp.candidates]),
         np.stack(history) if history else np.zeros((0, width), np.float32),
         inp.retriever_scores,
+        inp.candidate_context,
     )
 
 
@@ -441,9 +445,10 @@ def _soft_inputs(
 
 def reorder(inp: PromptInput, order: Sequence[int]) -> PromptInput:
     """The same input with candidates shown in ``order`` (position -> candidate index)."""
-    scores = inp.retriever_scores
+    scores, context = inp.retriever_scores, inp.candidate_context
     return replace(
         inp,
         candidates=[inp.candidates[i] for i in order],
         retriever_scores=None if scores is None else np.asarray(scores)[list(order)],
+        candidate_context=None if context is None else np.asarray(context)[list(order)],
     )

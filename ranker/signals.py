@@ -35,13 +35,18 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 def candidate_signals(
-    user: np.ndarray, candidates: np.ndarray, history: np.ndarray, scores: np.ndarray
+    user: np.ndarray,
+    candidates: np.ndarray,
+    history: np.ndarray,
+    scores: np.ndarray,
+    context: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[n, signal_dim]`` float32 rows for ``n`` candidates.
 
     ``user`` is the retriever's user vector ``[d]``; ``candidates`` and ``history`` are item rows
     ``[n, D]`` / ``[h, D]`` (history oldest first, may be empty) whose first ``d`` columns are the
-    retriever's item vectors; ``scores`` the retriever's scores ``[n]``.
+    retriever's item vectors; ``scores`` the retriever's scores ``[n]``; ``context`` optional
+    extra columns ``[n, k]`` appended as they are (``ranker.trends``).
     """
     user = np.asarray(user, dtype=np.float32)
     candidates = np.asarray(candidates, dtype=np.float32)
@@ -67,10 +72,10 @@ def candidate_signals(
     else:
         cos_last = cos_max = np.zeros(n, np.float32)
     scalars = np.stack([z, np.clip(log_p, -10, 10), rank, cos_last, cos_max], axis=1)
-    return np.concatenate(
-        [candidates, candidates[:, :d] * user, candidates * profile, scalars.astype(np.float32)],
-        axis=1,
-    ).astype(np.float32)
+    parts = [candidates, candidates[:, :d] * user, candidates * profile, scalars.astype(np.float32)]
+    if context is not None:
+        parts.append(np.asarray(context, dtype=np.float32).reshape(n, -1))
+    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def side_features(

@@ -47,6 +47,7 @@ from ranker.train_model import (
     write_weights,
 )
 from ranker.train_validate import validate
+from ranker.trends import TREND_FILE
 from ranker.verbalizer import MAX_CANDIDATES
 from tandem.artifacts import Manifest, mark_latest
 
@@ -84,6 +85,7 @@ class TrainConfig:
     distill_examples: int = 0  # examples over which that weight falls to 0; 0 = constant
     aux_weight: float = 0.0  # per-candidate probe loss on the signal tokens (training only)
     side_features: bool = False  # item rows gain popularity, year and genres (ranker.signals)
+    trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
     letter_anchors: bool = True  # candidate signal tokens start as their letter's embedding
     precision: str = "auto"  # bf16 autocast where the CPU has bf16 units, else fp32
     threads: int = 1  # torch threads; 1 is fastest when other jobs share the CPU
@@ -113,6 +115,7 @@ class TrainConfig:
             min_history=self.min_history,
             part_dropout=self.part_dropout,
             valid_users=self.valid_users,
+            trends=self.trends,
             seed=self.seed,
         )
 
@@ -376,6 +379,8 @@ def train_ranker(
         table = np.ascontiguousarray(inputs.features.embeddings, dtype=np.float32)
         save_numpy({"embeddings": table}, str(run_dir / ITEM_EMBEDDINGS))
         (run_dir / ITEM_IDS).write_text(json.dumps(inputs.features.ids[1:]))
+    if maker.trends is not None:
+        maker.trends.save(run_dir / TREND_FILE)
     final = state.validations[-1] if state.validations else {}
     metrics = {
         "steps": state.step,

@@ -25,6 +25,7 @@ import pandas as pd
 
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
+from ranker.trends import TrendTable, user_times, with_trends
 from ranker.verbalizer import MAX_CANDIDATES
 from tandem.data import Dataset
 
@@ -53,6 +54,7 @@ class ExampleConfig:
     min_history: int = 1
     part_dropout: float = 0.0  # per example, drop preference / item / user tokens
     valid_users: int = 64
+    trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
     seed: int = 0
 
 
@@ -139,6 +141,17 @@ class ExampleMaker:
         self.user_ids = inputs.dataset.interactions.user_ids
         self.num_items = inputs.dataset.catalog.num_items
         self.pool = example_pool(self.split.train, config.steps_per_user, config.min_history)
+        frame = inputs.dataset.interactions.frame
+        self.times = user_times(frame, self.split.num_users)
+        self.trends = None
+        if config.trends:
+            train_times = np.concatenate(
+                [t[: len(s)] for t, s in zip(self.times, self.split.train, strict=True)]
+            )
+            self.trends = TrendTable.build(
+                train_times, np.concatenate(self.split.train), self.num_items
+            )
+            self.index_of = {item_id: n for n, item_id in enumerate(inputs.features.ids or [])}
 
     @lru_cache(maxsize=2)  # noqa: B019 - one maker per run; the cache holds two permutations
     def _epoch(self, epoch: int) -> np.ndarray:
@@ -170,8 +183,11 @@ class ExampleMaker:
             return None
         return self.inputs.source.item_table[candidates] @ vector
 
-    def _render(self, inp: PromptInput, rng: np.random.Generator) -> PromptLayout:
-        inp = drop_parts(inp, rng, self.config.part_dropout)
+    def _render(self, inp: PromptInput, rng: np.random.Generator | None = None) -> PromptLayout:
+        if rng is not None:
+            inp = drop_parts(inp, rng, self.config.part_dropout)
+        if self.trends is not None:
+            inp = with_trends(inp, self.trends, self.index_of)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def batch(self, cursor: int, size: int, num_candidates: int = MAX_CANDIDATES) -> TrainBatch:
@@ -214,6 +230,7 @@ class ExampleMaker:
                     self._preference(user),
                     vectors[row],
                     scores,
+                    float(self.times[user][position - 1]),  # decided after the last history item
                 )
                 layouts.append(self._render(inp, rng))
                 labels.append(label)
@@ -269,8 +286,9 @@ class ExampleMaker:
                 self._preference(user),
                 vector,
                 self._scores(vector, candidates),
+                float(self.times[user][len(history) - 1]),
             )
-            layouts.append(render_prompt(inp, self.config.prompt, self.tokens))
+            layouts.append(self._render(inp))
             labels.append(int(np.flatnonzero(candidates == target)[0]))
             top_scores.append(scores)
         return ValidationSet(

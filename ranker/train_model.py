@@ -134,10 +134,11 @@ def with_lora(llm, config, adapter: Path | None):
 
 
 def load_projectors(folder: Path) -> dict[str, Projector]:
+    """The projectors saved in ``folder``, in kind order (the optimizer's parameter order)."""
     return {
-        kind: Projector.load(folder / name).train()
-        for kind, name in PROJECTOR_FILES.items()
-        if (folder / name).is_file()
+        kind: Projector.load(folder / PROJECTOR_FILES[kind]).train()
+        for kind in sorted(PROJECTOR_FILES)
+        if (folder / PROJECTOR_FILES[kind]).is_file()
     }
 
 

@@ -393,6 +393,7 @@ class RecommendPipeline:
             preference=preference,
             user_embedding=retrieved.user_embedding,
             retriever_scores=base,
+            timestamp=time.time(),
         )
         try:
             start = time.perf_counter()

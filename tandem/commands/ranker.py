@@ -34,6 +34,7 @@ class Precision(StrEnum):
     fp32 = "fp32"
 
 
+LLM_PARENT = "llm"  # parents.json key of the base LLM a run trains on
 PRECISION_HELP = "bf16 autocast, fp32, or auto: bf16 only where the CPU has bf16 units."
 RUN_HELP = "A run folder, 'none' to go without, or leave out for the newest run."
 
@@ -90,6 +91,9 @@ def train(
         float,
         typer.Option(min=0.0, help="Per-candidate probe loss on signal tokens (training only)."),
     ] = 0.0,
+    trends: Annotated[
+        bool, typer.Option(help="Candidates carry recent popularity (7/30 days) at decision time.")
+    ] = False,
     side_features: Annotated[
         bool, typer.Option(help="Item rows gain popularity, year and genres.")
     ] = False,
@@ -149,6 +153,8 @@ def train(
             config = _budgets(config, max_steps, max_minutes, threads)
             parents = _partial_parents(run_dir)
             runs = InputRuns.from_parents(parents)
+            # the LLM the run started on (recorded since runs record it), unless --llm says
+            llm_dir = llm or Path(parents.get(LLM_PARENT, llm_dir))
         else:
             prompt_options = {
                 "persona": persona,
@@ -174,6 +180,7 @@ def train(
                 distill_weight=distill_weight,
                 distill_examples=distill_examples,
                 aux_weight=aux_weight,
+                trends=trends,
                 side_features=side_features,
                 target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
                 lora_r=lora_r,
@@ -205,7 +212,9 @@ def train(
             )
             run_dir = runs_dir(root, dataset, "ranker") / new_run_id("ranker")
             run_dir.mkdir(parents=True)
-            (run_dir / "parents.json").write_text(_json(runs.to_parents()))
+            (run_dir / "parents.json").write_text(
+                _json({**runs.to_parents(), LLM_PARENT: str(llm_dir)})
+            )
         inputs = load_inputs(data, runs)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
@@ -278,7 +287,7 @@ def _train_with_progress(train_fn, inputs, llm_dir, run_dir, config, runs, resum
                 llm_dir,
                 run_dir,
                 config,
-                parents=runs.to_parents(),
+                parents={**runs.to_parents(), LLM_PARENT: str(llm_dir)},
                 resume=resume is not None,
                 on_progress=on_progress,
                 on_log=progress.console.print,

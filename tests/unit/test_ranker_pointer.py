@@ -185,3 +185,35 @@ def test_paired_bootstrap_interval_excludes_zero_only_for_a_real_difference():
     assert 0 < lo < hi
     lo, hi = paired_bootstrap_ci(base, base[rng.permutation(900)], resamples=2000)
     assert lo < 0 < hi
+
+
+def test_trends_are_causal_and_windowed(tmp_path):
+    from ranker.trends import DAY, TrendTable
+
+    t0 = 1_000 * DAY
+    times = np.array([t0, t0, t0 + 3 * DAY, t0 + 20 * DAY])
+    table = TrendTable.build(times, np.array([1, 1, 2, 1]), num_items=3)
+    same_day = table.features(t0 + 10, np.array([1, 2]))
+    assert same_day[:, 0].tolist() == [0.0, 0.0]  # nothing before the decision's day counts
+    week = table.features(t0 + 5 * DAY, np.array([1, 2]))
+    np.testing.assert_allclose(week[:, 0], np.log1p([2, 1]))
+    later = table.features(t0 + 12 * DAY, np.array([1, 2]))
+    assert later[:, 0].tolist() == [0.0, 0.0]  # out of the 7-day window
+    np.testing.assert_allclose(later[:, 1], np.log1p([2, 1]))  # still in the 30-day one
+    np.testing.assert_allclose(
+        table.features(None, np.array([1])), table.features(t0 + 99 * DAY, np.array([1]))
+    )
+    table.save(tmp_path / "t.safetensors")
+    again = TrendTable.load(tmp_path / "t.safetensors")
+    assert again.start == table.start and np.array_equal(again.cumulative, table.cumulative)
+
+
+def test_trend_context_follows_its_candidate_when_reordered(tiny_llm_dir):
+    from dataclasses import replace
+
+    inp = replace(_input(), candidate_context=np.arange(10, dtype=np.float32).reshape(5, 2))
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    layout = render_prompt(inp, PromptConfig.pointer(), tokens)
+    shuffled = render_prompt(reorder(inp, [4, 3, 2, 1, 0]), PromptConfig.pointer(), tokens)
+    assert layout.soft_inputs[1][-2:].tolist() == [0.0, 1.0]
+    assert shuffled.soft_inputs[1][-2:].tolist() == [8.0, 9.0]
