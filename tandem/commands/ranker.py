@@ -58,7 +58,7 @@ def train(
             help="'compact': 10 history items, titles cut to 10 tokens. 'pointer': the CPU "
             "recipe, a ~40-token prompt of soft tokens (user + one signal token per candidate)."
         ),
-    ] = PromptMode.compact,
+    ] = PromptMode.pointer,
     persona: Annotated[bool, typer.Option(help="MLLM4Rec role-play opening.")] = True,
     preference: Annotated[bool, typer.Option(help="CoT-Rec preference text.")] = True,
     item_tokens: Annotated[bool, typer.Option(help="Item soft tokens (RSLLM).")] = True,
@@ -73,7 +73,7 @@ def train(
             help="'sampled': target + negatives, shuffled (LlamaRec). 'retrieved': the "
             "retriever's top-20 in its order, as served (examples it missed are skipped)."
         ),
-    ] = CandidateMode.sampled,
+    ] = CandidateMode.retrieved,
     curriculum: Annotated[
         str,
         typer.Option(help="Candidate counts of the first stages, e.g. '4,8' (then 20)."),
@@ -83,33 +83,33 @@ def train(
     ] = 2000,
     distill_weight: Annotated[
         float, typer.Option(min=0.0, help="KL weight towards the retriever's softmax.")
-    ] = 0.0,
+    ] = 0.5,
     distill_examples: Annotated[
         int, typer.Option(min=0, help="Examples over which the KL weight falls to 0 (0: kept).")
-    ] = 0,
+    ] = 15000,
     aux_weight: Annotated[
         float,
         typer.Option(min=0.0, help="Per-candidate probe loss on signal tokens (training only)."),
-    ] = 0.0,
+    ] = 1.0,
     trends: Annotated[
         bool, typer.Option(help="Candidates carry recent popularity (7/30 days) at decision time.")
-    ] = False,
+    ] = True,
     side_features: Annotated[
         bool, typer.Option(help="Item rows gain popularity, year and genres.")
-    ] = False,
+    ] = True,
     lora_targets: Annotated[
         str, typer.Option(help="Comma-separated module names LoRA adapts.")
-    ] = "q_proj,k_proj,v_proj",
+    ] = "q_proj,k_proj,v_proj,o_proj",
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 20,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 10,
     max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in total.")] = 1000,
     max_minutes: Annotated[
         float, typer.Option(min=0.1, help="Wall-clock budget of this session.")
     ] = 60.0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Examples per forward.")] = 32,
     grad_accum: Annotated[int, typer.Option(min=1, help="Forwards per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option(min=0.0, help="LoRA learning rate.")] = 2e-4,
-    projector_lr: Annotated[float, typer.Option(min=0.0, help="Projector learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(min=0.0, help="LoRA learning rate.")] = 1e-3,
+    projector_lr: Annotated[float, typer.Option(min=0.0, help="Projector learning rate.")] = 2e-3,
     stage1_steps: Annotated[
         int, typer.Option(min=0, help="RSLLM stage 1: first steps train projectors only.")
     ] = 0,
@@ -121,7 +121,7 @@ def train(
     ] = 0,
     part_dropout: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Drop each prompt part per example.")
-    ] = 0.2,
+    ] = 0.0,
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     threads: Annotated[int, typer.Option(min=1, help="torch threads (1 on a shared CPU).")] = 1,
     valid_users: Annotated[int, typer.Option(min=0, help="Validation users.")] = 64,
@@ -132,7 +132,13 @@ def train(
         Path | None, typer.Option(help="Continue this run folder from its checkpoint.")
     ] = None,
 ) -> None:
-    """LoRA SFT with the loss on the answer letter; projectors train along; resumable."""
+    """LoRA SFT with the loss on the answer letter; projectors train along; resumable.
+
+    The defaults are the CPU recipe measured in benchmarks/results/ranker_learning.md: the
+    pointer prompt, the retriever's top-20 as candidates, listwise distillation, the probe
+    loss, side features and recent popularity. Train it on a pruned LLM:
+    `tandem llm prepare --layers 2 --out artifacts/llm-2`, then `--llm artifacts/llm-2`.
+    """
     import transformers
 
     from ranker.inputs import InputRuns, load_inputs, resolve_inputs
