@@ -51,6 +51,34 @@ ITEM_IDS = "item_ids.json"  # row ids of ITEM_EMBEDDINGS (row 0 is padding)
 PROJECTOR_FILES = {"item": ITEM_PROJECTOR, "user": USER_PROJECTOR, "candidate": CANDIDATE_PROJECTOR}
 
 
+def trained_llm(run_dir: Path) -> tuple[Path | None, int | None]:
+    """The base LLM folder a ranker run trained on and its decoder layers (its manifest)."""
+    from tandem.artifacts import Manifest
+
+    if not (run_dir / "manifest.json").is_file():
+        return None, None
+    config = Manifest.read(run_dir).config
+    folder = config.get("llm_dir")
+    layers = config.get("llm_layers") or (config.get("llm") or {}).get("layers")
+    return (Path(folder) if folder else None), layers
+
+
+def check_llm_layers(run_dir: Path, llm_dir: Path) -> None:
+    """Refuse to serve an adapter on an LLM with another number of layers than it trained on:
+    peft would load it with missing weights and the scores would be noise."""
+    _, layers = trained_llm(run_dir)
+    config = llm_dir / "config.json"
+    if layers is None or not config.is_file():
+        return
+    actual = json.loads(config.read_text()).get("num_hidden_layers")
+    if actual != layers:
+        raise ValueError(
+            f"ranker run {run_dir.name} was trained on a {layers}-layer LLM but {llm_dir} has "
+            f"{actual}: `tandem llm prepare --layers {layers} --out DIR` and point the LLM "
+            "folder (TANDEM_LLM_DIR / --llm) at it"
+        )
+
+
 class ItemTable:
     """A run's own item rows by item id: fills ``PromptItem.embedding`` before rendering."""
 
@@ -154,6 +182,7 @@ class Ranker:
             from tandem.artifacts import resolve_run
 
             run_dir = resolve_run(run_dir)
+            check_llm_layers(run_dir, llm_dir)
             config = config or RankerConfig.from_json((run_dir / CONFIG_FILE).read_text())
             for kind, name in PROJECTOR_FILES.items():
                 if (run_dir / name).is_file():

@@ -445,6 +445,11 @@ def evaluate_two_stage(
             run_dir = resolve_run(Path(run) if run else runs_dir(root, dataset, "ranker"))
             runs = InputRuns.from_parents(Manifest.read(run_dir).parents)
         inputs = load_inputs(data, runs)
+        if llm is None and run_dir is not None:
+            from ranker.core import trained_llm
+
+            trained, _ = trained_llm(run_dir)
+            llm_dir = trained if trained is not None and trained.is_dir() else llm_dir
         options = {"precision": precision, "max_batch": batch_size}
         ranker = Ranker.load(run_dir, llm_dir, **options)
         if permutations:

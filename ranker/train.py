@@ -395,7 +395,11 @@ def train_ranker(
         kind="ranker",
         run_id=run_dir.name,
         dataset=inputs.dataset.name,
-        config={"train": json.loads(config.to_json()), "llm_dir": str(llm_dir)},
+        config={
+            "train": json.loads(config.to_json()),
+            "llm_dir": str(llm_dir),
+            "llm_layers": json.loads((llm_dir / "config.json").read_text())["num_hidden_layers"],
+        },
         data_fingerprint=inputs.dataset.summary.fingerprint,
         metrics=metrics,
         parents=dict(parents or {}),

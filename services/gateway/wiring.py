@@ -109,8 +109,21 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
     backend: RankerBackend | str = "transformers"
     if settings.ranker_backend == "vllm":
         backend = vllm_backend(settings)
-    ranker = Ranker.load(run, settings.llm_path(), backend=backend)
+    ranker = Ranker.load(run, llm_folder(settings, run), backend=backend)
     return Artifacts(retriever, ranker, run, tuned, note)
+
+
+def llm_folder(settings: GatewaySettings, run: Path | None) -> Path:
+    """TANDEM_LLM_DIR if set; else the folder the ranker run trained on, if it exists here;
+    else <artifacts>/llm."""
+    from ranker.core import trained_llm
+
+    if settings.llm_dir is not None or run is None:
+        return settings.llm_path()
+    folder, _ = trained_llm(run)
+    return (
+        folder if folder is not None and (folder / "config.json").is_file() else settings.llm_path()
+    )
 
 
 def vllm_backend(settings: GatewaySettings) -> RankerBackend:

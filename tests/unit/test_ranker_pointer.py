@@ -217,3 +217,18 @@ def test_trend_context_follows_its_candidate_when_reordered(tiny_llm_dir):
     shuffled = render_prompt(reorder(inp, [4, 3, 2, 1, 0]), PromptConfig.pointer(), tokens)
     assert layout.soft_inputs[1][-2:].tolist() == [0.0, 1.0]
     assert shuffled.soft_inputs[1][-2:].tolist() == [8.0, 9.0]
+
+
+def test_an_adapter_is_never_served_on_an_llm_with_other_layers(tiny_llm_dir, tmp_path):
+    from ranker.core import check_llm_layers
+    from tandem.artifacts import Manifest
+
+    run = tmp_path / "run"
+    run.mkdir()
+    Manifest(kind="ranker", run_id="run", dataset="d", config={"llm_layers": 5},
+             data_fingerprint="x").write(run)  # fmt: skip
+    with pytest.raises(ValueError, match="5-layer LLM"):
+        check_llm_layers(run, tiny_llm_dir)
+    Manifest(kind="ranker", run_id="run", dataset="d", config={"llm_layers": 2},
+             data_fingerprint="x").write(run)  # fmt: skip
+    check_llm_layers(run, tiny_llm_dir)  # the tiny LLM has 2 layers
