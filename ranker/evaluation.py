@@ -306,10 +306,18 @@ def evaluate(
         )
         weight, curve = tune_fusion(valid, valid.hits, valid_scores)
         fused = _fused_ranks(users, hits, scores, weight)
+        valid_gain = paired_comparison(
+            _fused_ranks(valid, valid.hits, valid_scores, weight),
+            valid.retriever_ranks,
+            config.seed,
+        )
         report["fused"] = {
             "weight": weight,
             "valid_users": len(valid.users),
             "valid_ndcg@10_by_weight": curve,
+            "valid_gain_ci95": valid_gain["ndcg10_diff_ci95"],
+            # what the gateway would serve: the weight only when its validation gain is real
+            "served_weight": weight if valid_gain["ndcg10_diff_ci95"][0] > 0 else 0.0,
             **_rounded(ranking_table(fused, ks)),
         }
         report |= paired_comparison(fused, users.retriever_ranks, config.seed)

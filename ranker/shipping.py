@@ -55,12 +55,25 @@ def export_run(
             "reproduce": reproduce,
         },
         data_fingerprint=source.data_fingerprint,
-        metrics={**source.metrics, **({"results": results} if results else {})},
+        metrics=shipped_metrics(source.metrics, results),
     )
     manifest.write(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return manifest
+
+
+def shipped_metrics(trained: dict, results: dict | None) -> dict:
+    """The run's metrics plus its evaluation; the evaluation's served weight (tuned on all
+    validation users, kept only if its gain's interval excludes 0) replaces training's."""
+    metrics = dict(trained)
+    if results:
+        metrics["results"] = results
+        fused = results.get("fused")
+        if fused:
+            metrics["rank_weight"] = fused["served_weight"]
+            metrics["valid_gain_ci95"] = fused["valid_gain_ci95"]
+    return metrics
 
 
 def check_shipped(folder: Path, data_fingerprint: str) -> Manifest:

@@ -1,7 +1,9 @@
 """Validation during training: loss, HR@1, NDCG@10, agreement with the retriever, fusion weight.
 
 The fusion weight the gateway serves is tuned here, on the validation users' retriever scores,
-so a ranker that has not learned anything useful is served at weight 0 (retriever order).
+and kept only when the gain it buys is real: the paired bootstrap 95% interval of the per-user
+NDCG@10 difference (fused minus retriever order) must exclude 0. Otherwise the served weight is
+0 — a ranker not shown to help is not served — and the best weight is still recorded.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from ranker.fusion import fuse, tune_weight
 from ranker.train_data import ValidationSet
 from ranker.train_model import RankerModel
 from ranker.verbalizer import MAX_CANDIDATES
-from tandem.metrics import mrr_at_k, ndcg_at_k, recall_at_k
+from tandem.metrics import (
+    mrr_at_k,
+    ndcg_at_k,
+    ndcg_per_user,
+    paired_bootstrap_ci,
+    recall_at_k,
+)
 
 
 def ranks_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -23,14 +31,31 @@ def ranks_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ((logits > target).sum(1) + (logits == target).sum(1) - 1).astype(np.int64)
 
 
+def fused_ranks(logits, labels, retriever_scores, weight: float) -> np.ndarray:
+    fused = [fuse(r, s, weight) for r, s in zip(retriever_scores, logits, strict=True)]
+    return ranks_from_logits(np.stack(fused), labels)
+
+
 def tune_rank_weight(logits: np.ndarray, labels: np.ndarray, retriever_scores: np.ndarray):
-    """The serving fusion weight with the best validation NDCG@10, and the NDCG per weight."""
+    """The fusion weight with the best validation NDCG@10, and the NDCG per weight."""
+    return tune_weight(lambda w: ndcg_at_k(fused_ranks(logits, labels, retriever_scores, w), 10))
 
-    def ndcg(weight: float) -> float:
-        fused = [fuse(r, s, weight) for r, s in zip(retriever_scores, logits, strict=True)]
-        return ndcg_at_k(ranks_from_logits(np.stack(fused), labels), 10)
 
-    return tune_weight(ndcg)
+def served_weight(
+    logits: np.ndarray, labels: np.ndarray, retriever_scores: np.ndarray, seed: int = 0
+) -> dict:
+    """The tuned weight, the interval of its gain over retriever order, and the weight to serve
+    (the tuned one if the interval excludes 0, else 0)."""
+    best, curve = tune_rank_weight(logits, labels, retriever_scores)
+    fused = ndcg_per_user(fused_ranks(logits, labels, retriever_scores, best), 10)
+    base = ndcg_per_user(fused_ranks(logits, labels, retriever_scores, 0.0), 10)
+    lo, hi = paired_bootstrap_ci(fused, base, seed=seed) if best > 0 else (0.0, 0.0)
+    return {
+        "rank_weight": best if lo > 0 else 0.0,
+        "rank_weight_best": best,
+        "valid_fused_ndcg@10": curve[str(best)],
+        "valid_gain_ci95": [round(lo, 5), round(hi, 5)],
+    }
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,10 +91,8 @@ def validate(model: RankerModel, valid: ValidationSet, batch_size: int) -> dict:
         "valid_users": len(valid.labels),
     }
     if retrieved:
-        weight, curve = tune_rank_weight(logits_all, valid.labels, valid.retriever_scores)
-        metrics |= {
-            "rank_weight": weight,
-            "valid_fused_ndcg@10": curve[str(weight)],
-            "valid_spearman_to_retriever": round(spearman(logits_all, valid.retriever_scores), 4),
-        }
+        metrics |= served_weight(logits_all, valid.labels, valid.retriever_scores)
+        metrics["valid_spearman_to_retriever"] = round(
+            spearman(logits_all, valid.retriever_scores), 4
+        )
     return metrics

@@ -150,3 +150,20 @@ def test_curriculum_and_distillation_schedules():
     ]  # fmt: skip
     assert config.distill_at(0) == 1.0 and config.distill_at(100) == 0.5
     assert config.distill_at(400) == 0.0
+
+
+def test_a_weight_is_served_only_when_its_validation_gain_is_real():
+    from ranker.train_validate import served_weight
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 20, size=60)
+    retriever = np.tile(np.linspace(2.0, 0.0, 20), (60, 1))
+    knows = np.full((60, 20), -5.0)
+    knows[np.arange(60), labels] = 5.0
+    found = served_weight(knows, labels, retriever)
+    assert found["rank_weight"] > 0 and found["valid_gain_ci95"][0] > 0
+    lucky = np.full((60, 20), -5.0)
+    lucky[np.arange(60), (labels + 1) % 20] = 5.0
+    lucky[0, labels[0]] = 9.0  # right once: a tuned weight, but no real gain
+    noise = served_weight(lucky, labels, retriever)
+    assert noise["rank_weight"] == 0.0
