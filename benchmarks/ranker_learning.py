@@ -11,7 +11,7 @@
 Writes ``benchmarks/results/ranker_learning.{json,md}``. Run it with nothing else on the CPU.
 
     python benchmarks/ranker_learning.py --llm artifacts/llm-2 --run RUN_DIR
-        [--minutes 4] [--tasks point,match,recent] [--aux 1.0]
+        [--tasks point:4,match:8,recent:4] [--aux 1.0]
 """
 
 from __future__ import annotations
@@ -109,24 +109,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm", type=Path, required=True)
     parser.add_argument("--run", type=Path, help="A real-data ranker run for the curve.")
-    parser.add_argument("--minutes", type=float, default=4.0)
-    parser.add_argument("--tasks", default="point,match,recent")
+    parser.add_argument("--tasks", default="point:4,match:8,recent:4", help="task:minutes,...")
     parser.add_argument("--aux", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     report: dict = {
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "llm": str(args.llm),
         "threads": args.threads,
         "command": "python " + " ".join(sys.argv),
         "synthetic": [],
     }
-    for task in args.tasks.split(","):
-        if not task:
-            continue
+    for spec in args.tasks.split(","):
+        task, _, minutes = spec.partition(":")
         result = train_synthetic(
             args.llm,
             SyntheticConfig(task=task),
-            synthetic_config(args.minutes, args.aux, args.threads),
+            synthetic_config(float(minutes or 4), args.aux, args.threads),
         )
         result["aux_weight"] = args.aux
         report["synthetic"].append(result)
