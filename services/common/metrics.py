@@ -17,6 +17,7 @@ from prometheus_client import (
 )
 
 import tandem
+from services.common.fallbacks import Fallback
 
 # Stage families get buckets that fit them: Redis and Faiss in µs-ms, the LLM in 10 ms-10 s.
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -27,15 +28,7 @@ RANKER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 1
 HTTP_BUCKETS = WIDE_BUCKETS
 
 STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
-FALLBACK_REASONS = (
-    "ranker_unavailable",
-    "ranker_timeout",
-    "feature_store_unavailable",
-    "feature_store_stale",  # the store failed; the user's record came from the near-cache
-    "retrieval_unavailable",
-    "cold_start",
-    "deadline_exceeded",
-)
+FALLBACK_REASONS = tuple(reason.value for reason in Fallback)
 EVENT_RESULTS = ("accepted", "duplicate", "rejected")
 UNMATCHED_ROUTE = "<unmatched>"
 
@@ -101,6 +94,13 @@ class GatewayMetrics(ServiceMetrics):
             "tandem_fallbacks",
             "Requests answered with a fallback, by reason.",
             ["reason"],
+            registry=self.registry,
+        )
+        self.event_loop_lag = Histogram(
+            "tandem_event_loop_lag_seconds",
+            "How late the gateway's event loop runs a timer due now: CPU work or blocking calls "
+            "on the loop show up here.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
         self.ranker_hit_position = Histogram(

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from services.common.factory import build_app
+from services.common.loop_lag import lag_watcher
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.gateway.events import build_events
@@ -48,7 +49,8 @@ def create_app(
             },
         )
         try:
-            yield
+            async with lag_watcher(metrics.event_loop_lag):
+                yield
         finally:
             await app.state.events.close()
             await pipeline.close()

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
 from feature_store.near_cache import StaleUserRead
-from ranker.backends.base import RankerBackend, RankerError, RankerUnavailable, RenderedPrompt
+from ranker.backends.base import (
+    RankerBackend,
+    RankerError,
+    RankerTimeout,
+    RankerUnavailable,
+    RenderedPrompt,
+)
 from ranker.fusion import fuse, order
-from ranker.prompts import PromptInput, PromptItem
+from ranker.prompts import PromptError, PromptInput, PromptItem
 from ranker.verbalizer import to_candidate_order
 from services.common.context import current_request_id
+from services.common.fallbacks import Fallback
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.gateway.schemas import ModelInfo, RecommendedItem, RecommendRequest, RecommendResponse
@@ -81,10 +88,10 @@ class Trace:
     def remaining_s(self) -> float:
         return self.deadline - time.monotonic()
 
-    def degrade(self, reason: str) -> None:
+    def degrade(self, reason: Fallback) -> None:
         if reason not in self.degraded:
             self.degraded.append(reason)
-            self.metrics.fallbacks.labels(reason).inc()
+            self.metrics.fallbacks.labels(reason.value).inc()
 
     def record(self, stage: str, seconds: float) -> None:
         self.timings_ms[stage] = round(seconds * 1000, 3)
@@ -105,6 +112,34 @@ class Trace:
             if timeout <= 0 and asyncio.iscoroutine(work):
                 work.close()
             self.record(stage, time.perf_counter() - start)
+
+    async def attempt(
+        self,
+        stage: str,
+        work: Awaitable[T],
+        deadline_s: float,
+        *,
+        on_timeout: Fallback,
+        on_error: Fallback,
+        errors: tuple[type[BaseException], ...] = (Exception,),
+    ) -> T | None:
+        """``work`` under the stage's deadline; None after recording the fallback taken.
+
+        Over the stage's own deadline -> ``on_timeout``; over the request's -> deadline_exceeded;
+        one of ``errors`` -> ``on_error`` (logged). Anything else is a bug and propagates (the
+        error envelope answers 500 with the request id; it is never disguised as degradation).
+        """
+        try:
+            return await self.run(stage, work, deadline_s)
+        except StageDeadline as exc:
+            self.degrade(Fallback.DEADLINE_EXCEEDED if exc.overall else on_timeout)
+        except errors as exc:
+            if isinstance(exc, RankerTimeout):
+                self.degrade(Fallback.RANKER_TIMEOUT)  # the backend's own deadline
+            else:
+                self.degrade(on_error)
+            log.warning("%s failed: %s", stage, exc)
+        return None
 
 
 class UserStage:
@@ -158,19 +193,28 @@ class ItemStage:
 
 
 class PromptStage:
-    """prompt: the hybrid prompt(s) (text + projected soft tokens) in the ranker's orders."""
+    """prompt: the hybrid prompt(s) (text + projected soft tokens) in the ranker's orders.
+
+    Tokenising and projecting are CPU work: they run in a small thread pool of their own, so
+    the event loop keeps serving other requests meanwhile.
+    """
 
     name = "prompt"
 
-    def __init__(self, renderer: PromptRenderer):
+    def __init__(self, renderer: PromptRenderer, workers: int = 2):
         self.renderer = renderer
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prompt")
 
     async def load(self) -> None:
         """The renderer arrives loaded (tokenizer, projectors)."""
 
-    def __call__(self, inp: PromptInput) -> Prompts:
-        prompts, orders = self.renderer.render_all(inp)
+    async def __call__(self, inp: PromptInput) -> Prompts:
+        loop = asyncio.get_running_loop()
+        prompts, orders = await loop.run_in_executor(self.pool, self.renderer.render_all, inp)
         return Prompts(prompts, orders)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class RankerStage:
@@ -186,8 +230,6 @@ class RankerStage:
         self.backend = backend
         self.retry_s = retry_s
         self._retry: asyncio.Task[None] | None = None
-        params = inspect.signature(backend.score).parameters
-        self._passes_context = "request_id" in params and "deadline_s" in params
 
     async def load(self) -> None:
         try:
@@ -215,12 +257,9 @@ class RankerStage:
         await self.backend.close()
 
     async def __call__(self, prompts: Prompts, deadline_s: float) -> np.ndarray:
-        if self._passes_context:  # the vLLM client: request id header + its own budget
-            scores = await self.backend.score(  # type: ignore[call-arg]
-                prompts.prompts, request_id=current_request_id(), deadline_s=deadline_s
-            )
-        else:
-            scores = await self.backend.score(prompts.prompts)
+        scores = await self.backend.score(
+            prompts.prompts, request_id=current_request_id(), deadline_s=deadline_s
+        )
         return to_candidate_order(np.stack(scores), prompts.orders).astype(np.float64)
 
 
@@ -280,6 +319,8 @@ class RecommendPipeline:
         if self.user is not None:
             await self.user.store.close()
         await self.retrieval.source.close()
+        if self.prompt is not None:
+            self.prompt.close()
         if self.ranker is not None:
             await self.ranker.close()
 
@@ -302,7 +343,7 @@ class RecommendPipeline:
 
         if not history:
             if not store_down:
-                trace.degrade("cold_start")
+                trace.degrade(Fallback.COLD_START)
             ranked = self._popular(history, exclude)
         else:
             retrieved = (
@@ -325,33 +366,31 @@ class RecommendPipeline:
         """(the read, whether the store is down); a down store is a fallback, not an error."""
         if self.user is None:
             return None, False
-        try:
-            deadline = self.settings.feature_store_deadline_ms / 1000
-            read = await trace.run(self.user.name, self.user(user_id), deadline)
-            stale = isinstance(read, StaleUserRead)  # the store failed; the near-cache answered
-            if stale:
-                trace.degrade("feature_store_unavailable")
-                trace.degrade("feature_store_stale")
-            return read, stale
-        except StageDeadline as exc:
-            trace.degrade("deadline_exceeded" if exc.overall else "feature_store_unavailable")
-        except Exception as exc:  # any store failure degrades; the reason is logged
-            log.warning("feature store read_user failed: %s", exc)
-            trace.degrade("feature_store_unavailable")
-        return None, True
+        read = await trace.attempt(
+            self.user.name,
+            self.user(user_id),
+            self.settings.feature_store_deadline_ms / 1000,
+            on_timeout=Fallback.FEATURE_STORE_UNAVAILABLE,
+            on_error=Fallback.FEATURE_STORE_UNAVAILABLE,  # any store failure degrades
+        )
+        if read is None:
+            return None, True
+        stale = isinstance(read, StaleUserRead)  # the store failed; the near-cache answered
+        if stale:
+            trace.degrade(Fallback.FEATURE_STORE_UNAVAILABLE)
+            trace.degrade(Fallback.FEATURE_STORE_STALE)
+        return read, stale
 
     async def _retrieve(
         self, history: list[str], exclude: list[str], trace: Trace
     ) -> Retrieved | None:
-        try:
-            deadline = self.settings.retrieval_deadline_ms / 1000
-            return await trace.run(self.retrieval.name, self.retrieval(history, exclude), deadline)
-        except StageDeadline as exc:
-            trace.degrade("deadline_exceeded" if exc.overall else "retrieval_unavailable")
-        except Exception as exc:
-            log.warning("retrieval failed: %s", exc)
-            trace.degrade("retrieval_unavailable")
-        return None
+        return await trace.attempt(
+            self.retrieval.name,
+            self.retrieval(history, exclude),
+            self.settings.retrieval_deadline_ms / 1000,
+            on_timeout=Fallback.RETRIEVAL_UNAVAILABLE,
+            on_error=Fallback.RETRIEVAL_UNAVAILABLE,
+        )
 
     async def _rank(
         self,
@@ -366,26 +405,28 @@ class RecommendPipeline:
         base = np.array([score for _, score in retrieved.candidates], dtype=np.float64)
         records: dict[str, ItemRecord] = {}
         recent = history[-self.settings.prompt_history :] if self.settings.prompt_history else []
+
+        def retriever_order() -> Ranked:
+            return self._ranked(ids, fuse(base, None, 0.0), records)
+
         if self.ranker is None or self.prompt is None:
-            return self._ranked(ids, fuse(base, None, 0.0), records)
+            return retriever_order()
         if store_down:  # no item features: the prompt would not be the one the ranker knows
-            return self._ranked(ids, fuse(base, None, 0.0), records)
+            return retriever_order()
         if self.items is not None and version is not None:
-            try:
-                deadline = self.settings.feature_store_deadline_ms / 1000
-                records = await trace.run(
-                    self.items.name, self.items(version, ids + recent), deadline
-                )
-            except StageDeadline as exc:
-                trace.degrade("deadline_exceeded" if exc.overall else "feature_store_unavailable")
-                return self._ranked(ids, fuse(base, None, 0.0), records)
-            except Exception as exc:
-                log.warning("feature store read_items failed: %s", exc)
-                trace.degrade("feature_store_unavailable")
-                return self._ranked(ids, fuse(base, None, 0.0), records)
+            read = await trace.attempt(
+                self.items.name,
+                self.items(version, ids + recent),
+                self.settings.feature_store_deadline_ms / 1000,
+                on_timeout=Fallback.FEATURE_STORE_UNAVAILABLE,
+                on_error=Fallback.FEATURE_STORE_UNAVAILABLE,
+            )
+            if read is None:
+                return retriever_order()
+            records = read
         if trace.remaining_s() * 1000 < self.settings.ranker_min_budget_ms:
-            trace.degrade("deadline_exceeded")
-            return self._ranked(ids, fuse(base, None, 0.0), records)
+            trace.degrade(Fallback.DEADLINE_EXCEEDED)
+            return retriever_order()
 
         inp = PromptInput(
             history=[self._prompt_item(i, records) for i in recent],
@@ -395,25 +436,35 @@ class RecommendPipeline:
             retriever_scores=base,
             timestamp=time.time(),
         )
+        ranker_errors = (RankerError, PromptError)  # a backend failure, or inputs it cannot use
+        budget = self.settings.ranker_deadline_ms / 1000
+        rendered = await trace.attempt(
+            self.prompt.name,
+            self.prompt(inp),
+            budget,
+            on_timeout=Fallback.RANKER_TIMEOUT,
+            on_error=Fallback.RANKER_UNAVAILABLE,
+            errors=ranker_errors,
+        )
+        if rendered is None:
+            return retriever_order()
+        deadline = min(budget, trace.remaining_s())
+        letters = await trace.attempt(
+            self.ranker.name,
+            self.ranker(rendered, deadline),
+            deadline,
+            on_timeout=Fallback.RANKER_TIMEOUT,
+            on_error=Fallback.RANKER_UNAVAILABLE,
+            errors=ranker_errors,
+        )
+        if letters is None:
+            return retriever_order()
         try:
-            start = time.perf_counter()
-            rendered = self.prompt(inp)
-            trace.record(self.prompt.name, time.perf_counter() - start)
-            deadline = min(self.settings.ranker_deadline_ms / 1000, trace.remaining_s())
-            letters = await trace.run(self.ranker.name, self.ranker(rendered, deadline), deadline)
             fused = fuse(base, letters, self.model.rank_weight)
-        except StageDeadline as exc:
-            trace.degrade("deadline_exceeded" if exc.overall else "ranker_timeout")
-            return self._ranked(ids, fuse(base, None, 0.0), records)
-        except (RankerError, ValueError) as exc:
-            log.warning("ranker failed: %s", exc)
-            timeout = getattr(exc, "error_type", None) == "timeout"  # the backend's own deadline
-            trace.degrade("ranker_timeout" if timeout else "ranker_unavailable")
-            return self._ranked(ids, fuse(base, None, 0.0), records)
-        except Exception as exc:
-            log.exception("ranker raised an unexpected error: %s", exc)
-            trace.degrade("ranker_unavailable")
-            return self._ranked(ids, fuse(base, None, 0.0), records)
+        except ValueError as exc:  # a backend that answered for another number of candidates
+            log.warning("ranker answered %s", exc)
+            trace.degrade(Fallback.RANKER_UNAVAILABLE)
+            return retriever_order()
         position = int(np.flatnonzero(order(fused) == 0)[0])
         self.metrics.ranker_hit_position.observe(position)
         return self._ranked(ids, fused, records)

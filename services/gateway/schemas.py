@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from services.common.fallbacks import Fallback
 from services.common.ids import MAX_LIST, Count, ItemId, UserId
 
 MAX_K = 20
@@ -57,7 +58,7 @@ class RecommendResponse(BaseModel):
     request_id: str
     user_id: str
     items: list[RecommendedItem]
-    degraded: list[str] = Field(
+    degraded: list[Fallback] = Field(
         description="Fallbacks taken: ranker_unavailable, ranker_timeout, "
         "feature_store_unavailable, feature_store_stale (the user's record came from the "
         "gateway's near-cache while the store was down), retrieval_unavailable, cold_start, "

@@ -86,9 +86,9 @@ class SlowBackend:
     async def start(self) -> None:
         await self.inner.start()
 
-    async def score(self, prompts):
+    async def score(self, prompts, *, request_id=None, deadline_s=None):
         await asyncio.sleep(self.delay_s)
-        return await self.inner.score(prompts)
+        return await self.inner.score(prompts, request_id=request_id, deadline_s=deadline_s)
 
     async def ready(self) -> bool:
         return await self.inner.ready()
@@ -332,6 +332,28 @@ async def test_ranker_down_serves_retriever_order(
     assert out["degraded"] == ["ranker_unavailable"]
     assert [i["retrieval_rank"] for i in out["items"]] == list(range(1, 11))
     assert 'tandem_fallbacks_total{reason="ranker_unavailable"} 1.0' in metrics
+
+
+class BuggyBackend(SlowBackend):
+    """A backend with a genuine bug (not a typed ranker error)."""
+
+    async def score(self, prompts, *, request_id=None, deadline_s=None):
+        raise ZeroDivisionError("a bug, not an outage")
+
+
+async def test_a_ranker_bug_is_a_500_not_a_disguised_fallback(
+    gateway_artifacts, served_dataset, published, redis_url, namespace
+):
+    user, _ = first_user(served_dataset)
+    buggy = with_backend(gateway_artifacts, BuggyBackend(gateway_artifacts.ranker.backend, 0.0))
+    async with gateway(buggy, redis_url, namespace) as client:
+        response = await client.post("/recommend", json={"user_id": user, "k": 5})
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 500
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert "ZeroDivisionError" not in response.text  # no internals leave the service
+    assert 'tandem_fallbacks_total{reason="ranker_unavailable"} 0.0' in metrics
+    assert "tandem_event_loop_lag_seconds_count" in metrics
 
 
 async def test_slow_ranker_times_out_within_its_deadline(
