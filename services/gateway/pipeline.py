@@ -4,39 +4,38 @@ user features (1 Redis round trip) -> retrieval top-N (+ user embedding) -> item
 (1 round trip) -> hybrid prompt -> ranker letter log-probs -> fusion with the retriever's
 scores -> top-k. A failing or slow stage never fails the request: the pipeline answers from
 what it has (retriever order, or popularity), names the reason in ``degraded`` and counts it.
-Stages are cheap to construct; ``load()`` connects/warms them in the app's lifespan.
+The stages live in ``stages.py``, the deadline/fallback bookkeeping in ``trace.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from feature_store.near_cache import StaleUserRead
-from ranker.backends.base import (
-    RankerBackend,
-    RankerError,
-    RankerTimeout,
-    RankerUnavailable,
-    RenderedPrompt,
-)
+from ranker.backends.base import RankerError
 from ranker.fusion import fuse, order
 from ranker.prompts import PromptError, PromptInput, PromptItem
-from ranker.verbalizer import to_candidate_order
-from services.common.context import current_request_id
 from services.common.fallbacks import Fallback
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.gateway.schemas import ModelInfo, RecommendedItem, RecommendRequest, RecommendResponse
-from services.gateway.sources import CandidateSource, RetrievalUnavailable, Retrieved
+from services.gateway.sources import Retrieved
+from services.gateway.stages import (
+    FeatureStore,
+    ItemStage,
+    PromptStage,
+    RankerStage,
+    RetrievalStage,
+    UserStage,
+)
+from services.gateway.trace import Trace
 
 if TYPE_CHECKING:
     from feature_store.client import UserRead
@@ -44,231 +43,9 @@ if TYPE_CHECKING:
     from retriever.core import Retriever
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 MAX_LISTED_IDS = 5
 
-
-class FeatureStore(Protocol):
-    """What the gateway reads from the feature store (``feature_store.client``)."""
-
-    async def read_user(self, user_id: str) -> UserRead: ...
-
-    async def read_items(self, version: int, item_ids: Sequence[str]) -> dict[str, ItemRecord]: ...
-
-    async def ping(self) -> bool: ...
-
-    async def close(self) -> None: ...
-
-
-class PromptRenderer(Protocol):
-    """``ranker.core.Ranker``'s prompt side: tokenizer, prompt config, projectors, orders."""
-
-    def render_all(self, inp: PromptInput) -> tuple[list[RenderedPrompt], np.ndarray]: ...
-
-
-class StageDeadline(Exception):
-    """A stage ran past its deadline; ``overall`` when the request's own budget cut it."""
-
-    def __init__(self, stage: str, overall: bool):
-        super().__init__(f"{stage} over its deadline")
-        self.stage, self.overall = stage, overall
-
-
-@dataclass
-class Trace:
-    """Per-request bookkeeping: deadline, timings, fallbacks taken and warnings."""
-
-    metrics: GatewayMetrics
-    deadline: float  # time.monotonic() value
-    started: float = field(default_factory=time.perf_counter)
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    degraded: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def remaining_s(self) -> float:
-        return self.deadline - time.monotonic()
-
-    def degrade(self, reason: Fallback) -> None:
-        if reason not in self.degraded:
-            self.degraded.append(reason)
-            self.metrics.fallbacks.labels(reason.value).inc()
-
-    def record(self, stage: str, seconds: float) -> None:
-        self.timings_ms[stage] = round(seconds * 1000, 3)
-        self.metrics.observe_stage(stage, seconds)
-
-    async def run(self, stage: str, work: Awaitable[T], stage_deadline_s: float) -> T:
-        """Await ``work`` within min(stage deadline, what is left); StageDeadline when over."""
-        left = self.remaining_s()
-        timeout = min(stage_deadline_s, left)
-        start = time.perf_counter()
-        try:
-            if timeout <= 0:
-                raise TimeoutError
-            return await asyncio.wait_for(work, timeout)
-        except TimeoutError:
-            raise StageDeadline(stage, overall=left <= stage_deadline_s) from None
-        finally:
-            if timeout <= 0 and asyncio.iscoroutine(work):
-                work.close()
-            self.record(stage, time.perf_counter() - start)
-
-    async def attempt(
-        self,
-        stage: str,
-        work: Awaitable[T],
-        deadline_s: float,
-        *,
-        on_timeout: Fallback,
-        on_error: Fallback,
-        errors: tuple[type[BaseException], ...] = (Exception,),
-    ) -> T | None:
-        """``work`` under the stage's deadline; None after recording the fallback taken.
-
-        Over the stage's own deadline -> ``on_timeout``; over the request's -> deadline_exceeded;
-        one of ``errors`` -> ``on_error`` (logged). Anything else is a bug and propagates (the
-        error envelope answers 500 with the request id; it is never disguised as degradation).
-        """
-        try:
-            return await self.run(stage, work, deadline_s)
-        except StageDeadline as exc:
-            self.degrade(Fallback.DEADLINE_EXCEEDED if exc.overall else on_timeout)
-        except errors as exc:
-            if isinstance(exc, RankerTimeout):
-                self.degrade(Fallback.RANKER_TIMEOUT)  # the backend's own deadline
-            else:
-                self.degrade(on_error)
-            log.warning("%s failed: %s", stage, exc)
-        return None
-
-
-class UserStage:
-    """feature_user: the user's record and the feature version, in one round trip."""
-
-    name = "feature_user"
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-
-    async def load(self) -> None:
-        if not await self.store.ping():
-            log.warning("feature store not reachable at start-up; requests will degrade")
-
-    async def __call__(self, user_id: str) -> UserRead:
-        return await self.store.read_user(user_id)
-
-
-class RetrievalStage:
-    """retrieval: the top-N candidates for a history (history and ``exclude`` never returned)."""
-
-    name = "retrieval"
-
-    def __init__(self, source: CandidateSource, num_candidates: int):
-        self.source = source
-        self.num_candidates = num_candidates
-
-    async def load(self) -> None:
-        await self.source.start()
-
-    async def __call__(self, history: Sequence[str], exclude: Sequence[str]) -> Retrieved:
-        retrieved = await self.source.retrieve(history, self.num_candidates, exclude)
-        if not retrieved.candidates:
-            raise RetrievalUnavailable("retrieval returned no candidates")
-        return retrieved
-
-
-class ItemStage:
-    """feature_items: candidate and recent-history item records, in one round trip."""
-
-    name = "feature_items"
-
-    def __init__(self, store: FeatureStore):
-        self.store = store
-
-    async def load(self) -> None:
-        """Shares the user stage's connection pool."""
-
-    async def __call__(self, version: int, item_ids: Sequence[str]) -> dict[str, ItemRecord]:
-        return await self.store.read_items(version, list(dict.fromkeys(item_ids)))
-
-
-class PromptStage:
-    """prompt: the hybrid prompt(s) (text + projected soft tokens) in the ranker's orders.
-
-    Tokenising and projecting are CPU work: they run in a small thread pool of their own, so
-    the event loop keeps serving other requests meanwhile.
-    """
-
-    name = "prompt"
-
-    def __init__(self, renderer: PromptRenderer, workers: int = 2):
-        self.renderer = renderer
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prompt")
-
-    async def load(self) -> None:
-        """The renderer arrives loaded (tokenizer, projectors)."""
-
-    async def __call__(self, inp: PromptInput) -> Prompts:
-        loop = asyncio.get_running_loop()
-        prompts, orders = await loop.run_in_executor(self.pool, self.renderer.render_all, inp)
-        return Prompts(prompts, orders)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class RankerStage:
-    """ranker: one forward pass per order -> log-probabilities of the candidates' letters.
-
-    A backend that is down at start-up (e.g. vLLM still loading) is started again in the
-    background every ``retry_s``; until then requests fall back to retriever order.
-    """
-
-    name = "ranker"
-
-    def __init__(self, backend: RankerBackend, retry_s: float = 5.0):
-        self.backend = backend
-        self.retry_s = retry_s
-        self._retry: asyncio.Task[None] | None = None
-
-    async def load(self) -> None:
-        try:
-            await self.backend.start()
-        except RankerUnavailable as exc:
-            log.warning("ranker unavailable at start-up, retrying in the background: %s", exc)
-            self._retry = asyncio.create_task(self._start_later(), name="ranker-start")
-
-    async def _start_later(self) -> None:
-        while True:
-            await asyncio.sleep(self.retry_s)
-            try:
-                await self.backend.start()
-            except RankerUnavailable as exc:
-                log.warning("ranker still unavailable: %s", exc)
-                continue
-            log.info("ranker started")
-            return
-
-    async def close(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry
-        await self.backend.close()
-
-    async def __call__(self, prompts: Prompts, deadline_s: float) -> np.ndarray:
-        scores = await self.backend.score(
-            prompts.prompts, request_id=current_request_id(), deadline_s=deadline_s
-        )
-        return to_candidate_order(np.stack(scores), prompts.orders).astype(np.float64)
-
-
-@dataclass(frozen=True)
-class Prompts:
-    """Rendered prompts and, per prompt, the candidate order it shows (``[P, n]``)."""
-
-    prompts: list[RenderedPrompt]
-    orders: np.ndarray
+__all__ = ["FeatureStore", "RecommendPipeline"]
 
 
 @dataclass

@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
-from services.gateway.pipeline import (
+from services.gateway.pipeline import RecommendPipeline
+from services.gateway.schemas import ModelInfo
+from services.gateway.sources import CandidateSource, LocalCandidates, RemoteCandidates
+from services.gateway.stages import (
     FeatureStore,
     ItemStage,
     PromptStage,
     RankerStage,
-    RecommendPipeline,
     RetrievalStage,
     UserStage,
 )
-from services.gateway.schemas import ModelInfo
-from services.gateway.sources import CandidateSource, LocalCandidates, RemoteCandidates
 
 if TYPE_CHECKING:
     from ranker.backends.base import RankerBackend
