@@ -100,6 +100,15 @@ def llm_layers(manifest: Manifest) -> int | None:
 def validation_summary(manifest: Manifest) -> str:
     """One line: the validation NDCG@10 of retriever order vs the fused ranker, and the weight."""
     m = manifest.metrics
+    results = m.get("results") or {}
+    if results.get("fused"):
+        f = results["fused"]
+        return (
+            f"weight {f['weight']} tuned on {f['valid_users']} validation users, gain interval "
+            f"{f['valid_gain_ci95']} -> served weight {m.get('rank_weight')}; test NDCG@10 "
+            f"{results['retriever']['ndcg@10']:.4f} (retriever) vs {f['ndcg@10']:.4f} (fused), "
+            f"{results['users']} users"
+        )
     base, fused = m.get("valid_retriever_order_ndcg@10"), m.get("valid_fused_ndcg@10")
     weight = m.get("rank_weight")
     if base is None or fused is None:

@@ -109,11 +109,16 @@ def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
     except ShippedRankerError as exc:
         console.print(f"[3/5] ranker: shipped one not used ({exc}): retriever order")
         return None, None, None
+    summary = validation_summary(manifest)
+    if not manifest.metrics.get("rank_weight"):
+        console.print(
+            f"[3/5] ranker: shipped {shipped} (hashes checked) did not beat the retriever on "
+            f"validation ({summary}): not served, answers keep the retriever's order"
+        )
+        return None, None, None
     layers = llm_layers(manifest)
     llm = root / (f"llm-{layers}" if layers else "llm")
-    console.print(
-        f"[3/5] ranker: shipped {shipped} (hashes checked): {validation_summary(manifest)}"
-    )
+    console.print(f"[3/5] ranker: shipped {shipped} (hashes checked): {summary}")
     return shipped, llm, layers
 
 
