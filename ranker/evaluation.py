@@ -361,6 +361,8 @@ def evaluate(
 def _ablations(ranker, zero_shot, inputs, users, hits, ks, stage, main) -> list[dict]:
     rows = []
     variants = _variants(ranker)
+    if not variants:  # a signal-token prompt has no text part to ablate or run zero-shot
+        return rows
     if zero_shot is not None:
         text = replace(variants[0][1], permutations=ranker.config.permutations)
         variants.insert(0, ("zero-shot (no LoRA), text", text))

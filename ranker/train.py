@@ -86,6 +86,7 @@ class TrainConfig:
     aux_weight: float = 0.0  # per-candidate probe loss on the signal tokens (training only)
     side_features: bool = False  # item rows gain popularity, year and genres (ranker.signals)
     trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
+    shuffle: bool = True  # retrieved candidates in a random order (ranker.train_data)
     letter_anchors: bool = True  # candidate signal tokens start as their letter's embedding
     precision: str = "auto"  # bf16 autocast where the CPU has bf16 units, else fp32
     threads: int = 1  # torch threads; 1 is fastest when other jobs share the CPU
@@ -116,6 +117,7 @@ class TrainConfig:
             part_dropout=self.part_dropout,
             valid_users=self.valid_users,
             trends=self.trends,
+            shuffle=self.shuffle,
             seed=self.seed,
         )
 

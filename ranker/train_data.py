@@ -5,9 +5,12 @@ the target among other candidates. Two ways to pick the candidates:
 
 - ``sampled`` (LlamaRec): the target + negatives (retriever hard negatives mixed with random
   items) in a shuffled order;
-- ``retrieved`` (what serving shows): the retriever's top-20 in retriever order, keeping only
-  the examples whose target the retriever found; a curriculum stage with fewer candidates keeps
-  the target and a random subset of the others, still in retriever order.
+- ``retrieved`` (what serving shows): the retriever's top-20, keeping only the examples whose
+  target the retriever found; a curriculum stage with fewer candidates keeps the target and a
+  random subset of the others. Shown in a random order (``shuffle``, the default): in
+  retriever order the letter itself is the retriever's rank, and a ranker trained that way
+  learned to read the letter instead of its candidate's evidence (it matched the retriever on
+  its own lists and was at chance on shuffled or random ones).
 
 Every prompt carries the candidates' retriever scores (for signal tokens and distillation).
 The example order is a seeded permutation per epoch, so a resumed run continues exactly.
@@ -55,6 +58,7 @@ class ExampleConfig:
     part_dropout: float = 0.0  # per example, drop preference / item / user tokens
     valid_users: int = 64
     trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
+    shuffle: bool = True  # retrieved mode: show the top-20 in a random order (see below)
     seed: int = 0
 
 
@@ -210,6 +214,8 @@ class ExampleMaker:
                     if not len(found):
                         continue
                     keep = subset_in_order(rng, top[row], int(found[0]), num_candidates)
+                    if self.config.shuffle:
+                        keep = rng.permutation(keep)
                     candidates = top[row][keep]
                     label = int(np.flatnonzero(candidates == target)[0])
                 else:
