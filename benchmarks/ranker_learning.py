@@ -109,7 +109,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llm", type=Path, required=True)
     parser.add_argument("--run", type=Path, help="A real-data ranker run for the curve.")
-    parser.add_argument("--tasks", default="point:4,match:8,recent:4", help="task:minutes,...")
+    parser.add_argument(
+        "--tasks",
+        default="point:4,match:8,recent:4",
+        help="task:minutes,... ('' keeps the recorded tasks and only reads --run's curve)",
+    )
     parser.add_argument("--aux", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -120,7 +124,11 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "synthetic": [],
     }
-    for spec in args.tasks.split(","):
+    previous = RESULTS / "ranker_learning.json"
+    if not args.tasks and previous.is_file():  # only (re)read a run's curve: keep the tasks
+        kept = json.loads(previous.read_text())
+        report |= {k: kept[k] for k in ("synthetic", "command", "load_average_start", "llm")}
+    for spec in filter(None, args.tasks.split(",")):
         task, _, minutes = spec.partition(":")
         result = train_synthetic(
             args.llm,
