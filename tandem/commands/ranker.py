@@ -102,7 +102,10 @@ def train(
     ] = "q_proj,k_proj,v_proj,o_proj",
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 10,
-    max_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps in total.")] = 1000,
+    max_steps: Annotated[
+        int,
+        typer.Option(min=1, help="Optimizer steps in total (the time budget usually stops first)."),
+    ] = 100_000,
     max_minutes: Annotated[
         float, typer.Option(min=0.1, help="Wall-clock budget of this session.")
     ] = 60.0,
