@@ -95,6 +95,17 @@ class ItemTable:
         rows = load_file(str(run_dir / ITEM_EMBEDDINGS))["embeddings"].astype(np.float32)
         return cls(json.loads((run_dir / ITEM_IDS).read_text()), rows)
 
+    def matches(self, item_ids: list[str], vectors: np.ndarray) -> bool:
+        """Whether this table was built on these retriever item vectors (row 0 padding): the
+        user vectors the ranker reads at serving time must come from that same retriever."""
+        dim = vectors.shape[1]
+        if self.rows.shape[1] < dim:
+            return False
+        mine = np.array([self.index.get(i, 0) for i in item_ids])
+        if not (mine > 0).all():
+            return False
+        return bool(np.allclose(self.rows[mine, :dim], vectors[1:], atol=1e-4))
+
     def _filled(self, item: PromptItem) -> PromptItem:
         row = self.index.get(item.item_id) if item.item_id is not None else None
         return item if row is None else replace(item, embedding=self.rows[row])

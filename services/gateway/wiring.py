@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.gateway.pipeline import RecommendPipeline
@@ -110,6 +112,13 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
     if settings.ranker_backend == "vllm":
         backend = vllm_backend(settings)
     ranker = Ranker.load(run, llm_folder(settings, run), backend=backend)
+    table = ranker.item_table  # signal tokens read the retriever's vectors: same retriever?
+    if ranker.config.prompt.candidate_signals and not table.matches(
+        retriever.catalog.item_ids, np.asarray(retriever.item_embeddings())
+    ):
+        note = f"off: ranker run {run.name} was trained with another retriever run's vectors"
+        log.warning("ranker %s: it is not served; train one on this retriever", note)
+        return Artifacts(retriever, None, run, tuned, note)
     return Artifacts(retriever, ranker, run, tuned, note)
 
 

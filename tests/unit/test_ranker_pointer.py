@@ -232,3 +232,13 @@ def test_an_adapter_is_never_served_on_an_llm_with_other_layers(tiny_llm_dir, tm
     Manifest(kind="ranker", run_id="run", dataset="d", config={"llm_layers": 2},
              data_fingerprint="x").write(run)  # fmt: skip
     check_llm_layers(run, tiny_llm_dir)  # the tiny LLM has 2 layers
+
+
+def test_an_item_table_knows_the_retriever_it_was_built_on():
+    from ranker.core import ItemTable
+
+    vectors = np.arange(12, dtype=np.float32).reshape(4, 3)  # row 0 padding
+    table = ItemTable(["a", "b", "c"], np.concatenate([vectors, np.ones((4, 2))], axis=1))
+    assert table.matches(["a", "b", "c"], vectors)
+    assert not table.matches(["a", "b", "c"], vectors + 1.0)  # another retriever run
+    assert not table.matches(["a", "b", "z"], vectors)  # another catalog
