@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
+from ranker.trends import TREND_FILE
 from tandem.artifacts import Manifest
 
-SERVING_FILES = (CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, *PROJECTOR_FILES.values())
+SERVING_FILES = (CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, TREND_FILE, *PROJECTOR_FILES.values())
 MAX_BYTES = 20 * 2**20  # everything under models/ stays this small
 
 

@@ -65,6 +65,8 @@ def quickstart(
     ranker_run, llm_dir, layers = _pick_ranker(data)
     if llm_dir is not None:
         _ensure_llm(llm_dir, layers)
+    else:
+        console.print("[4/5] ranker LLM: not needed (no ranker served)")
 
     if not serve:
         console.print("[5/5] built; start the service with `tandem serve`")

@@ -91,6 +91,13 @@ def train(
         float,
         typer.Option(min=0.0, help="Per-candidate probe loss on signal tokens (training only)."),
     ] = 1.0,
+    shuffle: Annotated[
+        bool,
+        typer.Option(
+            help="Show retrieved candidates in a random order (off: retriever order, where the "
+            "letter is the rank and a ranker can learn the letter instead of the evidence)."
+        ),
+    ] = True,
     trends: Annotated[
         bool, typer.Option(help="Candidates carry recent popularity (7/30 days) at decision time.")
     ] = True,
@@ -190,6 +197,7 @@ def train(
                 distill_examples=distill_examples,
                 aux_weight=aux_weight,
                 trends=trends,
+                shuffle=shuffle,
                 side_features=side_features,
                 target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
                 lora_r=lora_r,
