@@ -133,9 +133,9 @@ class PromptConfig:
 
     @classmethod
     def pointer(cls, **overrides) -> PromptConfig:
-        """The CPU recipe: a terse prompt of soft tokens: the user, then one signal token per
-        candidate after its letter (~50 tokens). The LLM points at the candidate whose token
-        carries the strongest evidence (ranker.signals)."""
+        """The CPU recipe: a terse prompt of soft tokens, the user and then one signal token per
+        candidate (~42 tokens; each token carries its letter through the projector's anchor).
+        The LLM points at the candidate whose token carries the strongest evidence."""
         values = {
             "persona": False,
             "captions": False,
