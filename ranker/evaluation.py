@@ -50,7 +50,7 @@ class EvalConfig:
     random_candidates: bool = True  # HitRatio@1 and AUC over the target + 19 random items
     mapb_users: int = 8  # CoT-Rec MAPB costs 20 passes per user and order
     mapb_permutations: int = 3  # orders averaged in the "with shuffling" MAPB
-    fusion_users: int = 200  # validation users that tune the fusion weight (0 = no fusion)
+    fusion_users: int = 943  # validation users that tune the fusion weight (0 = no fusion)
     seed: int = 0
 
 

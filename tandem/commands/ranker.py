@@ -334,7 +334,7 @@ def evaluate(
     mapb_users: Annotated[int, typer.Option(min=0, help="Users for CoT-Rec MAPB.")] = 8,
     fusion_users: Annotated[
         int, typer.Option(min=0, help="Validation users tuning the fusion weight.")
-    ] = 200,
+    ] = 943,
     permutations: Annotated[
         int | None, typer.Option(min=1, help="Orders averaged per prompt (position bias).")
     ] = None,
