@@ -420,7 +420,7 @@ def evaluate_two_stage(
     ablations: bool = True,
     random_candidates: bool = True,
     mapb_users: int = 8,
-    fusion_users: int = 200,
+    fusion_users: int = 943,
     permutations: int | None = None,
     precision: str = "auto",
     batch_size: int = 8,
