@@ -136,7 +136,7 @@ def _user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndar
     """User row ``r`` with ``candidates`` in the given order, and their retriever scores."""
     ids = inputs.dataset.interactions.user_ids
     vector = None if users.vectors is None else users.vectors[r]
-    scores = None if vector is None else inputs.source.item_table[candidates] @ vector
+    scores = None if vector is None else inputs.source.scores(vector, candidates)
     return prompt_input(
         inputs.features,
         users.histories[r],

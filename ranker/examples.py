@@ -72,6 +72,10 @@ class CandidateSource:
     def dim(self) -> int:
         return int(self.item_table.shape[1])
 
+    def scores(self, vector: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """The retriever's scores of ``items`` (catalog indices) for one user vector."""
+        return self.item_table[items] @ vector
+
     def user_vectors(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         vectors = self.retriever.user_vectors([np.asarray(h, dtype=np.int64) for h in histories])
         if hasattr(vectors, "detach"):

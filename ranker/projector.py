@@ -47,12 +47,16 @@ class Projector(nn.Module):
         if config.anchors:
             self.anchor = nn.Parameter(torch.zeros(config.anchors, config.out_dim))
 
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The projection alone, without slot anchors."""
+        return self.scale * self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+
     def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
         """``[..., in_dim]`` -> ``[..., out_dim]``; inputs are layer-normed (sources differ).
 
         ``slots`` (``[...]`` long) picks the anchor row added to each output when the projector
         has anchors."""
-        out = self.scale * self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+        out = self.mlp(x)
         if self.config.anchors:
             if slots is None:
                 raise ValueError("this projector has slot anchors: pass each row's slot")

@@ -185,7 +185,7 @@ class ExampleMaker:
     def _scores(self, vector: np.ndarray | None, candidates: np.ndarray) -> np.ndarray | None:
         if vector is None or self.inputs.source is None:
             return None
-        return self.inputs.source.item_table[candidates] @ vector
+        return self.inputs.source.scores(vector, candidates)
 
     def _render(self, inp: PromptInput, rng: np.random.Generator | None = None) -> PromptLayout:
         if rng is not None:

@@ -105,11 +105,7 @@ def calibrated_projector(
     )
     projector = Projector(config)
     with torch.no_grad():
-        out = projector.scale * projector.fc2(
-            projector.act(
-                projector.fc1(projector.norm(torch.from_numpy(sample.astype(np.float32))))
-            )
-        )
+        out = projector.mlp(torch.from_numpy(sample.astype(np.float32)))
         target = table.float().pow(2).mean().sqrt()
         projector.scale.fill_(float(target / out.pow(2).mean().sqrt().clamp(min=1e-8)))
         if anchor_ids:

@@ -44,10 +44,7 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float:
 
 
 def ndcg_at_k(ranks: np.ndarray, k: int) -> float:
-    if not len(ranks):
-        return 0.0
-    gains = np.where(_in_top(ranks, k), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-    return float(gains.mean())
+    return float(ndcg_per_user(ranks, k).mean()) if len(ranks) else 0.0
 
 
 def mrr_at_k(ranks: np.ndarray, k: int) -> float:
