@@ -63,6 +63,12 @@ def trained_llm(run_dir: Path) -> tuple[Path | None, int | None]:
     return (Path(folder) if folder else None), layers
 
 
+def base_llm_dir(run_dir: Path | None, fallback: Path) -> Path:
+    """The LLM folder ``run_dir`` trained on when it exists here, else ``fallback``."""
+    folder = trained_llm(run_dir)[0] if run_dir is not None else None
+    return folder if folder is not None and (folder / "config.json").is_file() else fallback
+
+
 def check_llm_layers(run_dir: Path, llm_dir: Path) -> None:
     """Refuse to serve an adapter on an LLM with another number of layers than it trained on:
     peft would load it with missing weights and the scores would be noise."""

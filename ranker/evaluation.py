@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from ranker.core import Ranker, RankerConfig
+from ranker.core import Ranker, RankerConfig, base_llm_dir
 from ranker.examples import prompt_input, sample_candidates
 from ranker.fusion import fuse, tune_weight
 from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
-from ranker.trends import user_times
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
 from tandem.evaluate import masked_scores
 from tandem.metrics import (
@@ -93,8 +92,7 @@ def retrieve(inputs: TrainInputs, users: np.ndarray, split: str) -> UserSet:
     masked_scores(scores, histories, targets)
     ranks = ranks_from_scores(scores, targets)
     top, top_scores = source.top_k(histories, MAX_CANDIDATES, vectors)
-    frame = inputs.dataset.interactions.frame
-    all_times = user_times(frame, data.num_users)
+    all_times = inputs.dataset.interactions.timestamps()
     last = -2 if split == "test" else -3  # the validation item, or the last training item
     times = np.array([all_times[u][last] for u in users], dtype=np.float64)
     return UserSet(users, histories, targets, vectors, top, times, top_scores, ranks)
@@ -455,11 +453,8 @@ def evaluate_two_stage(
             run_dir = resolve_run(Path(run) if run else runs_dir(root, dataset, "ranker"))
             runs = InputRuns.from_parents(Manifest.read(run_dir).parents)
         inputs = load_inputs(data, runs)
-        if llm is None and run_dir is not None:
-            from ranker.core import trained_llm
-
-            trained, _ = trained_llm(run_dir)
-            llm_dir = trained if trained is not None and trained.is_dir() else llm_dir
+        if llm is None:
+            llm_dir = base_llm_dir(run_dir, llm_dir)
         options = {"precision": precision, "max_batch": batch_size}
         ranker = Ranker.load(run_dir, llm_dir, **options)
         if permutations:

@@ -28,7 +28,7 @@ import pandas as pd
 
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
-from ranker.trends import TrendTable, user_times, with_trends
+from ranker.trends import TrendTable, with_trends
 from ranker.verbalizer import MAX_CANDIDATES
 from tandem.data import Dataset
 
@@ -145,8 +145,7 @@ class ExampleMaker:
         self.user_ids = inputs.dataset.interactions.user_ids
         self.num_items = inputs.dataset.catalog.num_items
         self.pool = example_pool(self.split.train, config.steps_per_user, config.min_history)
-        frame = inputs.dataset.interactions.frame
-        self.times = user_times(frame, self.split.num_users)
+        self.times = inputs.dataset.interactions.timestamps()
         self.trends = None
         if config.trends:
             train_times = np.concatenate(

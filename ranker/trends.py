@@ -77,16 +77,6 @@ class TrendTable:
         return cls(start, load_file(str(path))["cumulative"])
 
 
-def user_times(frame, num_users: int) -> list[np.ndarray]:
-    """Per user index, interaction times oldest-first (aligned with ``sequences()``)."""
-    times = frame["timestamp"].to_numpy(dtype=np.int64)
-    bounds = np.flatnonzero(np.diff(frame["user_index"].to_numpy())) + 1
-    out = [np.asarray(t) for t in np.split(times, bounds)]
-    if len(out) != num_users:
-        raise ValueError(f"{len(out)} users with times, {num_users} expected")
-    return out
-
-
 def with_trends(inp, table: TrendTable, index_of: dict[str, int]):
     """``inp`` (a ``PromptInput``) with its candidates' trend features at ``inp.timestamp``.
 

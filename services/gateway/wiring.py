@@ -125,14 +125,11 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
 def llm_folder(settings: GatewaySettings, run: Path | None) -> Path:
     """TANDEM_LLM_DIR if set; else the folder the ranker run trained on, if it exists here;
     else <artifacts>/llm."""
-    from ranker.core import trained_llm
+    from ranker.core import base_llm_dir
 
-    if settings.llm_dir is not None or run is None:
-        return settings.llm_path()
-    folder, _ = trained_llm(run)
-    return (
-        folder if folder is not None and (folder / "config.json").is_file() else settings.llm_path()
-    )
+    if settings.llm_dir is not None:
+        return settings.llm_dir
+    return base_llm_dir(run, settings.llm_path())
 
 
 def vllm_backend(settings: GatewaySettings) -> RankerBackend:

@@ -89,6 +89,7 @@ def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
     """[3/5] The ranker to serve and its LLM folder: a local run, else the shipped one, else
     none. Prints which and its validation gain; a ranker whose tuned weight is 0 is named but
     the gateway will not load it (retriever order)."""
+    from ranker.core import base_llm_dir
     from ranker.shipping import ShippedRankerError, check_shipped, llm_layers, validation_summary
     from tandem.artifacts import Manifest, resolve_run, runs_dir
     from tandem.paths import artifacts_root, models_root
@@ -97,7 +98,7 @@ def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
     try:
         run = resolve_run(runs_dir(root, DATASET, "ranker"))
         manifest = Manifest.read(run)
-        llm = Path(manifest.config.get("llm_dir") or root / "llm")
+        llm = base_llm_dir(run, root / "llm")
         console.print(f"[3/5] ranker: local run {run.name}: {validation_summary(manifest)}")
         return run, llm, None
     except FileNotFoundError:

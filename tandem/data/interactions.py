@@ -53,9 +53,17 @@ class Interactions:
 
     def sequences(self) -> list[np.ndarray]:
         """Per user (by user index), the item indices oldest-first."""
-        items = self.frame["item_index"].to_numpy()
+        return self._per_user("item_index")
+
+    def timestamps(self) -> list[np.ndarray]:
+        """Per user (by user index), the interaction times oldest-first, aligned with
+        ``sequences()``."""
+        return self._per_user("timestamp")
+
+    def _per_user(self, column: str) -> list[np.ndarray]:
+        values = self.frame[column].to_numpy()
         bounds = np.flatnonzero(np.diff(self.frame["user_index"].to_numpy())) + 1
-        return [np.asarray(s, dtype=np.int64) for s in np.split(items, bounds)]
+        return [np.asarray(s, dtype=np.int64) for s in np.split(values, bounds)]
 
     def item_counts(self, num_items: int) -> np.ndarray:
         """Interaction count per item index (length ``num_items + 1``, padding row 0)."""

@@ -81,6 +81,7 @@ def test_sequences_are_ordered_by_time_within_each_user(tmp_path: Path) -> None:
     data = prepare_files("t", write_csv(tmp_path / "i.csv", text))
     first = data.catalog.id_of(data.interactions.sequences()[0])
     assert first[:2] == ["a", "b"]
+    assert data.interactions.timestamps()[0].tolist() == [1, 3, 10, 11, 12, 13]  # aligned
 
 
 def test_users_below_min_interactions_are_dropped_and_counted(tmp_path: Path) -> None:
