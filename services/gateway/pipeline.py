@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from feature_store.near_cache import StaleUserRead
-from ranker.backends.base import RankerError
+from ranker.backends.base import RankerError, RankerTimeout
 from ranker.fusion import fuse, order
 from ranker.prompts import PromptError, PromptInput, PromptItem
 from services.common.fallbacks import Fallback
@@ -44,6 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MAX_LISTED_IDS = 5
+STORE_ERRORS = {Exception: Fallback.FEATURE_STORE_UNAVAILABLE}  # any store failure degrades
+RANKER_ERRORS = {  # a backend failure, or inputs it cannot use; anything else is a bug
+    RankerTimeout: Fallback.RANKER_TIMEOUT,  # the backend's own deadline
+    RankerError: Fallback.RANKER_UNAVAILABLE,
+    PromptError: Fallback.RANKER_UNAVAILABLE,
+}
 
 __all__ = ["FeatureStore", "RecommendPipeline"]
 
@@ -148,7 +154,7 @@ class RecommendPipeline:
             self.user(user_id),
             self.settings.feature_store_deadline_ms / 1000,
             on_timeout=Fallback.FEATURE_STORE_UNAVAILABLE,
-            on_error=Fallback.FEATURE_STORE_UNAVAILABLE,  # any store failure degrades
+            errors=STORE_ERRORS,
         )
         if read is None:
             return None, True
@@ -166,7 +172,7 @@ class RecommendPipeline:
             self.retrieval(history, exclude),
             self.settings.retrieval_deadline_ms / 1000,
             on_timeout=Fallback.RETRIEVAL_UNAVAILABLE,
-            on_error=Fallback.RETRIEVAL_UNAVAILABLE,
+            errors={Exception: Fallback.RETRIEVAL_UNAVAILABLE},
         )
 
     async def _rank(
@@ -196,7 +202,7 @@ class RecommendPipeline:
                 self.items(version, ids + recent),
                 self.settings.feature_store_deadline_ms / 1000,
                 on_timeout=Fallback.FEATURE_STORE_UNAVAILABLE,
-                on_error=Fallback.FEATURE_STORE_UNAVAILABLE,
+                errors=STORE_ERRORS,
             )
             if read is None:
                 return retriever_order()
@@ -213,15 +219,13 @@ class RecommendPipeline:
             retriever_scores=base,
             timestamp=time.time(),
         )
-        ranker_errors = (RankerError, PromptError)  # a backend failure, or inputs it cannot use
         budget = self.settings.ranker_deadline_ms / 1000
         rendered = await trace.attempt(
             self.prompt.name,
             self.prompt(inp),
             budget,
             on_timeout=Fallback.RANKER_TIMEOUT,
-            on_error=Fallback.RANKER_UNAVAILABLE,
-            errors=ranker_errors,
+            errors=RANKER_ERRORS,
         )
         if rendered is None:
             return retriever_order()
@@ -231,8 +235,7 @@ class RecommendPipeline:
             self.ranker(rendered, deadline),
             deadline,
             on_timeout=Fallback.RANKER_TIMEOUT,
-            on_error=Fallback.RANKER_UNAVAILABLE,
-            errors=ranker_errors,
+            errors=RANKER_ERRORS,
         )
         if letters is None:
             return retriever_order()

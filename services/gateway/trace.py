@@ -9,11 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ranker.backends.base import RankerTimeout
 from services.common.fallbacks import Fallback
 from services.common.metrics import GatewayMetrics
 
@@ -75,23 +74,20 @@ class Trace:
         deadline_s: float,
         *,
         on_timeout: Fallback,
-        on_error: Fallback,
-        errors: tuple[type[BaseException], ...] = (Exception,),
+        errors: Mapping[type[BaseException], Fallback],
     ) -> T | None:
         """``work`` under the stage's deadline; None after recording the fallback taken.
 
         Over the stage's own deadline -> ``on_timeout``; over the request's -> deadline_exceeded;
-        one of ``errors`` -> ``on_error`` (logged). Anything else is a bug and propagates (the
-        error envelope answers 500 with the request id; it is never disguised as degradation).
+        an exception of a type in ``errors`` -> its fallback (the first matching entry; logged).
+        Anything else is a bug and propagates (the error envelope answers 500 with the request
+        id; it is never disguised as degradation).
         """
         try:
             return await self.run(stage, work, deadline_s)
         except StageDeadline as exc:
             self.degrade(Fallback.DEADLINE_EXCEEDED if exc.overall else on_timeout)
-        except errors as exc:
-            if isinstance(exc, RankerTimeout):
-                self.degrade(Fallback.RANKER_TIMEOUT)  # the backend's own deadline
-            else:
-                self.degrade(on_error)
+        except tuple(errors) as exc:
+            self.degrade(next(f for kind, f in errors.items() if isinstance(exc, kind)))
             log.warning("%s failed: %s", stage, exc)
         return None
