@@ -6,10 +6,11 @@ hit/miss): never user or item ids. Buckets span 50 µs .. 1 s, where Redis laten
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from tandem.metric_sets import per_registry
 
 STAGES = ("user", "items")
 ERROR_TYPES = ("timeout", "connection", "corrupt", "redis")
@@ -35,16 +36,9 @@ class FeatureStoreMetrics:
             self.lookups.labels(stage=stage, result="miss").inc(misses)
 
 
-_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, FeatureStoreMetrics] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def metrics_for(registry: CollectorRegistry = REGISTRY) -> FeatureStoreMetrics:
+@per_registry
+def metrics_for(registry: CollectorRegistry) -> FeatureStoreMetrics:
     """The metric set registered in ``registry`` (created once; clients share it)."""
-    existing = _BY_REGISTRY.get(registry)
-    if existing is not None:
-        return existing
     metrics = FeatureStoreMetrics(
         read_seconds=Histogram(
             "tandem_feature_store_read_seconds",
@@ -77,5 +71,4 @@ def metrics_for(registry: CollectorRegistry = REGISTRY) -> FeatureStoreMetrics:
             metrics.errors.labels(stage=stage, error_type=error_type)
         for result in ("hit", "miss"):
             metrics.lookups.labels(stage=stage, result=result)
-    _BY_REGISTRY[registry] = metrics
     return metrics

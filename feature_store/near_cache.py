@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from feature_store.client import FeatureStoreUnavailable, UserRead
 from feature_store.schema import ItemRecord, UserRecord
+from tandem.metric_sets import per_registry
 
 
 @dataclass(frozen=True)
@@ -46,16 +46,9 @@ class NearCacheMetrics:
     users: Gauge
 
 
-_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, NearCacheMetrics] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def near_cache_metrics(registry: CollectorRegistry = REGISTRY) -> NearCacheMetrics:
+@per_registry
+def near_cache_metrics(registry: CollectorRegistry) -> NearCacheMetrics:
     """The near-cache metric set of ``registry`` (created once; caches share it)."""
-    existing = _BY_REGISTRY.get(registry)
-    if existing is not None:
-        return existing
     metrics = NearCacheMetrics(
         lookups=Counter(
             "tandem_feature_store_near_cache_lookups_total",
@@ -72,7 +65,6 @@ def near_cache_metrics(registry: CollectorRegistry = REGISTRY) -> NearCacheMetri
     )
     for result in ("hit", "miss"):
         metrics.lookups.labels(result=result)
-    _BY_REGISTRY[registry] = metrics
     return metrics
 
 

@@ -8,11 +8,12 @@ feature-store metrics do. Buckets fit LLM calls: 10 ms .. 10 s.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from tandem.metric_sets import per_registry
 
 RANKER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
@@ -30,17 +31,10 @@ class RankerMetrics:
             self.errors.labels(backend, error_type)
 
 
-_BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, RankerMetrics] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def metrics_for(registry: CollectorRegistry = REGISTRY) -> RankerMetrics:
+@per_registry
+def metrics_for(registry: CollectorRegistry) -> RankerMetrics:
     """The ranker metric set registered in ``registry`` (created once; backends share it)."""
-    existing = _BY_REGISTRY.get(registry)
-    if existing is not None:
-        return existing
-    metrics = RankerMetrics(
+    return RankerMetrics(
         request_seconds=Histogram(
             "tandem_ranker_request_seconds",
             "Ranker backend latency of one score() call (a batch of prompts).",
@@ -62,5 +56,3 @@ def metrics_for(registry: CollectorRegistry = REGISTRY) -> RankerMetrics:
             registry=registry,
         ),
     )
-    _BY_REGISTRY[registry] = metrics
-    return metrics
