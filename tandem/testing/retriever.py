@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from tandem.testing.data import synthetic_dataset
+from tandem.torch_threads import torch_threads
 
 TINY_TRAIN_OPTIONS = {
     "max_len": 20,
@@ -20,17 +20,9 @@ TINY_TRAIN_OPTIONS = {
 }
 
 
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
+def one_torch_thread() -> AbstractContextManager[None]:
     """Tiny models train ~2x faster on one thread on a shared 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(1)
 
 
 def train_tiny_run(root: Path, model: str = "lrurec", **overrides) -> Path:
