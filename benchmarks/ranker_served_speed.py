@@ -30,9 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ranker.core import Ranker  # noqa: E402
-from ranker.examples import CandidateSource, ItemFeatures, prompt_input  # noqa: E402
-from ranker.inputs import load_retriever  # noqa: E402
-from tandem.artifacts import resolve_run, runs_dir  # noqa: E402
+from ranker.evaluation import retrieve, user_input  # noqa: E402
+from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
@@ -49,20 +48,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     data = Dataset.load(dataset_dir("ml-100k"))
-    source = CandidateSource(
-        load_retriever(resolve_run(runs_dir(artifacts_root(), "ml-100k", "retriever")))
+    none = "none"  # the shipped ranker reads no enrichment run
+    sources = load_inputs(
+        data,
+        resolve_inputs(artifacts_root(), "ml-100k", items=none, captions=none, preferences=none),
     )
     ranker = Ranker.load(args.run, args.llm, precision="fp32", max_batch=1)
-    features = ItemFeatures.build(data.catalog, embeddings=source.item_table)
-    split = data.split()
-    users = np.random.default_rng(0).choice(split.num_users, args.requests, replace=False)
-    histories = [split.test_inputs()[u] for u in users]
-    vectors = source.user_vectors(histories)
-    top, scores = source.top_k(histories, 20, vectors)
-    inputs = [
-        prompt_input(features, h, t, None, v, s)
-        for h, t, v, s in zip(histories, top, vectors, scores, strict=True)
-    ]
+    picked = np.random.default_rng(0).choice(data.split().num_users, args.requests, replace=False)
+    users = retrieve(sources, picked, "test")  # what evaluation and serving build prompts from
+    inputs = [user_input(sources, users, r, users.top[r]) for r in range(len(picked))]
     for inp in inputs[:5]:  # warm-up
         prompts, _ = ranker.render_all(inp)
         ranker.backend.score_sync(prompts)

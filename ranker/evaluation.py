@@ -130,7 +130,7 @@ def _rank_of(scores: np.ndarray, target: int) -> int:
     return int((scores > value).sum() + (scores == value).sum() - 1)
 
 
-def _user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndarray) -> PromptInput:
+def user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndarray) -> PromptInput:
     """User row ``r`` with ``candidates`` in the given order, and their retriever scores."""
     ids = inputs.dataset.interactions.user_ids
     vector = None if users.vectors is None else users.vectors[r]
@@ -147,7 +147,7 @@ def _user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndar
 
 
 def _hit_inputs(inputs: TrainInputs, users: UserSet, rows: np.ndarray) -> list[PromptInput]:
-    return [_user_input(inputs, users, r, users.top[r]) for r in rows]
+    return [user_input(inputs, users, r, users.top[r]) for r in rows]
 
 
 def _two_stage_ranks(users: UserSet, rows: np.ndarray, scores: list[np.ndarray]) -> np.ndarray:
@@ -188,7 +188,7 @@ def random_candidate_metrics(
             inputs.dataset.catalog.num_items,
             hard_ratio=0.0,
         )
-        prompts.append(_user_input(inputs, users, r, candidates))
+        prompts.append(user_input(inputs, users, r, candidates))
         labels.append(label)
     scores = score_inputs(ranker, prompts, progress)
     ranks = np.array([_rank_of(s, y) for s, y in zip(scores, labels, strict=True)])
@@ -212,7 +212,7 @@ def mapb(ranker: Ranker, inputs: TrainInputs, users: UserSet, rows: np.ndarray, 
         prompts = []
         for position in range(len(others) + 1):
             candidates = np.array([*others[:position], target, *others[position:]])
-            prompts.append(_user_input(inputs, users, r, candidates))
+            prompts.append(user_input(inputs, users, r, candidates))
         scores = score_inputs(ranker, prompts, progress)
         ranks = np.array([_rank_of(s, p) for p, s in enumerate(scores)], dtype=np.float64)
         biases.append(np.abs(ranks - ranks.mean()).mean())
