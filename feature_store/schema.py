@@ -259,6 +259,11 @@ class Keys:
     def lock(self) -> str:
         return f"{self.prefix}lock"
 
+    @property
+    def variants(self) -> str:
+        """The ranker variants' traffic split (feature_store.splits)."""
+        return f"{self.prefix}variants"
+
     def schema(self, version: int) -> str:
         return f"{self.prefix}v{version}:schema"
 

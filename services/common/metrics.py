@@ -7,6 +7,8 @@ the ranker backends register theirs. Labels are small closed sets: never a user 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -18,6 +20,7 @@ from prometheus_client import (
 
 import tandem
 from services.common.fallbacks import Fallback
+from services.common.variants import DEFAULT_VARIANT, OVERFLOW_LABEL
 
 # Stage families get buckets that fit them: Redis and Faiss in µs-ms, the LLM in 10 ms-10 s.
 FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -30,6 +33,8 @@ HTTP_BUCKETS = WIDE_BUCKETS
 STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
 FALLBACK_REASONS = tuple(reason.value for reason in Fallback)
 EVENT_RESULTS = ("accepted", "duplicate", "rejected")
+SHADOW_RESULTS = ("scored", "skipped", "timeout", "error")
+TAU_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
 UNMATCHED_ROUTE = "<unmatched>"
 
 
@@ -74,26 +79,75 @@ class RetrievalMetrics(ServiceMetrics):
 
 
 class GatewayMetrics(ServiceMetrics):
-    def __init__(self, registry: CollectorRegistry | None = None):
+    """The gateway's metrics. Per-request series carry the ranker ``variant`` that served it:
+    only the configured names (fixed at start-up) or OVERFLOW_LABEL, so cardinality is bounded."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        variants: Sequence[str] = (DEFAULT_VARIANT,),
+    ):
         super().__init__("gateway", registry)
+        self.variants = frozenset(variants)
         self.stage_duration = Histogram(
             "tandem_stage_duration_seconds",
             "Per-stage latency of /recommend (stage in feature_user, retrieval, feature_items, "
-            "prompt, ranker, total).",
-            ["stage"],
+            "prompt, ranker, total), by ranker variant.",
+            ["stage", "variant"],
             buckets=WIDE_BUCKETS,
             registry=self.registry,
         )
         self.ranker_duration = Histogram(
             "tandem_ranker_duration_seconds",
             "Ranker stage latency as seen by the gateway, with buckets for LLM calls.",
+            ["variant"],
             buckets=RANKER_BUCKETS,
             registry=self.registry,
         )
         self.fallbacks = Counter(
             "tandem_fallbacks",
-            "Requests answered with a fallback, by reason.",
-            ["reason"],
+            "Requests answered with a fallback, by reason and ranker variant.",
+            ["reason", "variant"],
+            registry=self.registry,
+        )
+        self.shadow_requests = Counter(
+            "tandem_shadow_requests",
+            "Shadow scorings by variant and result (scored, skipped: concurrency limit full, "
+            "timeout: over the shadow's deadline, error).",
+            ["variant", "result"],
+            registry=self.registry,
+        )
+        self.shadow_duration = Histogram(
+            "tandem_shadow_duration_seconds",
+            "Latency of a shadow variant's scoring (prompt + ranker), off the response path.",
+            ["variant"],
+            buckets=RANKER_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_kendall_tau = Histogram(
+            "tandem_shadow_kendall_tau",
+            "Kendall tau-b between the served and the shadow ordering of the same candidates "
+            "(1 = same order, -1 = reversed).",
+            ["variant"],
+            buckets=TAU_BUCKETS,
+            registry=self.registry,
+        )
+        self.variant_share = Gauge(
+            "tandem_variant_share",
+            "Share of traffic each ranker variant serves in the active split (shadows 0).",
+            ["variant"],
+            registry=self.registry,
+        )
+        self.split_version = Gauge(
+            "tandem_variant_split_version",
+            "Version of the traffic split this gateway serves (0: the configured one, not read "
+            "from Redis yet).",
+            registry=self.registry,
+        )
+        self.split_errors = Counter(
+            "tandem_variant_split_errors",
+            "Polls of the stored split that failed (Redis unreachable) or were refused (a split "
+            "naming a variant this gateway does not have); the last good split keeps serving.",
             registry=self.registry,
         )
         self.event_loop_lag = Histogram(
@@ -133,18 +187,28 @@ class GatewayMetrics(ServiceMetrics):
             "Entries in the events stream after the last accepted batch (bounded by MAXLEN ~).",
             registry=self.registry,
         )
-        for stage in STAGES:
-            self.stage_duration.labels(stage)
-        for reason in FALLBACK_REASONS:
-            self.fallbacks.labels(reason)
+        for variant in self.variants:
+            self.ranker_duration.labels(variant)
+            for stage in STAGES:
+                self.stage_duration.labels(stage, variant)
+            for reason in FALLBACK_REASONS:
+                self.fallbacks.labels(reason, variant)
         for result in EVENT_RESULTS:
             self.events.labels(result)
+
+    def variant_label(self, name: str) -> str:
+        """``name`` when configured, else OVERFLOW_LABEL: a label value from a closed set."""
+        return name if name in self.variants else OVERFLOW_LABEL
 
     def set_build_info(self, retriever_run: str, ranker_run: str, backend: str) -> None:
         self.build_info.clear()
         self.build_info.labels(tandem.__version__, retriever_run, ranker_run, backend).set(1)
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_duration.labels(stage).observe(seconds)
+    def observe_stage(self, stage: str, seconds: float, variant: str = DEFAULT_VARIANT) -> None:
+        label = self.variant_label(variant)
+        self.stage_duration.labels(stage, label).observe(seconds)
         if stage == "ranker":
-            self.ranker_duration.observe(seconds)
+            self.ranker_duration.labels(label).observe(seconds)
+
+    def fallback(self, reason: str, variant: str = DEFAULT_VARIANT) -> None:
+        self.fallbacks.labels(reason, self.variant_label(variant)).inc()

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from services.common.variants import VariantsConfig
 from tandem.artifacts import resolve_run, runs_dir
 
 
@@ -101,11 +102,25 @@ class GatewaySettings(ServiceSettings):
     events_stream_max: int = Field(1_000_000, ge=1000)
     events_dedup_ttl_s: int = Field(48 * 3600, ge=24 * 3600)
     events_tail_cap: int = Field(200, ge=1)
+    # Ranker variants (services.common.variants): JSON in TANDEM_VARIANTS, or a YAML/JSON file
+    # in TANDEM_VARIANTS_FILE; unset = one implicit variant, "default", at 100%. The active
+    # split lives in Redis and every gateway re-reads it every variants_poll_s seconds.
+    variants: VariantsConfig | None = None
+    variants_file: Path | None = None
+    variants_poll_s: float = Field(1.0, gt=0, le=5)
 
     @model_validator(mode="after")
     def _check_backend(self) -> GatewaySettings:
         if self.ranker_backend == "vllm" and not self.vllm_url:
             raise ValueError("ranker_backend=vllm needs TANDEM_VLLM_URL")
+        return self
+
+    @model_validator(mode="after")
+    def _read_variants_file(self) -> GatewaySettings:
+        if self.variants_file is not None:
+            if self.variants is not None:
+                raise ValueError("set TANDEM_VARIANTS or TANDEM_VARIANTS_FILE, not both")
+            self.variants = VariantsConfig.read(self.variants_file)
         return self
 
     def ranker_run_dir(self) -> Path | None:

@@ -14,8 +14,9 @@ from services.common.factory import build_app
 from services.common.loop_lag import lag_watcher
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
+from services.common.variants import DEFAULT_VARIANT
 from services.gateway.events import build_events
-from services.gateway.pipeline import FeatureStore, RecommendPipeline
+from services.gateway.pipeline import AnswerHook, FeatureStore, RecommendPipeline
 from services.gateway.routes import router
 from services.gateway.sources import CandidateSource
 from services.gateway.wiring import Artifacts, build_pipeline, load_artifacts
@@ -29,14 +30,19 @@ def create_app(
     artifacts: Artifacts | None = None,
     store: FeatureStore | None = None,
     source: CandidateSource | None = None,
+    on_answer: AnswerHook | None = None,
 ) -> FastAPI:
-    """The app; pass loaded ``artifacts`` (the CLI does, to fail before binding the port)."""
-    metrics = GatewayMetrics()
+    """The app; pass loaded ``artifacts`` (the CLI does, to fail before binding the port).
+    ``on_answer`` gets (request id, variant, item ids) after each answer is sent."""
+    names = settings.variants.names if settings.variants is not None else [DEFAULT_VARIANT]
+    metrics = GatewayMetrics(variants=names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = artifacts or await asyncio.to_thread(load_artifacts, settings)
-        pipeline = build_pipeline(settings, metrics, loaded, store=store, source=source)
+        pipeline = build_pipeline(
+            settings, metrics, loaded, store=store, source=source, on_answer=on_answer
+        )
         await pipeline.load()
         app.state.pipeline = pipeline
         app.state.events = build_events(settings, metrics, pipeline.catalog)
@@ -77,5 +83,5 @@ def _add_readiness(app: FastAPI, pipeline: RecommendPipeline) -> None:
     checks.add("retrieval", pipeline.retrieval.source.ready)
     if pipeline.user is not None:
         checks.add("feature_store", pipeline.user.store.ping)
-    if pipeline.ranker is not None:
-        checks.add("ranker", pipeline.ranker.backend.ready)
+    if any(v.ranker is not None for v in pipeline.variants.by_name.values()):
+        checks.add("ranker", pipeline.variants.ready)

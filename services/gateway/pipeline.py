@@ -10,11 +10,12 @@ The stages live in ``stages.py``, the deadline/fallback bookkeeping in ``trace.p
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,16 +27,11 @@ from services.common.fallbacks import Fallback
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.gateway.schemas import ModelInfo, RecommendedItem, RecommendRequest, RecommendResponse
+from services.gateway.shadow import FollowUps, Job, ShadowScorer
 from services.gateway.sources import Retrieved
-from services.gateway.stages import (
-    FeatureStore,
-    ItemStage,
-    PromptStage,
-    RankerStage,
-    RetrievalStage,
-    UserStage,
-)
+from services.gateway.stages import FeatureStore, ItemStage, RetrievalStage, UserStage
 from services.gateway.trace import Trace
+from services.gateway.variants import Variant, Variants
 
 if TYPE_CHECKING:
     from feature_store.client import UserRead
@@ -51,7 +47,12 @@ RANKER_ERRORS = {  # a backend failure, or inputs it cannot use; anything else i
     PromptError: Fallback.RANKER_UNAVAILABLE,
 }
 
-__all__ = ["FeatureStore", "RecommendPipeline"]
+# Called with (request_id, variant, item ids in rank order) after each answer is sent.
+AnswerHook = Callable[[str, str, Sequence[str]], Awaitable[None]]
+# Schedules follow-up work after the response, like ``BackgroundTasks.add_task``.
+Defer = Callable[..., Any]
+
+__all__ = ["AnswerHook", "FeatureStore", "RecommendPipeline"]
 
 
 @dataclass
@@ -63,9 +64,30 @@ class Ranked:
     titles: dict[str, str]
 
 
+@dataclass
+class Candidates:
+    """The retrieved candidates of one request and what was read to rank them; the shadows
+    score the same ones (reusing the records and prompt input when the served path built them)."""
+
+    ids: list[str]
+    base: np.ndarray  # retriever scores, candidate order
+    recent: list[str]  # history items shown in the prompt
+    version: int | None  # feature version the user record came from
+    preference: str | None
+    user_embedding: np.ndarray | None
+    store_down: bool
+    decided_at: float = field(default_factory=time.time)
+    records: dict[str, ItemRecord] | None = None
+    inp: PromptInput | None = None
+
+
 class RecommendPipeline:
-    """The whole request: stages + fallbacks. ``user``/``items``/``prompt``/``ranker`` may be
-    None (no feature store, or the ranker disabled): the pipeline then serves retriever order."""
+    """The whole request: stages + fallbacks. ``user``/``items`` may be None (no feature store);
+    a variant without prompt/ranker stages (the ranker disabled) serves retriever order.
+
+    ``variants`` picks the ranker variant per user; shadows and ``on_answer`` (request id,
+    variant, item ids; e.g. the attribution log) run after the answer, off the response path.
+    """
 
     def __init__(
         self,
@@ -76,9 +98,8 @@ class RecommendPipeline:
         retrieval: RetrievalStage,
         user: UserStage | None,
         items: ItemStage | None,
-        prompt: PromptStage | None,
-        ranker: RankerStage | None,
-        model: ModelInfo,
+        variants: Variants,
+        on_answer: AnswerHook | None = None,
     ):
         self.settings = settings
         self.metrics = metrics
@@ -87,29 +108,40 @@ class RecommendPipeline:
         # Fallback titles when the feature store has none: one array lookup, no pandas per request.
         self._titles = self.catalog.frame["title"].astype(str).to_numpy()
         self.retrieval, self.user, self.items = retrieval, user, items
-        self.prompt, self.ranker = prompt, ranker
-        self.model = model
+        self.variants = variants
+        self.on_answer = on_answer
+        self.follow_ups = FollowUps()
+
+    @property
+    def model(self) -> ModelInfo:
+        """What the control variant serves (start-up logs)."""
+        return self.variants.control.model
 
     @property
     def stages(self) -> list:
-        return [s for s in (self.user, self.retrieval, self.items, self.prompt, self.ranker) if s]
+        return [s for s in (self.user, self.retrieval, self.items) if s]
 
     async def load(self) -> None:
         for stage in self.stages:
             await stage.load()
+        await self.variants.load()
 
     async def close(self) -> None:
+        await self.follow_ups.close()
         if self.user is not None:
             await self.user.store.close()
         await self.retrieval.source.close()
-        if self.prompt is not None:
-            self.prompt.close()
-        if self.ranker is not None:
-            await self.ranker.close()
+        await self.variants.close()
 
-    async def __call__(self, request: RecommendRequest, request_id: str) -> RecommendResponse:
+    async def __call__(
+        self, request: RecommendRequest, request_id: str, after: Defer | None = None
+    ) -> RecommendResponse:
+        """The answer; follow-up work (shadows, the answer hook) goes to ``after`` (a route's
+        ``BackgroundTasks.add_task``: it runs once the response is sent), else starts now."""
         s = self.settings
-        trace = Trace(self.metrics, time.monotonic() + s.deadline_ms / 1000)
+        variant = self.variants.assign(request.user_id)
+        shadows = self.variants.shadows()
+        trace = Trace(self.metrics, time.monotonic() + s.deadline_ms / 1000, variant=variant.name)
         exclude = self._known_exclude(request.exclude, trace)
 
         # Given history: retrieval need not wait for the user record, so both run at once.
@@ -124,6 +156,7 @@ class RecommendPipeline:
             stored = list(user.history) if user is not None else []
             history = self._known_history(stored, trace, given=False)
 
+        candidates: Candidates | None = None
         if not history:
             if not store_down:
                 trace.degrade(Fallback.COLD_START)
@@ -135,13 +168,25 @@ class RecommendPipeline:
             if retrieved is None:
                 ranked = self._popular(history, exclude)
             else:
-                version = user_read.version if user_read is not None else None
-                preference = user.preference if user is not None else None
-                ranked = await self._rank(
-                    retrieved, history, version, preference, store_down, trace
+                candidates = Candidates(
+                    ids=[item_id for item_id, _ in retrieved.candidates],
+                    base=np.array([score for _, score in retrieved.candidates], dtype=np.float64),
+                    recent=history[-s.prompt_history :] if s.prompt_history else [],
+                    version=user_read.version if user_read is not None else None,
+                    preference=user.preference if user is not None else None,
+                    user_embedding=retrieved.user_embedding,
+                    store_down=store_down,
                 )
+                ranked = await self._rank(variant, candidates, trace)
         trace.record("total", time.perf_counter() - trace.started)
-        return self._respond(request, request_id, ranked, trace, user_read)
+        response = self._respond(request, request_id, ranked, trace, user_read, variant)
+        jobs = self._follow_ups(response, ranked, candidates, shadows)
+        if jobs:
+            if after is None:
+                await self.follow_ups.start(jobs)
+            else:
+                after(self.follow_ups.start, jobs)
+        return response
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -175,54 +220,36 @@ class RecommendPipeline:
             errors={Exception: Fallback.RETRIEVAL_UNAVAILABLE},
         )
 
-    async def _rank(
-        self,
-        retrieved: Retrieved,
-        history: list[str],
-        version: int | None,
-        preference: str | None,
-        store_down: bool,
-        trace: Trace,
-    ) -> Ranked:
-        ids = [item_id for item_id, _ in retrieved.candidates]
-        base = np.array([score for _, score in retrieved.candidates], dtype=np.float64)
+    async def _rank(self, variant: Variant, c: Candidates, trace: Trace) -> Ranked:
         records: dict[str, ItemRecord] = {}
-        recent = history[-self.settings.prompt_history :] if self.settings.prompt_history else []
 
         def retriever_order() -> Ranked:
-            return self._ranked(ids, fuse(base, None, 0.0), records)
+            return self._ranked(c.ids, fuse(c.base, None, 0.0), records)
 
-        if self.ranker is None or self.prompt is None:
+        if variant.prompt is None or variant.ranker is None:
             return retriever_order()
-        if store_down:  # no item features: the prompt would not be the one the ranker knows
+        if c.store_down:  # no item features: the prompt would not be the one the ranker knows
             return retriever_order()
-        if self.items is not None and version is not None:
+        if self.items is not None and c.version is not None:
             read = await trace.attempt(
                 self.items.name,
-                self.items(version, ids + recent),
+                self.items(c.version, c.ids + c.recent),
                 self.settings.feature_store_deadline_ms / 1000,
                 on_timeout=Fallback.FEATURE_STORE_UNAVAILABLE,
                 errors=STORE_ERRORS,
             )
             if read is None:
                 return retriever_order()
-            records = read
+            records = c.records = read
         if trace.remaining_s() * 1000 < self.settings.ranker_min_budget_ms:
             trace.degrade(Fallback.DEADLINE_EXCEEDED)
             return retriever_order()
 
-        inp = PromptInput(
-            history=[self._prompt_item(i, records) for i in recent],
-            candidates=[self._prompt_item(i, records) for i in ids],
-            preference=preference,
-            user_embedding=retrieved.user_embedding,
-            retriever_scores=base,
-            timestamp=time.time(),
-        )
+        inp = c.inp = self._prompt_input(c, records)
         budget = self.settings.ranker_deadline_ms / 1000
         rendered = await trace.attempt(
-            self.prompt.name,
-            self.prompt(inp),
+            variant.prompt.name,
+            variant.prompt(inp),
             budget,
             on_timeout=Fallback.RANKER_TIMEOUT,
             errors=RANKER_ERRORS,
@@ -231,8 +258,8 @@ class RecommendPipeline:
             return retriever_order()
         deadline = min(budget, trace.remaining_s())
         letters = await trace.attempt(
-            self.ranker.name,
-            self.ranker(rendered, deadline),
+            variant.ranker.name,
+            variant.ranker(rendered, deadline),
             deadline,
             on_timeout=Fallback.RANKER_TIMEOUT,
             errors=RANKER_ERRORS,
@@ -240,14 +267,59 @@ class RecommendPipeline:
         if letters is None:
             return retriever_order()
         try:
-            fused = fuse(base, letters, self.model.rank_weight)
+            fused = fuse(c.base, letters, variant.model.rank_weight)
         except ValueError as exc:  # a backend that answered for another number of candidates
             log.warning("ranker answered %s", exc)
             trace.degrade(Fallback.RANKER_UNAVAILABLE)
             return retriever_order()
         position = int(np.flatnonzero(order(fused) == 0)[0])
         self.metrics.ranker_hit_position.observe(position)
-        return self._ranked(ids, fused, records)
+        return self._ranked(c.ids, fused, records)
+
+    def _prompt_input(self, c: Candidates, records: dict[str, ItemRecord]) -> PromptInput:
+        return PromptInput(
+            history=[self._prompt_item(i, records) for i in c.recent],
+            candidates=[self._prompt_item(i, records) for i in c.ids],
+            preference=c.preference,
+            user_embedding=c.user_embedding,
+            retriever_scores=c.base,
+            timestamp=c.decided_at,
+        )
+
+    async def _shadow_input(self, c: Candidates) -> PromptInput | None:
+        """The served prompt input, or (the served variant did not rank) one built from a read
+        of its own, off the response path; None when the store was down for the request."""
+        if c.inp is not None:
+            return c.inp
+        if c.store_down:
+            return None
+        if c.records is None and self.items is not None and c.version is not None:
+            c.records = await self.items(c.version, c.ids + c.recent)
+        c.inp = self._prompt_input(c, c.records or {})
+        return c.inp
+
+    def _follow_ups(
+        self,
+        response: RecommendResponse,
+        ranked: Ranked,
+        candidates: Candidates | None,
+        shadows: list[ShadowScorer],
+    ) -> list[Job]:
+        jobs: list[Job] = []
+        if self.on_answer is not None:
+            item_ids = [item.item_id for item in response.items]
+            jobs.append(
+                functools.partial(
+                    self.on_answer, response.request_id, response.model.variant, item_ids
+                )
+            )
+        if candidates is not None:
+            inputs = functools.partial(self._shadow_input, candidates)
+            jobs += [
+                functools.partial(shadow, inputs, candidates.base, ranked.scores)
+                for shadow in shadows
+            ]
+        return jobs
 
     def _popular(self, history: list[str], exclude: list[str]) -> Ranked:
         popular = self.retriever.popular(self.settings.num_candidates, [*history, *exclude])
@@ -302,6 +374,7 @@ class RecommendPipeline:
         ranked: Ranked,
         trace: Trace,
         user_read: UserRead | None,
+        variant: Variant,
     ) -> RecommendResponse:
         positions = order(ranked.scores)[: request.k]
         ids = [ranked.ids[i] for i in positions]
@@ -326,7 +399,7 @@ class RecommendPipeline:
             items=items,
             degraded=trace.degraded,
             warnings=trace.warnings,
-            model=self.model.model_copy(update={"feature_version": version}),
+            model=variant.model.model_copy(update={"feature_version": version}),
             timings_ms=trace.timings_ms,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Request
 
 from services.common.auth import ApiKeyDep
 from services.common.context import current_request_id, new_request_id
@@ -44,11 +44,16 @@ router = APIRouter(tags=["recommend"])
     responses=problem_responses(400, 401, 413, 422, 500),
 )
 async def recommend(
-    body: RecommendRequest, pipeline: PipelineDep, request_id: RequestIdDep, _: ApiKeyDep
+    body: RecommendRequest,
+    pipeline: PipelineDep,
+    request_id: RequestIdDep,
+    after: BackgroundTasks,
+    _: ApiKeyDep,
 ) -> RecommendResponse:
-    """Top-k items for a user: retrieval, then the LLM ranker, fused; degrades, never fails
-    because one dependency is down (see ``degraded``)."""
-    return await pipeline(body, request_id)
+    """Top-k items for a user: retrieval, then the LLM ranker of the user's variant, fused;
+    degrades, never fails because one dependency is down (see ``degraded``). Shadow scoring
+    and the answer log start after the response is sent."""
+    return await pipeline(body, request_id, after.add_task)
 
 
 @router.post(

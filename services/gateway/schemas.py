@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from services.common.fallbacks import Fallback
 from services.common.ids import MAX_LIST, Count, ItemId, UserId
+from services.common.variants import DEFAULT_VARIANT
 
 MAX_K = 20
 MAX_EVENTS = 500
@@ -51,6 +52,11 @@ class ModelInfo(BaseModel):
     )
     ranker_note: str | None = Field(
         None, description="Which ranker is served and why, or why none is (e.g. no run)."
+    )
+    variant: str = Field(
+        DEFAULT_VARIANT,
+        description="The ranker variant that served this answer (TANDEM_VARIANTS; 'default' "
+        "when none are configured). A user keeps their variant until the split changes.",
     )
 
 

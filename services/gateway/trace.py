@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from services.common.fallbacks import Fallback
 from services.common.metrics import GatewayMetrics
+from services.common.variants import DEFAULT_VARIANT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,6 +35,7 @@ class Trace:
 
     metrics: GatewayMetrics
     deadline: float  # time.monotonic() value
+    variant: str = DEFAULT_VARIANT  # the ranker variant serving the request (a metric label)
     started: float = field(default_factory=time.perf_counter)
     timings_ms: dict[str, float] = field(default_factory=dict)
     degraded: list[str] = field(default_factory=list)
@@ -45,11 +47,11 @@ class Trace:
     def degrade(self, reason: Fallback) -> None:
         if reason not in self.degraded:
             self.degraded.append(reason)
-            self.metrics.fallbacks.labels(reason.value).inc()
+            self.metrics.fallback(reason.value, self.variant)
 
     def record(self, stage: str, seconds: float) -> None:
         self.timings_ms[stage] = round(seconds * 1000, 3)
-        self.metrics.observe_stage(stage, seconds)
+        self.metrics.observe_stage(stage, seconds, self.variant)
 
     async def run(self, stage: str, work: Awaitable[T], stage_deadline_s: float) -> T:
         """Await ``work`` within min(stage deadline, what is left); StageDeadline when over."""

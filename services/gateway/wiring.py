@@ -6,16 +6,24 @@ a clear message when a run or checkpoint is missing; ``build_pipeline`` only wir
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from feature_store.splits import SplitStore
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
-from services.gateway.pipeline import RecommendPipeline
+from services.common.variants import (
+    DEFAULT_VARIANT,
+    VariantConfig,
+    VariantsConfig,
+    implicit_split,
+)
+from services.gateway.pipeline import AnswerHook, RecommendPipeline
 from services.gateway.schemas import ModelInfo
 from services.gateway.sources import CandidateSource, LocalCandidates, RemoteCandidates
 from services.gateway.stages import (
@@ -26,10 +34,11 @@ from services.gateway.stages import (
     RetrievalStage,
     UserStage,
 )
+from services.gateway.variants import Variant, Variants
 
 if TYPE_CHECKING:
     from ranker.backends.base import RankerBackend
-    from ranker.core import Ranker
+    from ranker.core import Ranker, RankerConfig
     from retriever.core import Retriever
 
 
@@ -41,14 +50,31 @@ NEAR_CACHE_DEADLINE_SHARE = 0.8
 
 
 @dataclass
+class RankerArtifacts:
+    """One ranker configuration, loaded: the ranker (None: not served) and why."""
+
+    ranker: Ranker | None
+    ranker_run: Path | None
+    tuned_rank_weight: float | None = None  # the fusion weight the ranker run chose on validation
+    ranker_note: str = ""  # why the ranker is (not) served, for start-up logs and responses
+    rank_weight: float | None = None  # configured for this variant (None: the gateway's setting)
+    backend: str | None = None  # configured for this variant (None: the gateway's setting)
+
+
+@dataclass
 class Artifacts:
-    """What the gateway loads once: the retriever (catalog, popularity) and the ranker."""
+    """What the gateway loads once: the retriever (catalog, popularity) and the ranker.
+
+    The ranker fields describe the implicit ``default`` variant; with TANDEM_VARIANTS set,
+    ``variants`` holds each configured variant's ranker (the top-level fields: the control's).
+    """
 
     retriever: Retriever
     ranker: Ranker | None
     ranker_run: Path | None
     tuned_rank_weight: float | None = None  # the fusion weight the ranker run chose on validation
     ranker_note: str = ""  # why the ranker is (not) served, for start-up logs and responses
+    variants: dict[str, RankerArtifacts] = field(default_factory=dict)
 
 
 def tuned_rank_weight(run: Path | None) -> float | None:
@@ -90,12 +116,87 @@ def _name(run: Path | None) -> str:
 
 
 def load_artifacts(settings: GatewaySettings) -> Artifacts:
-    """Load the retriever and ranker runs; FileNotFoundError / ValueError say what is missing."""
+    """Load the retriever and the ranker of every variant; FileNotFoundError / ValueError say
+    what is missing (a run, an adapter the vLLM server does not serve, a prompt that does not
+    fit the run)."""
     from retriever.core import Retriever
 
     retriever = Retriever.load(settings.retriever_run_dir(), engine=settings.retriever_engine)
+    config = settings.variants
+    if config is None:
+        default = load_ranker(settings, retriever)
+        return Artifacts(
+            retriever, default.ranker, default.ranker_run, default.tuned_rank_weight,
+            default.ranker_note,
+        )  # fmt: skip
+    check_adapters(settings, config)
+    loaded: dict[str, RankerArtifacts] = {}
+    shared: dict[tuple, RankerArtifacts] = {}  # variants on the same ranker load it once
+    for variant in config.variants:
+        own = variant_settings(settings, variant)
+        key = (own.ranker_backend, own.ranker_run, own.vllm_adapter, repr(variant.prompt))
+        if key in shared and shared[key].ranker is not None:
+            ranker = shared[key]
+        else:
+            ranker = load_ranker(own, retriever, prompt=variant.prompt)
+            shared.setdefault(key, ranker)
+        note = ranker.ranker_note
+        if ranker.ranker is not None:
+            note = ranker_note(own.rank_weight, ranker.tuned_rank_weight, ranker.ranker_run)
+        loaded[variant.name] = dataclasses.replace(
+            ranker, rank_weight=own.rank_weight, backend=own.ranker_backend, ranker_note=note
+        )
+        log.info("variant %s: %s", variant.name, note)
+    control = loaded[config.control]
+    return Artifacts(
+        retriever, control.ranker, control.ranker_run, control.tuned_rank_weight,
+        control.ranker_note, variants=loaded,
+    )  # fmt: skip
+
+
+def variant_settings(settings: GatewaySettings, variant: VariantConfig) -> GatewaySettings:
+    """The gateway's settings with what ``variant`` sets (a variant inherits everything else)."""
+    given = {
+        "ranker_backend": variant.backend,
+        "ranker_run": variant.run,
+        "vllm_adapter": variant.adapter,
+        "rank_weight": variant.rank_weight,
+    }
+    return settings.model_copy(update={k: v for k, v in given.items() if v is not None})
+
+
+def check_adapters(settings: GatewaySettings, config: VariantsConfig) -> None:
+    """Every adapter a vLLM variant names must be served (ValueError if not). A server that is
+    not up yet is not an error: the backend retries in the background, as without variants."""
+    from ranker.adapters import AdapterError, ServerAdapters
+
+    wanted = {
+        v.name: v.adapter
+        for v in config.variants
+        if v.adapter is not None and variant_settings(settings, v).ranker_backend == "vllm"
+    }
+    if not wanted:
+        return
+    try:
+        with ServerAdapters(settings.vllm_url, timeout_s=5.0) as admin:
+            served = admin.loaded()
+    except AdapterError as exc:
+        log.warning("variants: cannot check the vLLM adapters now (%s)", exc)
+        return
+    missing = {name: adapter for name, adapter in wanted.items() if adapter not in served}
+    if missing:
+        raise ValueError(
+            f"variants name adapters the vLLM server at {settings.vllm_url} does not serve: "
+            f"{missing} (it serves {served}); load them with `tandem vllm adapter load`"
+        )
+
+
+def load_ranker(
+    settings: GatewaySettings, retriever: Retriever, *, prompt: dict | None = None
+) -> RankerArtifacts:
+    """The ranker ``settings`` describe, or None with the reason it is not served."""
     if settings.ranker_backend == "none":
-        return Artifacts(retriever, None, None, ranker_note="off: TANDEM_RANKER_BACKEND=none")
+        return RankerArtifacts(None, None, ranker_note="off: TANDEM_RANKER_BACKEND=none")
     from ranker.core import Ranker
 
     run = settings.ranker_run_dir()
@@ -106,20 +207,34 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
             "ranker %s: it is not loaded or called; set TANDEM_RANK_WEIGHT above 0 to force it",
             note,
         )
-        return Artifacts(retriever, None, run, tuned, note)
+        return RankerArtifacts(None, run, tuned, note)
     log.info("ranker: %s", note)
     backend: RankerBackend | str = "transformers"
     if settings.ranker_backend == "vllm":
         backend = vllm_backend(settings)
-    ranker = Ranker.load(run, llm_folder(settings, run), backend=backend)
+    ranker = Ranker.load(
+        run, llm_folder(settings, run), backend=backend, config=prompt_config(run, prompt)
+    )
     table = ranker.item_table  # signal tokens read the retriever's vectors: same retriever?
     if ranker.config.prompt.candidate_signals and not table.matches(
         retriever.catalog.item_ids, np.asarray(retriever.item_embeddings())
     ):
         note = f"off: ranker run {run.name} was trained with another retriever run's vectors"
         log.warning("ranker %s: it is not served; train one on this retriever", note)
-        return Artifacts(retriever, None, run, tuned, note)
-    return Artifacts(retriever, ranker, run, tuned, note)
+        return RankerArtifacts(None, run, tuned, note)
+    return RankerArtifacts(ranker, run, tuned, note)
+
+
+def prompt_config(run: Path | None, prompt: dict | None) -> RankerConfig | None:
+    """The run's ranker config with a variant's prompt fields replaced (None: no override)."""
+    from ranker.core import CONFIG_FILE, RankerConfig
+
+    if not prompt:
+        return None
+    base = RankerConfig()
+    if run is not None and (run / CONFIG_FILE).is_file():
+        base = RankerConfig.from_json((run / CONFIG_FILE).read_text())
+    return dataclasses.replace(base, prompt=dataclasses.replace(base.prompt, **prompt))
 
 
 def llm_folder(settings: GatewaySettings, run: Path | None) -> Path:
@@ -193,18 +308,15 @@ def build_pipeline(
     *,
     store: FeatureStore | None = None,
     source: CandidateSource | None = None,
+    on_answer: AnswerHook | None = None,
 ) -> RecommendPipeline:
-    """Wire the stages; ``store``/``source`` replace the configured clients (tests, embedding)."""
+    """Wire the stages; ``store``/``source`` replace the configured clients (tests, embedding);
+    ``on_answer`` is called after each answer with (request id, variant, item ids)."""
     store = store if store is not None else feature_store(settings)
     source = source if source is not None else candidate_source(settings, artifacts.retriever)
-    weight = 0.0
-    if artifacts.ranker is not None:
-        weight = rank_weight(settings.rank_weight, artifacts.tuned_rank_weight)
-    ranker = artifacts.ranker if weight > 0 else None  # weight 0: calling it changes nothing
-    backend = settings.ranker_backend if ranker is not None else "none"
-    ranker_run = artifacts.ranker_run.name if artifacts.ranker_run is not None else None
-    retriever_run = artifacts.retriever.manifest.run_id
-    metrics.set_build_info(retriever_run, ranker_run or "none", backend)
+    variants = build_variants(settings, metrics, artifacts)
+    control = variants.control.model
+    metrics.set_build_info(control.retriever_run, control.ranker_run or "none", control.backend)
     return RecommendPipeline(
         settings=settings,
         metrics=metrics,
@@ -212,14 +324,60 @@ def build_pipeline(
         retrieval=RetrievalStage(source, settings.num_candidates),
         user=UserStage(store),
         items=ItemStage(store),
-        prompt=PromptStage(ranker) if ranker is not None else None,
-        ranker=RankerStage(ranker.backend, settings.ranker_retry_s) if ranker is not None else None,
-        model=ModelInfo(
-            retriever_run=retriever_run,
-            ranker_run=ranker_run,
-            backend=backend,
-            feature_version=None,
-            rank_weight=weight,
-            ranker_note=artifacts.ranker_note or None,
-        ),
+        variants=variants,
+        on_answer=on_answer,
     )
+
+
+def build_variants(
+    settings: GatewaySettings, metrics: GatewayMetrics, artifacts: Artifacts
+) -> Variants:
+    """Each variant's stages (one pair per distinct ranker) and the split that routes to them:
+    the configured one, stored in and then followed from Redis; or ``default`` at 100%."""
+    config = settings.variants
+    retriever_run = artifacts.retriever.manifest.run_id
+    stages: dict[int, tuple[PromptStage, RankerStage]] = {}
+
+    def variant(name: str, loaded: RankerArtifacts, shadow: VariantConfig | None) -> Variant:
+        configured = loaded.rank_weight if config is not None else settings.rank_weight
+        weight = 0.0
+        if loaded.ranker is not None:
+            weight = rank_weight(configured, loaded.tuned_rank_weight)
+        ranker = loaded.ranker if weight > 0 else None  # weight 0: calling it changes nothing
+        pair = None
+        if ranker is not None:
+            pair = stages.setdefault(
+                id(ranker),
+                (PromptStage(ranker), RankerStage(ranker.backend, settings.ranker_retry_s)),
+            )
+        run = loaded.ranker_run.name if loaded.ranker_run is not None else None
+        return Variant(
+            name=name,
+            prompt=pair[0] if pair else None,
+            ranker=pair[1] if pair else None,
+            model=ModelInfo(
+                retriever_run=retriever_run,
+                ranker_run=run,
+                backend=(loaded.backend or settings.ranker_backend) if pair else "none",
+                feature_version=None,
+                rank_weight=weight,
+                ranker_note=loaded.ranker_note or None,
+                variant=name,
+            ),
+            shadow_deadline_s=(shadow.deadline_ms / 1000) if shadow else 2.0,
+            shadow_concurrency=shadow.concurrency if shadow else 2,
+        )
+
+    if config is None:
+        default = RankerArtifacts(
+            artifacts.ranker, artifacts.ranker_run, artifacts.tuned_rank_weight,
+            artifacts.ranker_note,
+        )  # fmt: skip
+        return Variants({DEFAULT_VARIANT: variant(DEFAULT_VARIANT, default, None)},
+                        implicit_split(), metrics)  # fmt: skip
+    missing = set(config.names) - set(artifacts.variants)
+    if missing:
+        raise ValueError(f"no loaded ranker for variant(s) {sorted(missing)}")
+    built = {v.name: variant(v.name, artifacts.variants[v.name], v) for v in config.variants}
+    store = SplitStore.connect(redis_url(settings), settings.namespace)
+    return Variants(built, config.split(), metrics, store=store, poll_s=settings.variants_poll_s)

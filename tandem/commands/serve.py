@@ -41,8 +41,10 @@ def serve(
     services/common/settings.py): Redis URL, retrieval URL, vLLM URL, deadlines, API keys.
     """
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from services.common.settings import GatewaySettings, RetrievalSettings
+    from services.common.variants import problems
     from services.serve import StartupError, run
 
     given = {
@@ -61,6 +63,8 @@ def serve(
         else:
             run(role, host, port, gateway=GatewaySettings(**overrides))
     except ValidationError as exc:
+        fail(f"invalid settings: {problems(exc)}")
+    except SettingsError as exc:  # e.g. TANDEM_VARIANTS that is not JSON
         fail(f"invalid settings: {exc}")
     except StartupError as exc:
         fail(f"cannot start the {role} service: {exc}")

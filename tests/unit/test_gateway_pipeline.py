@@ -281,7 +281,7 @@ async def test_unknown_user_without_history_gets_popular_items_as_cold_start(
     popular = [i for i, _ in gateway_artifacts.retriever.popular(5)]
     assert out["degraded"] == ["cold_start"]
     assert [item["item_id"] for item in out["items"]] == popular
-    assert 'tandem_fallbacks_total{reason="cold_start"} 1.0' in metrics
+    assert 'tandem_fallbacks_total{reason="cold_start",variant="default"} 1.0' in metrics
 
 
 async def test_feature_store_down_serves_retriever_order_or_popularity(
@@ -331,7 +331,7 @@ async def test_ranker_down_serves_retriever_order(
         metrics = (await client.get("/metrics")).text
     assert out["degraded"] == ["ranker_unavailable"]
     assert [i["retrieval_rank"] for i in out["items"]] == list(range(1, 11))
-    assert 'tandem_fallbacks_total{reason="ranker_unavailable"} 1.0' in metrics
+    assert 'tandem_fallbacks_total{reason="ranker_unavailable",variant="default"} 1.0' in metrics
 
 
 class BuggyBackend(SlowBackend):
@@ -352,7 +352,7 @@ async def test_a_ranker_bug_is_a_500_not_a_disguised_fallback(
     assert response.status_code == 500
     assert response.headers["content-type"].startswith("application/problem+json")
     assert "ZeroDivisionError" not in response.text  # no internals leave the service
-    assert 'tandem_fallbacks_total{reason="ranker_unavailable"} 0.0' in metrics
+    assert 'tandem_fallbacks_total{reason="ranker_unavailable",variant="default"} 0.0' in metrics
     assert "tandem_event_loop_lag_seconds_count" in metrics
 
 
@@ -396,8 +396,8 @@ async def test_ranker_metrics_and_build_info_are_exported(
         await recommend(client, user_id=user)
         text = (await client.get("/metrics")).text
     assert "tandem_ranker_hit_position_count 1.0" in text
-    assert 'tandem_stage_duration_seconds_count{stage="ranker"} 1.0' in text
-    assert "tandem_ranker_duration_seconds_count 1.0" in text
+    assert 'tandem_stage_duration_seconds_count{stage="ranker",variant="default"} 1.0' in text
+    assert 'tandem_ranker_duration_seconds_count{variant="default"} 1.0' in text
     assert 'backend="inprocess"' in text and "tandem_build_info{" in text
     assert "tandem_feature_store_read_seconds" in text
     assert 'route="/recommend"' in text
