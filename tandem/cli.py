@@ -15,6 +15,7 @@ from tandem.commands import (
     ranker,
     retriever,
     serve,
+    variants,
     vllm,
 )
 
@@ -32,6 +33,7 @@ app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")
 app.add_typer(events.app, name="events")
 app.add_typer(vllm.app, name="vllm")
+app.add_typer(variants.app, name="variants")
 app.command("evaluate")(evaluate.evaluate)
 app.command("serve")(serve.serve)
 app.command("quickstart")(quickstart.quickstart)
