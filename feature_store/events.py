@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 import redis.asyncio
 
+from feature_store.attribution import ATTRIBUTE_LUA, AttributionKeys
 from feature_store.client import FeatureStoreUnavailable
 from feature_store.connection import async_client
 from feature_store.live import (
@@ -34,21 +35,26 @@ from feature_store.live import (
     EventKeys,
 )
 
-# KEYS: stream, then (dedup, tail) per event. ARGV: token, stream max, dedup ttl, tail cap,
-# tail ttl, then each event's values in live.STREAM_FIELDS order (``names`` below). Returns one
-# code per event ('a' accepted, 'd' duplicate) and the stream length last.
-_INGEST = """
+# KEYS: stream, attribution counters, then (dedup, tail, answer) per event. ARGV: token, stream
+# max, dedup ttl, tail cap, tail ttl, then each event's values in live.STREAM_FIELDS order
+# (``names`` below). Returns one code per event ('a' accepted, 'd' duplicate), then the stream
+# length and the number of new attributed clicks (feature_store.attribution).
+_INGEST = (
+    """
 if redis.replicate_commands then redis.replicate_commands() end
 local token, maxlen, dedup_ttl = ARGV[1], ARGV[2], ARGV[3]
 local cap, tail_ttl = tonumber(ARGV[4]), ARGV[5]
+local stats = KEYS[2]
 local names = {'event_id', 'user_id', 'item_id', 'type', 'ts', 'request_id'}
 local width = #names
 local out = {}
 local here = {}  -- event ids met in this run: a repeat inside one batch is a duplicate
-local n = (#KEYS - 1) / 2
+local attributed = 0
+local n = (#KEYS - 2) / 3
 for i = 1, n do
-  local dedup, tail = KEYS[2 * i], KEYS[2 * i + 1]
+  local dedup, tail, answer = KEYS[3 * i], KEYS[3 * i + 1], KEYS[3 * i + 2]
   local base = 5 + (i - 1) * width
+  local user_id, item_id = ARGV[base + 2], ARGV[base + 3]
   local seen = redis.call('GET', dedup)
   if here[dedup] then
     out[i] = 'd'
@@ -64,15 +70,20 @@ for i = 1, n do
     end
     local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(fields))
     redis.call('SET', dedup, token .. ' ' .. id, 'EX', dedup_ttl)
-    redis.call('RPUSH', tail, id .. '\t' .. ARGV[base + 3])
+    redis.call('RPUSH', tail, id .. '\\t' .. item_id)
     redis.call('LTRIM', tail, -cap, -1)
     redis.call('EXPIRE', tail, tail_ttl)
+"""
+    + ATTRIBUTE_LUA
+    + """
     out[i] = 'a'
   end
 end
 out[n + 1] = redis.call('XLEN', KEYS[1])
+out[n + 2] = attributed
 return out
 """
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class Ingested:
 
     accepted: list[bool]
     stream_length: int
+    attributed: int = 0  # new clicks attributed to a served answer (feature_store.attribution)
 
 
 class EventStore:
@@ -101,6 +113,7 @@ class EventStore:
         if dedup_ttl_s < 24 * 3600:
             raise ValueError("dedup_ttl_s must be at least 24 h (the idempotency contract)")
         self.keys = EventKeys(namespace)
+        self.attribution = AttributionKeys(namespace)
         self.deadline = deadline
         self._options = (stream_max, dedup_ttl_s, tail_cap, tail_ttl_s)
         self._redis = async_client(
@@ -116,14 +129,15 @@ class EventStore:
         """Record ``events`` atomically; FeatureStoreUnavailable when Redis does not answer."""
         if not events:
             return Ingested([], await self.stream_length())
-        keys = [self.keys.stream]
+        keys = [self.keys.stream, self.attribution.stats]
         args: list[str | int] = [uuid.uuid4().hex, *self._options]
         for event in events:
             keys += [self.keys.dedup(event.event_id), self.keys.tail(event.user_id)]
+            keys.append(self.attribution.answer(event.request_id))
             args += event.fields()
         reply = await self._guarded(self._ingest(keys=keys, args=args))
-        codes = [code.decode() if isinstance(code, bytes) else code for code in reply[:-1]]
-        return Ingested([code == "a" for code in codes], int(reply[-1]))
+        codes = [code.decode() if isinstance(code, bytes) else code for code in reply[:-2]]
+        return Ingested([code == "a" for code in codes], int(reply[-2]), int(reply[-1]))
 
     async def stream_length(self) -> int:
         return int(await self._guarded(self._redis.xlen(self.keys.stream)))
