@@ -63,7 +63,7 @@ class FitReport:
     epochs: int
     best_epoch: int
     best_valid: dict[str, float]
-    seconds: float
+    seconds: float  # wall clock of the whole fit (training + validation)
     stopped_because: str
     curve: list[dict[str, float]] = field(default_factory=list)
 
@@ -111,7 +111,7 @@ def fit(
         raise ValueError("no training examples: every training sequence has fewer than 2 items")
     rng = np.random.default_rng(config.seed)
     optimizer = _optimizer(model, config)
-    start = time.monotonic()
+    start, cpu_start = time.monotonic(), time.process_time()
     deadline = start + config.max_minutes * 60
     best_score, best_epoch, best_valid, best_state = -1.0, 0, {}, None
     curve: list[dict[str, float]] = []
@@ -138,7 +138,16 @@ def fit(
                 break
         valid = validate(model, split)
         score = valid[SELECTION_METRIC]
-        curve.append({"epoch": epoch, "loss": float(np.mean(losses)), SELECTION_METRIC: score})
+        # Wall and CPU seconds so far: CPU time stays comparable when other jobs share the host.
+        curve.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                SELECTION_METRIC: score,
+                "seconds": round(time.monotonic() - start, 2),
+                "cpu_seconds": round(time.process_time() - cpu_start, 2),
+            }
+        )
         if score > best_score:
             best_score, best_epoch, best_valid = score, epoch, valid
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
