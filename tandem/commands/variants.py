@@ -134,3 +134,83 @@ def _check_served(adapter: str, vllm_url: str) -> None:
             f"the vLLM server at {vllm_url} does not serve {adapter} (it serves {served}): "
             f"load it first with `tandem vllm adapter load`"
         )
+
+
+@app.command()
+def report(
+    redis_url: RedisUrl = None,
+    namespace: Namespace = "default",
+    control: Annotated[
+        str | None,
+        typer.Option(help="The variant to test against. Default: the active split's control."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Per variant: answers, attributed clicks, click-through rate (Wilson 95% interval), MRR
+    of the clicked items, and a two-proportion test against the control.
+
+    A click is an event (POST /events) whose request_id names an answer of the last 24 h and
+    whose item was in it; the counters are cumulative since the namespace's first answer."""
+    import json
+    import math
+
+    import redis
+
+    from feature_store.attribution import read_counts
+    from feature_store.connection import sync_client
+    from feature_store.embedded import redis_url_from_env_or_embedded
+    from services.gateway.attribution import figures
+    from tandem.paths import artifacts_root
+
+    with _store(redis_url, namespace) as store:
+        doc = store.read()
+    client = sync_client(redis_url or redis_url_from_env_or_embedded(artifacts_root()))
+    try:
+        counts = read_counts(client, namespace)
+    except redis.RedisError as exc:
+        fail(f"Redis error ({type(exc).__name__}): {exc}")
+    finally:
+        client.close()
+    control = control or (doc.active.control if doc is not None else None)
+    rows = figures(counts, control)
+    if not rows:
+        fail(f"no answers recorded in namespace {namespace!r} yet")
+
+    def number(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    if as_json:
+        payload = [
+            {
+                "variant": r.counts.variant,
+                "control": r.counts.variant == control,
+                "requests": r.counts.requests,
+                "clicked_requests": r.counts.clicked_requests,
+                "clicks": r.counts.clicks,
+                "ctr": number(r.ctr),
+                "ctr_95": [number(r.ctr_low), number(r.ctr_high)],
+                "mrr": r.mrr,
+                "ctr_difference": number(r.ctr_difference),
+                "p_value": number(r.p_value),
+                "clicks_by_rank": r.counts.clicks_by_rank,
+            }
+            for r in rows
+        ]
+        console.print_json(json.dumps(payload))
+        return
+    table = Table(title=f"Variants in namespace {namespace!r} (control: {control or 'none'})")
+    for column in ("variant", "answers", "clicked", "CTR [95%]", "clicks", "MRR", "Δ CTR", "p"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in rows:
+        c = r.counts
+        table.add_row(
+            c.variant + (" (control)" if c.variant == control else ""),
+            str(c.requests),
+            str(c.clicked_requests),
+            f"{r.ctr:.2%} [{r.ctr_low:.2%}, {r.ctr_high:.2%}]" if c.requests else "-",
+            str(c.clicks),
+            f"{r.mrr:.3f}",
+            "-" if math.isnan(r.ctr_difference) else f"{r.ctr_difference:+.2%}",
+            "-" if math.isnan(r.p_value) else f"{r.p_value:.3g}",
+        )
+    console.print(table)

@@ -23,7 +23,7 @@ async def answers(redis_url, namespace):
     client = async_client(
         redis_url, socket_timeout=1, connect_timeout=1, max_connections=4, pool_timeout=1
     )
-    yield AnswerLog(client, namespace)
+    yield AnswerLog(client, namespace, deadline=5.0)  # a loaded CI host is no fault
     await client.aclose()
 
 
@@ -120,3 +120,39 @@ def test_figures_without_a_control_run_no_test():
 
     rows = figures([VariantCounts("a", 10, 1, 1, 1.0, {1: 1})], control=None)
     assert rows[0].ctr == pytest.approx(0.1) and math.isnan(rows[0].p_value)
+
+
+async def test_the_report_command_prints_each_variant_against_the_control(
+    redis_url, namespace, answers, store
+):
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    for n in range(10):
+        await answers.record(f"c{n}", "u1", "control", ["i1", "i2"])
+        await answers.record(f"v{n}", "u1", "canary", ["i1", "i2"])
+    await store.ingest([click(n, f"v{n}", "i2") for n in range(5)])
+    options = ["--redis-url", redis_url, "--namespace", namespace, "--control", "control"]
+    result = CliRunner().invoke(app, ["variants", "report", *options, "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    rows = {row["variant"]: row for row in json.loads(result.output)}
+    assert rows["canary"]["ctr"] == pytest.approx(0.5) and rows["canary"]["mrr"] == 0.5
+    assert rows["control"]["control"] and rows["control"]["ctr"] == 0.0
+    assert rows["canary"]["p_value"] < 0.05
+
+    table = CliRunner().invoke(app, ["variants", "report", *options])
+    assert table.exit_code == 0 and "canary" in table.output and "50.00%" in table.output
+
+
+def test_the_report_command_says_when_nothing_was_recorded(redis_url, namespace):
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    result = CliRunner().invoke(
+        app, ["variants", "report", "--redis-url", redis_url, "--namespace", namespace]
+    )
+    assert result.exit_code != 0 and "no answers recorded" in result.output
