@@ -205,6 +205,18 @@ class SplitStore:
 
         return self._change(change).active
 
+    def activate(self, split: Split, reason: str) -> Split:
+        """Serve ``split`` as the next version (e.g. new shares for the same variants); it keeps
+        the stored split's configuration fingerprint, so a gateway restart does not undo it."""
+
+        def change(doc: SplitDocument | None) -> SplitDocument:
+            if doc is None:
+                raise SplitError(f"no split stored at {self.key}: start a gateway with variants")
+            new = split.model_copy(update={"source": doc.active.source, "reason": reason})
+            return _activated(doc, new)
+
+        return self._change(change).active
+
     def rollback(self) -> Split:
         """Re-activate the previous split (as a new version); the current one is dropped."""
 

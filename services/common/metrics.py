@@ -15,6 +15,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Summary,
     generate_latest,
 )
 
@@ -34,7 +35,6 @@ STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "tot
 FALLBACK_REASONS = tuple(reason.value for reason in Fallback)
 EVENT_RESULTS = ("accepted", "duplicate", "rejected")
 SHADOW_RESULTS = ("scored", "skipped", "timeout", "error")
-TAU_BUCKETS = tuple(round(-1.0 + 0.1 * i, 1) for i in range(21))
 UNMATCHED_ROUTE = "<unmatched>"
 
 
@@ -124,12 +124,11 @@ class GatewayMetrics(ServiceMetrics):
             buckets=RANKER_BUCKETS,
             registry=self.registry,
         )
-        self.shadow_kendall_tau = Histogram(
+        self.shadow_kendall_tau = Summary(  # a summary: histograms hide _sum below 0
             "tandem_shadow_kendall_tau",
             "Kendall tau-b between the served and the shadow ordering of the same candidates "
-            "(1 = same order, -1 = reversed).",
+            "(1 = same order, -1 = reversed); mean = rate(_sum) / rate(_count).",
             ["variant"],
-            buckets=TAU_BUCKETS,
             registry=self.registry,
         )
         self.variant_share = Gauge(

@@ -294,10 +294,11 @@ async def test_a_shadow_records_rank_agreement_and_latency_and_a_broken_one_only
     variants = config(
         {"name": "served", "share": 1.0},
         {"name": "alone", "shadow": True, "concurrency": 4},
+        {"name": "twin", "shadow": True, "concurrency": 4},
         {"name": "broken", "shadow": True},
     )
     artifacts = artifacts_for(
-        tiny_ranker, served=(ranker, 0.5), alone=(ranker, 1.0),
+        tiny_ranker, served=(ranker, 0.5), alone=(ranker, 1.0), twin=(ranker, 0.5),
         broken=(on(ranker, BrokenBackend()), 1.0),
     )  # fmt: skip
     async with gateway(artifacts, variants, redis_url, namespace) as client:
@@ -312,6 +313,9 @@ async def test_a_shadow_records_rank_agreement_and_latency_and_a_broken_one_only
         await wait_for(scored, 30)
         text = (await client.get("/metrics")).text
     assert metric(text, 'tandem_shadow_kendall_tau_count{variant="alone"}') == 4
+    # the same configuration as the one served orders the candidates the same way
+    assert metric(text, 'tandem_shadow_kendall_tau_sum{variant="twin"}') == 4
+    assert -4 <= metric(text, 'tandem_shadow_kendall_tau_sum{variant="alone"}') < 4
     assert metric(text, 'tandem_shadow_duration_seconds_count{variant="alone"}') == 4
     assert all(a["degraded"] == [] for a in answers)
 
