@@ -223,14 +223,28 @@ async def shadow_cost(
         text = (await client.get("/metrics")).text
     p = {arm: percentiles(v) for arm, v in latency.items()}
     return {
-        "added_p99_ms": {arm: round(p[arm]["p99"] - p["none"]["p99"], 3) for arm in ARMS[1:]},  # type: ignore[operator]
-        "added_p50_ms": {arm: round(p[arm]["p50"] - p["none"]["p50"], 3) for arm in ARMS[1:]},  # type: ignore[operator]
+        "added_p99_ms": {arm: round(p[arm]["p99"] - p["none"]["p99"], 3) for arm in ARMS[1:]},
+        "added_p99_ms_ci95": {
+            arm: added_p99_interval(latency[arm], latency["none"]) for arm in ARMS[1:]
+        },
+        "added_p50_ms": {arm: round(p[arm]["p50"] - p["none"]["p50"], 3) for arm in ARMS[1:]},
         "latency_ms": p,
         "server_total_ms": {arm: percentiles(v) for arm, v in server.items()},
         "requests_per_arm": {arm: len(v) for arm, v in latency.items()},
         "failed_requests": failed,
         "shadows": {name: shadow_stats(text, name) for name in ("shadow", "echo")},
     }
+
+
+def added_p99_interval(arm: list[float], none: list[float], resamples: int = 2000) -> list[float]:
+    """95% bootstrap interval of p99(arm) - p99(none): how much of the difference is host noise."""
+    rng = np.random.default_rng(0)
+    a, b = np.asarray(arm), np.asarray(none)
+    diffs = [
+        np.percentile(rng.choice(a, a.size), 99) - np.percentile(rng.choice(b, b.size), 99)
+        for _ in range(resamples)
+    ]
+    return [round(float(x), 3) for x in np.percentile(diffs, [2.5, 97.5])]
 
 
 def shadow_stats(text: str, name: str) -> dict:
@@ -423,12 +437,14 @@ def report(r: dict) -> str:
         "what a shadow served by a separate ranker server costs the gateway, minus the HTTP "
         "call). Added = the arm's percentile minus `none`'s.",
         "",
-        "| arm | requests | p50 ms | p99 ms | added p50 ms | added p99 ms | server total p99 ms |",
+        "| arm | requests | p50 ms | p99 ms | added p50 ms | added p99 ms (95% CI) "
+        "| server total p99 ms |",
         "|---|---|---|---|---|---|---|",
         *(
             f"| {arm} | {s['requests_per_arm'][arm]} | {s['latency_ms'][arm]['p50']} | "
             f"{s['latency_ms'][arm]['p99']} | {s['added_p50_ms'].get(arm, '-')} | "
-            f"{s['added_p99_ms'].get(arm, '-')} | {s['server_total_ms'][arm]['p99']} |"
+            f"{s['added_p99_ms'].get(arm, '-')} {s['added_p99_ms_ci95'].get(arm, '')} | "
+            f"{s['server_total_ms'][arm]['p99']} |"
             for arm in ("none", "model", "machinery")
         ),
         "",
