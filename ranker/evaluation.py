@@ -423,11 +423,14 @@ def evaluate_two_stage(
     precision: str = "auto",
     batch_size: int = 8,
     threads: int | None = None,
+    on_stage: Callable[[str, int], Progress] | None = None,
 ) -> dict:
-    """``tandem evaluate --stage two``: evaluate a ranker run, print tables, store the report.
+    """Evaluate a ranker run end to end (what ``tandem evaluate --stage two`` prints).
 
     ``run`` is a ranker run (or its kind folder); ``zero_shot`` evaluates the bare LLM with the
-    newest retriever instead. The report goes into the run's manifest and to ``json_out``.
+    newest retriever instead. The report goes into the run's manifest (``report["stored_in"]``)
+    and to ``json_out``. FileNotFoundError / ValueError when a run, its inputs or the LLM is
+    missing or does not fit.
     """
     import json
     from pathlib import Path
@@ -436,7 +439,6 @@ def evaluate_two_stage(
 
     from ranker.inputs import InputRuns, load_inputs, resolve_inputs
     from tandem.artifacts import Manifest, resolve_run, runs_dir
-    from tandem.console import console, fail
     from tandem.data import Dataset
     from tandem.paths import artifacts_root, dataset_dir
 
@@ -445,25 +447,22 @@ def evaluate_two_stage(
     if threads:
         torch.set_num_threads(threads)
     run_dir = None
-    try:
-        data = Dataset.load(dataset_dir(dataset))
-        if zero_shot:
-            runs = resolve_inputs(root, dataset)
-        else:
-            run_dir = resolve_run(Path(run) if run else runs_dir(root, dataset, "ranker"))
-            runs = InputRuns.from_parents(Manifest.read(run_dir).parents)
-        inputs = load_inputs(data, runs)
-        if llm is None:
-            llm_dir = base_llm_dir(run_dir, llm_dir)
-        options = {"precision": precision, "max_batch": batch_size}
-        ranker = Ranker.load(run_dir, llm_dir, **options)
-        if permutations:
-            ranker = _with_config(ranker, replace(ranker.config, permutations=permutations))
-        base = None
-        if run_dir is not None and getattr(ranker.backend.config, "adapter_dir", None):
-            base = Ranker.load(None, llm_dir, **options)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(f"{exc}")
+    data = Dataset.load(dataset_dir(dataset))
+    if zero_shot:
+        runs = resolve_inputs(root, dataset)
+    else:
+        run_dir = resolve_run(Path(run) if run else runs_dir(root, dataset, "ranker"))
+        runs = InputRuns.from_parents(Manifest.read(run_dir).parents)
+    inputs = load_inputs(data, runs)
+    if llm is None:
+        llm_dir = base_llm_dir(run_dir, llm_dir)
+    options = {"precision": precision, "max_batch": batch_size}
+    ranker = Ranker.load(run_dir, llm_dir, **options)
+    if permutations:
+        ranker = _with_config(ranker, replace(ranker.config, permutations=permutations))
+    base = None
+    if run_dir is not None and getattr(ranker.backend.config, "adapter_dir", None):
+        base = Ranker.load(None, llm_dir, **options)
     config = EvalConfig(
         split=split,
         max_users=max_users,
@@ -472,77 +471,18 @@ def evaluate_two_stage(
         mapb_users=mapb_users,
         fusion_users=fusion_users,
     )
-    report = _run_with_progress(ranker, inputs, config, base, console)
+    report = evaluate(ranker, inputs, config, zero_shot=base, on_stage=on_stage)
     report["ranker_run"] = str(run_dir) if run_dir else "zero-shot"
     report["inputs"] = runs.to_parents()
     if run_dir is not None:
         trained = Manifest.read(run_dir)
         report["examples_seen"] = trained.metrics.get("examples")
         report["recipe"] = trained.config.get("train")
-    print_report(report, console)
-    if run_dir is not None:
-        manifest = Manifest.read(run_dir)
-        manifest.metrics[f"two_stage_{split}"] = report
-        manifest.write(run_dir)
-        console.print(f"report stored in {run_dir / 'manifest.json'}")
+        trained.metrics[f"two_stage_{split}"] = report
+        trained.write(run_dir)
+        report["stored_in"] = str(run_dir / "manifest.json")
     if json_out is not None:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2))
-        console.print(f"JSON written to {json_out}")
     return report
-
-
-def _run_with_progress(ranker, inputs, config, base, console) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-
-        def on_stage(name: str, total: int):
-            task = progress.add_task(name, total=total)
-            return lambda n: progress.advance(task, n)
-
-        return evaluate(ranker, inputs, config, zero_shot=base, on_stage=on_stage)
-
-
-def print_report(report: dict, console) -> None:
-    from rich.table import Table
-
-    ks = report["protocol"]["ks"]
-    columns = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")]
-    title = (
-        f"Two-stage evaluation ({report['protocol']['split']}, {report['users']} users, "
-        f"{report['retrieved_users']} with the target in the top-20)"
-    )
-    table = Table(title=title)
-    table.add_column("system")
-    for column in columns:
-        table.add_column(column, justify="right")
-    rows = [
-        ("retriever alone (all items)", report["retriever"]),
-        ("retriever order, retrieved users", report["retriever_on_retrieved"]),
-        ("ranker, retrieved users", report["ranker_on_retrieved"]),
-        ("two-stage (misses count)", report["two_stage"]),
-    ]
-    if "fused" in report:
-        rows.append((f"two-stage fused (w={report['fused']['weight']})", report["fused"]))
-    for variant in report.get("ablations", []):
-        rows.append((f"ablation: {variant['variant']}", variant["two_stage"]))
-    for name, values in rows:
-        table.add_row(name, *(f"{values.get(c, float('nan')):.4f}" for c in columns))
-    console.print(table)
-    extra = report.get("random_candidates")
-    if extra:
-        console.print(
-            f"target + 19 random: HitRatio@1 {extra['hit_ratio@1']:.4f} (chance 0.05), "
-            f"ValidRatio {extra['valid_ratio']:.0f} (letter scoring always names a candidate), "
-            f"AUC {extra['auc']:.4f}"
-        )
-    if "mapb" in report:
-        console.print(f"MAPB (lower is less position bias): {report['mapb']}")

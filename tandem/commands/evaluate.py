@@ -66,12 +66,67 @@ def evaluate(
 
 
 def _evaluate_two_stage(run: Path | None, dataset: str, split: str, json_out: Path | None) -> None:
-    """Hands over to the ranker's evaluation (``ranker.evaluation.evaluate_two_stage``)."""
-    try:
-        from ranker.evaluation import evaluate_two_stage
-    except ImportError:
-        fail(
-            "two-stage evaluation needs a trained ranker run and ranker.evaluation, which is "
-            "not available: train one with `tandem ranker train` first"
+    run_two_stage(run=run, dataset=dataset, split=split, json_out=json_out)
+
+
+def run_two_stage(**options) -> dict:  # type: ignore[no-untyped-def]
+    """``ranker.evaluation.evaluate_two_stage`` with a progress bar and the report's tables
+    (also ``tandem ranker evaluate``); a missing run, input or LLM is a clean CLI error."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from ranker.evaluation import evaluate_two_stage
+
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+
+        def on_stage(name: str, total: int):  # type: ignore[no-untyped-def]
+            task = progress.add_task(name, total=total)
+            return lambda n: progress.advance(task, n)
+
+        try:
+            report = evaluate_two_stage(**options, on_stage=on_stage)
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+    print_two_stage(report)
+    if "stored_in" in report:
+        console.print(f"report stored in {report['stored_in']}")
+    if options.get("json_out") is not None:
+        console.print(f"JSON written to {options['json_out']}")
+    return report
+
+
+def print_two_stage(report: dict) -> None:
+    from rich.table import Table
+
+    ks = report["protocol"]["ks"]
+    columns = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")]
+    title = (
+        f"Two-stage evaluation ({report['protocol']['split']}, {report['users']} users, "
+        f"{report['retrieved_users']} with the target in the top-20)"
+    )
+    table = Table(title=title)
+    table.add_column("system")
+    for column in columns:
+        table.add_column(column, justify="right")
+    rows = [
+        ("retriever alone (all items)", report["retriever"]),
+        ("retriever order, retrieved users", report["retriever_on_retrieved"]),
+        ("ranker, retrieved users", report["ranker_on_retrieved"]),
+        ("two-stage (misses count)", report["two_stage"]),
+    ]
+    if "fused" in report:
+        rows.append((f"two-stage fused (w={report['fused']['weight']})", report["fused"]))
+    for variant in report.get("ablations", []):
+        rows.append((f"ablation: {variant['variant']}", variant["two_stage"]))
+    for name, values in rows:
+        table.add_row(name, *(f"{values.get(c, float('nan')):.4f}" for c in columns))
+    console.print(table)
+    extra = report.get("random_candidates")
+    if extra:
+        console.print(
+            f"target + 19 random: HitRatio@1 {extra['hit_ratio@1']:.4f} (chance 0.05), "
+            f"ValidRatio {extra['valid_ratio']:.0f} (letter scoring always names a candidate), "
+            f"AUC {extra['auc']:.4f}"
         )
-    evaluate_two_stage(run=run, dataset=dataset, split=split, json_out=json_out)
+    if "mapb" in report:
+        console.print(f"MAPB (lower is less position bias): {report['mapb']}")

@@ -346,16 +346,16 @@ def evaluate(
     """LlamaRec protocol (retriever top-20 -> ranker), HitRatio@1, AUC, MAPB, ablations."""
     import transformers
 
-    from ranker.evaluation import evaluate_two_stage
+    from tandem.commands.evaluate import run_two_stage
 
     if split not in ("test", "valid"):
         fail(f"split must be 'test' or 'valid', got {split!r}")
     transformers.utils.logging.disable_progress_bar()
-    evaluate_two_stage(
-        run,
-        dataset,
-        split,
-        json_out,
+    run_two_stage(
+        run=run,
+        dataset=dataset,
+        split=split,
+        json_out=json_out,
         llm=llm,
         max_users=max_users,
         zero_shot=zero_shot,

@@ -93,3 +93,13 @@ def test_report_covers_every_protocol(inputs, ranker, tiny_llm_dir):
             "+ item soft tokens",
             "+ user token",
         ]
+
+
+def test_two_stage_cli_names_a_missing_run_cleanly(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "--stage", "two", "--run", str(tmp_path / "no")])
+    assert result.exit_code == 2 and "no" in result.output
+    assert not isinstance(result.exception, FileNotFoundError)
