@@ -112,8 +112,8 @@ class GatewayMetrics(ServiceMetrics):
         )
         self.shadow_requests = Counter(
             "tandem_shadow_requests",
-            "Shadow scorings by variant and result (scored, skipped: concurrency limit full, "
-            "timeout: over the shadow's deadline, error).",
+            "Shadow scorings by variant and result (scored; skipped: concurrency limit full or "
+            "the store down for the request; timeout: over the shadow's deadline; error).",
             ["variant", "result"],
             registry=self.registry,
         )

@@ -58,7 +58,7 @@ class ShadowScorer:
 
     async def __call__(self, inputs: InputSource, base: np.ndarray, served: np.ndarray) -> None:
         """Score the candidates ``served`` ranked (fused scores, candidate order); ``inputs``
-        builds the prompt input (None: the candidates' features cannot be read)."""
+        builds the prompt input (None: the store was down, so the request is skipped)."""
         if self.slots.locked():  # no await between this check and the acquire below
             self._count("skipped")
             return
@@ -67,8 +67,8 @@ class ShadowScorer:
             try:
                 async with asyncio.timeout(self.variant.shadow_deadline_s):
                     inp = await inputs()
-                    if inp is None:
-                        self._count("error")
+                    if inp is None:  # the store was down for this request: nothing to compare
+                        self._count("skipped")
                         return
                     scores = await self.variant.score(inp, base)
             except TimeoutError:
