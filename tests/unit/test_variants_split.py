@@ -135,3 +135,22 @@ def test_kendall_tau_matches_scipy_and_handles_ties():
     assert kendall_tau(tied, [5, 4, 3, 2, 1]) == pytest.approx(kendalltau(tied, [5, 4, 3, 2, 1])[0])
     assert kendall_tau([1, 2, 3], [1, 2, 3]) == 1.0 and kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
     assert np.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+def test_metric_labels_are_only_configured_names_or_the_overflow_value():
+    from prometheus_client import generate_latest
+
+    from services.common.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(variants=["a", "b"])
+    metrics.observe_stage("total", 0.01, "a")
+    metrics.observe_stage("total", 0.01, "not-configured")
+    metrics.fallback("cold_start", "also-not")
+    text = generate_latest(metrics.registry).decode()
+    labels = {
+        line.split('variant="')[1].split('"')[0]
+        for line in text.splitlines()
+        if 'variant="' in line
+    }
+    assert labels == {"a", "b", "other"}
+    assert 'tandem_fallbacks_total{reason="cold_start",variant="other"} 1.0' in text
