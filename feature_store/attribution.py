@@ -143,6 +143,9 @@ class AnswerLog:
         """The cumulative counters (for the gateway's gauges)."""
         return parse_counts(await self._guarded(self._redis.hgetall(self.keys.stats)))
 
+    async def close(self) -> None:
+        await self._redis.aclose()
+
     async def _guarded(self, work):  # type: ignore[no-untyped-def]
         """``work`` within the deadline; transport failures become FeatureStoreUnavailable."""
         try:

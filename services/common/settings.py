@@ -102,6 +102,9 @@ class GatewaySettings(ServiceSettings):
     events_stream_max: int = Field(1_000_000, ge=1000)
     events_dedup_ttl_s: int = Field(48 * 3600, ge=24 * 3600)
     events_tail_cap: int = Field(200, ge=1)
+    # Click attribution (feature_store.attribution): each answer is kept 24 h in Redis after
+    # it is sent, so an event naming its request_id counts for the answer's variant.
+    attribution: bool = True
     # Ranker variants (services.common.variants): JSON in TANDEM_VARIANTS, or a YAML/JSON file
     # in TANDEM_VARIANTS_FILE; unset = one implicit variant, "default", at 100%. The active
     # split lives in Redis and every gateway re-reads it every variants_poll_s seconds.

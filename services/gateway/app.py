@@ -15,6 +15,7 @@ from services.common.loop_lag import lag_watcher
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.common.variants import DEFAULT_VARIANT
+from services.gateway.attribution import build_attribution
 from services.gateway.events import build_events
 from services.gateway.pipeline import AnswerHook, FeatureStore, RecommendPipeline
 from services.gateway.routes import router
@@ -33,17 +34,26 @@ def create_app(
     on_answer: AnswerHook | None = None,
 ) -> FastAPI:
     """The app; pass loaded ``artifacts`` (the CLI does, to fail before binding the port).
-    ``on_answer`` gets (request id, variant, item ids) after each answer is sent."""
+    ``on_answer`` gets (request id, user id, variant, item ids) after each answer is sent;
+    by default (``TANDEM_ATTRIBUTION``) the answer is recorded for click attribution."""
     names = settings.variants.names if settings.variants is not None else [DEFAULT_VARIANT]
     metrics = GatewayMetrics(variants=names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loaded = artifacts or await asyncio.to_thread(load_artifacts, settings)
+        attribution = None
+        if on_answer is None and settings.attribution:
+            attribution = build_attribution(
+                settings, metrics.registry, control=lambda: pipeline.variants.control.name
+            )
+        hook = attribution.on_answer if attribution is not None else on_answer
         pipeline = build_pipeline(
-            settings, metrics, loaded, store=store, source=source, on_answer=on_answer
+            settings, metrics, loaded, store=store, source=source, on_answer=hook
         )
         await pipeline.load()
+        if attribution is not None:
+            attribution.start()
         app.state.pipeline = pipeline
         app.state.events = build_events(settings, metrics, pipeline.catalog)
         _add_readiness(app, pipeline)
@@ -60,6 +70,8 @@ def create_app(
         finally:
             await app.state.events.close()
             await pipeline.close()
+            if attribution is not None:
+                await attribution.close()
 
     app = build_app(
         title="Tandem gateway",

@@ -20,6 +20,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from feature_store.attribution import AnswerLog, VariantCounts
 from feature_store.client import FeatureStoreUnavailable
+from feature_store.connection import async_client
+from services.common.settings import GatewaySettings
 from tandem.metric_sets import per_registry
 from tandem.proportions import proportion, two_proportion_test
 
@@ -109,8 +111,10 @@ class Attribution:
         *,
         registry: CollectorRegistry = REGISTRY,
         refresh_s: float = 15.0,
+        owns_client: bool = False,
     ):
         self.log = log
+        self.owns_client = owns_client  # close() closes the log's Redis client too
         self.control = control
         self.metrics = attribution_metrics(registry)
         self.refresh_s = refresh_s
@@ -151,6 +155,8 @@ class Attribution:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.owns_client:
+            await self.log.close()
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -161,3 +167,21 @@ class Attribution:
             except Exception:  # a bug here must not kill the loop silently
                 log.exception("attribution gauges refresh failed")
             await asyncio.sleep(self.refresh_s)
+
+
+def build_attribution(
+    settings: GatewaySettings, registry: CollectorRegistry, control: Callable[[], str | None]
+) -> Attribution:
+    """Attribution on the gateway's Redis and namespace (the events' deadline; its own pool)."""
+    from services.gateway.wiring import redis_url
+
+    deadline = settings.events_deadline_ms / 1000
+    client = async_client(
+        redis_url(settings),
+        socket_timeout=deadline,
+        connect_timeout=deadline,
+        max_connections=16,
+        pool_timeout=deadline,
+    )
+    log = AnswerLog(client, settings.namespace, deadline=deadline)
+    return Attribution(log, control, registry=registry, owns_client=True)

@@ -47,8 +47,8 @@ RANKER_ERRORS = {  # a backend failure, or inputs it cannot use; anything else i
     PromptError: Fallback.RANKER_UNAVAILABLE,
 }
 
-# Called with (request_id, variant, item ids in rank order) after each answer is sent.
-AnswerHook = Callable[[str, str, Sequence[str]], Awaitable[None]]
+# Called with (request_id, user_id, variant, item ids in rank order) after each answer is sent.
+AnswerHook = Callable[[str, str, str, Sequence[str]], Awaitable[None]]
 # Schedules follow-up work after the response, like ``BackgroundTasks.add_task``.
 Defer = Callable[..., Any]
 
@@ -86,7 +86,7 @@ class RecommendPipeline:
     a variant without prompt/ranker stages (the ranker disabled) serves retriever order.
 
     ``variants`` picks the ranker variant per user; shadows and ``on_answer`` (request id,
-    variant, item ids; e.g. the attribution log) run after the answer, off the response path.
+    user id, variant, item ids; the attribution log) run after the answer, off the response path.
     """
 
     def __init__(
@@ -310,7 +310,11 @@ class RecommendPipeline:
             item_ids = [item.item_id for item in response.items]
             jobs.append(
                 functools.partial(
-                    self.on_answer, response.request_id, response.model.variant, item_ids
+                    self.on_answer,
+                    response.request_id,
+                    response.user_id,
+                    response.model.variant,
+                    item_ids,
                 )
             )
         if candidates is not None:

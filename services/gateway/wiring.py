@@ -311,7 +311,7 @@ def build_pipeline(
     on_answer: AnswerHook | None = None,
 ) -> RecommendPipeline:
     """Wire the stages; ``store``/``source`` replace the configured clients (tests, embedding);
-    ``on_answer`` is called after each answer with (request id, variant, item ids)."""
+    ``on_answer`` is called after each answer with (request id, user id, variant, item ids)."""
     store = store if store is not None else feature_store(settings)
     source = source if source is not None else candidate_source(settings, artifacts.retriever)
     variants = build_variants(settings, metrics, artifacts)

@@ -117,3 +117,27 @@ def test_an_unreachable_store_answers_503_with_retry_after_and_records_nothing(s
     metrics = httpx.get(stack.gateway.url + "/metrics").text
     assert 'tandem_events_total{result="accepted"}' in metrics
     assert "tandem_events_stream_length" in metrics
+
+
+def test_a_click_on_a_served_item_counts_for_the_answers_variant_at_its_rank(stack):
+    import time
+
+    from feature_store.attribution import AttributionKeys, read_counts
+
+    user = stack.users[7]
+    answer = post(stack, "/recommend", {"user_id": user, "k": 10}).json()
+    client = stream(stack)
+    key = AttributionKeys(stack.namespace).answer(answer["request_id"])
+    deadline = time.monotonic() + 10
+    while not client.exists(key) and time.monotonic() < deadline:  # recorded after the answer
+        time.sleep(0.05)
+    variant = answer["model"]["variant"]
+    before = {c.variant: c for c in read_counts(client, stack.namespace)}[variant]
+
+    clicked = answer["items"][2]["item_id"]
+    click = events(user, [clicked])[0] | {"type": "click", "request_id": answer["request_id"]}
+    assert post(stack, "/events", {"events": [click]}).json()["accepted"] == 1
+    after = {c.variant: c for c in read_counts(client, stack.namespace)}[variant]
+    assert after.clicks == before.clicks + 1
+    assert after.clicks_by_rank.get(3, 0) == before.clicks_by_rank.get(3, 0) + 1
+    assert after.requests >= before.requests

@@ -324,10 +324,10 @@ async def test_the_answer_hook_sees_each_request_id_variant_and_items(
     tiny_ranker, published, redis_url, namespace
 ):
     ranker = tiny_ranker[1]
-    seen: list[tuple[str, str, list[str]]] = []
+    seen: list[tuple[str, str, str, list[str]]] = []
 
-    async def record(request_id: str, variant: str, item_ids: Sequence[str]) -> None:
-        seen.append((request_id, variant, list(item_ids)))
+    async def record(request_id: str, user: str, variant: str, item_ids: Sequence[str]) -> None:
+        seen.append((request_id, user, variant, list(item_ids)))
 
     variants = config({"name": "a", "share": 0.5}, {"name": "b", "share": 0.5})
     artifacts = artifacts_for(tiny_ranker, a=(ranker, 0.5), b=(ranker, 0.0))
@@ -335,7 +335,7 @@ async def test_the_answer_hook_sees_each_request_id_variant_and_items(
         answers = [await recommend(client, u, k=5) for u in published[:6]]
         await wait_for(lambda: asyncio.sleep(0, len(seen) == 6))
     assert seen == [
-        (a["request_id"], a["model"]["variant"], [i["item_id"] for i in a["items"]])
+        (a["request_id"], a["user_id"], a["model"]["variant"], [i["item_id"] for i in a["items"]])
         for a in answers
     ]
 
