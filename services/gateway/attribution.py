@@ -119,6 +119,9 @@ class Attribution:
         self.metrics = attribution_metrics(registry)
         self.refresh_s = refresh_s
         self._task: asyncio.Task | None = None
+        # Stopping is a flag, not a cancel: a cancel landing inside a Redis call can be
+        # swallowed by the client, and the loop would then never end.
+        self._stop = asyncio.Event()
 
     async def on_answer(
         self, request_id: str, user_id: str, variant: str, item_ids: Sequence[str]
@@ -150,23 +153,25 @@ class Attribution:
             self._task = asyncio.create_task(self._refresh_forever())
 
     async def close(self) -> None:
+        """Stop refreshing (within one Redis deadline) and close the client when owned."""
+        self._stop.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
             self._task = None
         if self.owns_client:
             await self.log.close()
 
     async def _refresh_forever(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 await self.refresh()
             except FeatureStoreUnavailable as exc:
                 log.debug("attribution gauges not refreshed: %s", exc)
             except Exception:  # a bug here must not kill the loop silently
                 log.exception("attribution gauges refresh failed")
-            await asyncio.sleep(self.refresh_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.refresh_s):
+                    await self._stop.wait()
 
 
 def build_attribution(

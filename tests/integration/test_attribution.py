@@ -156,3 +156,19 @@ def test_the_report_command_says_when_nothing_was_recorded(redis_url, namespace)
         app, ["variants", "report", "--redis-url", redis_url, "--namespace", namespace]
     )
     assert result.exit_code != 0 and "no answers recorded" in result.output
+
+
+async def test_the_gauge_refresher_starts_and_stops_promptly(answers):
+    import asyncio
+
+    registry = CollectorRegistry()
+    await answers.record("r1", "u1", "control", ["i1"])
+    attribution = Attribution(answers, lambda: "control", registry=registry, refresh_s=60)
+    attribution.start()
+    for _ in range(200):  # the first refresh runs at once
+        if registry.get_sample_value("tandem_variant_requests", {"variant": "control"}):
+            break
+        await asyncio.sleep(0.05)
+    assert registry.get_sample_value("tandem_variant_requests", {"variant": "control"}) == 1
+    async with asyncio.timeout(5):  # not after the 60 s sleep
+        await attribution.close()
