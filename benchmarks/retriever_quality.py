@@ -86,7 +86,7 @@ def export_for_peer(dataset, folder: Path) -> None:
     (folder / "order.json").write_text(json.dumps(order))
 
 
-def run_peer(dataset, minutes: float, max_epochs: int) -> dict:
+def run_peer(dataset, minutes: float, max_epochs: int, threads: int) -> dict:
     """Run (or resume) the peer for at most ``minutes``, then score it with OUR protocol: its
     validation-selected epoch on the test users, and every epoch's test NDCG@10 (reported to
     time the peer's progress, never used to select)."""
@@ -103,7 +103,7 @@ def run_peer(dataset, minutes: float, max_epochs: int) -> dict:
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONPATH": ""}
     command = [
         *[str(python), __file__, "--peer", str(data_dir), str(out_dir)],
-        *[str(minutes), str(max_epochs)],
+        *[str(minutes), str(max_epochs), str(threads)],
     ]
     subprocess.run(command, check=True, env=env, cwd=out_dir)
     report = json.loads((out_dir / "peer_report.json").read_text())
@@ -114,7 +114,9 @@ def run_peer(dataset, minutes: float, max_epochs: int) -> dict:
             lambda batch: scores, split.test_inputs(), split.test_target, batch_size=len(scores)
         )
 
-    report["test"] = ranking_table(test_ranks(np.load(out_dir / "test_scores.npy")))
+    ranks = test_ranks(np.load(out_dir / "test_scores.npy"))
+    report["test"] = ranking_table(ranks)
+    report["_ranks"] = ranks  # per user, for the paired interval (not written)
     for point in report["curve"]:
         scores = np.load(out_dir / "epoch_scores" / f"epoch_{point['epoch']:03d}.npy")
         point["test_ndcg@10 (ours, reporting only)"] = ndcg_at_k(test_ranks(scores), 10)
@@ -135,6 +137,8 @@ def run_ours(dataset, model: str, minutes: float) -> dict:
     config = TrainConfig(model=model, max_minutes=minutes, max_epochs=1000)
     run_dir = train_retriever(dataset, config, WORK / "runs", progress=True)
     fit = Manifest.read(run_dir).metrics["fit"]
+    best = fit["curve"][fit["best_epoch"] - 1]
+    result = evaluate_run(run_dir, "test")
     return {
         "model": f"tandem {model}",
         "config": {**config.model_options(), "lr": config.lr, "batch_size": config.batch_size},
@@ -142,9 +146,12 @@ def run_ours(dataset, model: str, minutes: float) -> dict:
         "best_epoch": fit["best_epoch"],
         "train_seconds": round(fit["seconds"], 1),
         "stopped_because": fit["stopped_because"],
+        "minutes_to_best": round(best["seconds"] / 60, 2),
+        "cpu_minutes_to_best": round(best["cpu_seconds"] / 60, 2),
         "valid_ndcg@10": Manifest.read(run_dir).metrics["valid"]["ndcg@10"],
-        "test": evaluate_run(run_dir, "test").metrics,
+        "test": result.metrics,
         "run": str(run_dir.relative_to(ROOT)),
+        "_ranks": result.ranks,
     }
 
 
@@ -199,6 +206,11 @@ Raw numbers: `{out.name}`. Reproduce: `.venv/bin/python benchmarks/retriever_qua
     out.with_suffix(".md").write_text(text)
 
 
+def shown(entry: dict) -> dict:
+    """An entry without its private (non-JSON) fields."""
+    return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="budget per model of ours")
@@ -210,6 +222,9 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--peer-max-epochs", type=int, default=100, help="the peer's epoch cap")
     parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads of every model, ours and the peer"
+    )
+    parser.add_argument(
         "--peer-only", action="store_true", help="only run/resume the peer (in the background)"
     )
     parser.add_argument("--models", default="sasrec,lrurec")
@@ -217,33 +232,58 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "retriever_quality.json")
     args = parser.parse_args(argv)
 
+    import torch
+
     from tandem.data import prepare_movielens_100k
 
+    torch.set_num_threads(args.threads)
     dataset = prepare_movielens_100k()
     started = time.time()
     load_before = os.getloadavg()
-    if args.peer_only:
-        peer = run_peer(dataset, args.peer_minutes, args.peer_max_epochs)
+    if args.peer_only:  # progress of a long peer run, kept beside the results
+        peer = run_peer(dataset, args.peer_minutes, args.peer_max_epochs, args.threads)
+        peer.pop("_ranks")
+        peer["threads"] = args.threads
+        peer["machine"] = f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at end"
+        (RESULTS / "retriever_peer.json").write_text(json.dumps(peer, indent=2))
         print(json.dumps({k: v for k, v in peer.items() if k != "curve"}, indent=2))
         return
     models = [run_popularity(dataset)]
     for name in args.models.split(","):
         models.append(run_ours(dataset, name, args.minutes))
-        print(json.dumps(models[-1], indent=2), flush=True)
+        print(json.dumps(shown(models[-1]), indent=2), flush=True)
     peer = None
     if not args.skip_peer:
-        peer = run_peer(dataset, args.peer_minutes, args.peer_max_epochs)
+        peer = run_peer(dataset, args.peer_minutes, args.peer_max_epochs, args.threads)
         models.append(peer)
-        print(json.dumps(peer, indent=2), flush=True)
+        print(json.dumps(shown(peer), indent=2), flush=True)
     verdicts = []
     if peer is not None:
+        from tandem.metrics import ndcg_per_user, paired_bootstrap_ci
+
         target = peer["test"]["ndcg@10"]
         for entry in models[1:-1]:
             ours = entry["test"]["ndcg@10"]
-            word = "beats" if ours > target else "does NOT beat"
-            verdicts.append(
-                f"{entry['model']} {word} the peer on test NDCG@10: {ours:.4f} vs {target:.4f}"
+            low, high = paired_bootstrap_ci(
+                ndcg_per_user(entry["_ranks"], 10), ndcg_per_user(peer["_ranks"], 10)
             )
+            entry["vs_peer_ndcg@10_diff_ci95"] = [round(low, 5), round(high, 5)]
+            word = "beats" if low > 0 else "does NOT beat" if high < 0 else "is within noise of"
+            verdicts.append(
+                f"{entry['model']} {word} the peer on test NDCG@10: {ours:.4f} vs {target:.4f} "
+                f"({ours / target:.3f}x; paired 95% interval of the difference "
+                f"[{low:+.4f}, {high:+.4f}])"
+            )
+            peer_minutes = peer.get("minutes_to_target")
+            if peer_minutes is not None:
+                fast = ours >= TARGET and entry["minutes_to_best"] <= peer_minutes / 10
+                verdicts.append(
+                    f"{entry['model']} {'reaches' if fast else 'does NOT reach'} {TARGET} in a "
+                    f"tenth of the peer's time to it ({peer_minutes} min): its selected epoch "
+                    f"ended after {entry['minutes_to_best']} min with {ours:.4f}"
+                )
+    for entry in models:
+        entry.pop("_ranks", None)
     results = {
         "benchmark": "retriever_quality",
         "dataset": dataset.summary.__dict__,
@@ -375,7 +415,7 @@ def _load_peer_checkpoint(out_dir: Path, model, optimizer) -> tuple[dict, dict] 
     return state, best_state
 
 
-def peer_main(data_dir: Path, out_dir: Path, minutes: float, max_epochs: int) -> None:
+def peer_main(data_dir: Path, out_dir: Path, minutes: float, max_epochs: int, threads: int) -> None:
     """Runs INSIDE the peer venv: RecBole SASRec to convergence (RecBole's own early stopping,
     patience ``PEER_PATIENCE`` on its validation NDCG@10, at most ``max_epochs``), resumable
     across calls, ``minutes`` of wall clock per call. Each epoch also writes the test users'
@@ -383,9 +423,11 @@ def peer_main(data_dir: Path, out_dir: Path, minutes: float, max_epochs: int) ->
     import os as _os
 
     import numpy as np
+    import torch
     from recbole.data import create_dataset, data_preparation
     from recbole.utils import get_model, get_trainer, init_seed
 
+    torch.set_num_threads(threads)
     config = _peer_config(data_dir, out_dir)
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
@@ -473,7 +515,7 @@ def peer_main(data_dir: Path, out_dir: Path, minutes: float, max_epochs: int) ->
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--peer":
-        peer_main(Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+        peer_main(*map(Path, sys.argv[2:4]), float(sys.argv[4]), *map(int, sys.argv[5:7]))
     else:
         sys.path.insert(0, str(ROOT))
         main(sys.argv[1:])
