@@ -248,19 +248,21 @@ def export_run(dataset, split, entry: dict, model) -> Path:
 
 def write_markdown(results: dict, out: Path) -> None:
     rows = [
-        "| configuration | valid NDCG@10 | epochs (best) | min | min to best | CPU min to best |",
-        "|---|---|---|---|---|---|",
+        "| configuration | valid NDCG@10 | epochs (best) | stop | min | min to best "
+        "| CPU min to best |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, e in sorted(results["configs"].items(), key=lambda kv: -kv[1]["valid_ndcg@10"]):
         rows.append(
             f"| {name} | {e['valid_ndcg@10']:.4f} | {e['epochs']} ({e['best_epoch']}) | "
-            f"{e['train_minutes']} | {e['minutes_to_best']} | {e['cpu_minutes_to_best']} |"
+            f"{e['stopped_because']} | {e['train_minutes']} | {e['minutes_to_best']} | "
+            f"{e['cpu_minutes_to_best']} |"
         )
     ensemble = results.get("ensemble")
     if ensemble:
         rows.append(
             f"| ensemble of {' + '.join(ensemble['members'])}, SASRec weight "
-            f"{ensemble['sasrec_weight']} | {ensemble['valid_ndcg@10']:.4f} | - | - | - | - |"
+            f"{ensemble['sasrec_weight']} | {ensemble['valid_ndcg@10']:.4f} | - | - | - | - | - |"
         )
     chosen = results["chosen"]
     pair = results.get("ensemble_vs_best_single_on_valid")
