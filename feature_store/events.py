@@ -2,7 +2,8 @@
 
 For each event the script checks the idempotency record (``SET NX``, kept ``dedup_ttl_s``),
 appends the event to the stream (``XADD MAXLEN ~ stream_max``) and to the user's live tail
-(capped, with a TTL). A batch is one ``EVALSHA``: Redis runs it atomically, and with
+(capped, with a TTL), and counts a click for the ranker variant whose answer the event names
+(``feature_store.attribution``). A batch is one ``EVALSHA``: Redis runs it atomically, and with
 ``appendonly`` the whole script is persisted as one unit, so a crash or a lost connection
 leaves every event either fully recorded or not at all. A client that retries after a lost
 reply sends the same event ids again; they are then duplicates, never applied twice. Each call
