@@ -20,13 +20,10 @@ variant's figures. The counters are cumulative: ``tandem variants report`` reads
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis
-
-from feature_store.client import FeatureStoreUnavailable
+from feature_store.client import within_deadline
 from feature_store.connection import AsyncRedis, SyncRedis
 from feature_store.schema import Keys
 
@@ -137,25 +134,12 @@ class AnswerLog:
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, ANSWER_TTL_S)
         pipe.hincrby(self.keys.stats, f"{variant}|requests", 1)
-        await self._guarded(pipe.execute())
+        await within_deadline(pipe.execute(), self.deadline, "answer log")
 
     async def counts(self) -> list[VariantCounts]:
         """The cumulative counters (for the gateway's gauges)."""
-        return parse_counts(await self._guarded(self._redis.hgetall(self.keys.stats)))
+        stats = self._redis.hgetall(self.keys.stats)
+        return parse_counts(await within_deadline(stats, self.deadline, "answer log"))
 
     async def close(self) -> None:
         await self._redis.aclose()
-
-    async def _guarded(self, work):  # type: ignore[no-untyped-def]
-        """``work`` within the deadline; transport failures become FeatureStoreUnavailable."""
-        try:
-            async with asyncio.timeout(self.deadline):
-                return await work
-        except (TimeoutError, redis.TimeoutError) as exc:
-            raise FeatureStoreUnavailable(
-                f"answer log gave no answer within {self.deadline * 1000:.0f} ms", "timeout"
-            ) from exc
-        except (redis.ConnectionError, OSError) as exc:
-            raise FeatureStoreUnavailable(f"answer log unreachable: {exc}", "connection") from exc
-        except redis.RedisError as exc:
-            raise FeatureStoreUnavailable(f"answer log error: {exc}", "redis") from exc

@@ -57,6 +57,22 @@ class FeatureStoreUnavailable(Exception):
         self.error_type = error_type
 
 
+async def within_deadline(work, deadline: float, what: str):  # type: ignore[no-untyped-def]
+    """Await ``work`` under ``deadline`` seconds; every transport failure becomes
+    FeatureStoreUnavailable naming ``what`` (the writers' guard: events, answers)."""
+    try:
+        async with asyncio.timeout(deadline):
+            return await work
+    except (TimeoutError, redis.TimeoutError) as exc:
+        raise FeatureStoreUnavailable(
+            f"{what} gave no answer within {deadline * 1000:.0f} ms", "timeout"
+        ) from exc
+    except (redis.ConnectionError, OSError) as exc:
+        raise FeatureStoreUnavailable(f"{what} unreachable: {exc}", "connection") from exc
+    except redis.RedisError as exc:
+        raise FeatureStoreUnavailable(f"{what} error: {exc}", "redis") from exc
+
+
 @dataclass(frozen=True)
 class UserRead:
     """The serving version (None = nothing published) and the user (None = unknown user)."""

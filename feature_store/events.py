@@ -16,16 +16,12 @@ path needs a standalone Redis (or a primary with replicas), not Redis Cluster.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import redis
-import redis.asyncio
-
 from feature_store.attribution import ATTRIBUTE_LUA, AttributionKeys
-from feature_store.client import FeatureStoreUnavailable
+from feature_store.client import within_deadline
 from feature_store.connection import async_client
 from feature_store.live import (
     DEFAULT_DEDUP_TTL_S,
@@ -136,26 +132,15 @@ class EventStore:
             keys += [self.keys.dedup(event.event_id), self.keys.tail(event.user_id)]
             keys.append(self.attribution.answer(event.request_id))
             args += event.fields()
-        reply = await self._guarded(self._ingest(keys=keys, args=args))
+        reply = await within_deadline(
+            self._ingest(keys=keys, args=args), self.deadline, "event store"
+        )
         codes = [code.decode() if isinstance(code, bytes) else code for code in reply[:-2]]
         return Ingested([code == "a" for code in codes], int(reply[-2]), int(reply[-1]))
 
     async def stream_length(self) -> int:
-        return int(await self._guarded(self._redis.xlen(self.keys.stream)))
+        length = self._redis.xlen(self.keys.stream)
+        return int(await within_deadline(length, self.deadline, "event store"))
 
     async def close(self) -> None:
         await self._redis.aclose()
-
-    async def _guarded(self, work):  # type: ignore[no-untyped-def]
-        """``work`` within the deadline; transport failures become FeatureStoreUnavailable."""
-        try:
-            async with asyncio.timeout(self.deadline):
-                return await work
-        except (TimeoutError, redis.TimeoutError) as exc:
-            raise FeatureStoreUnavailable(
-                f"event store gave no answer within {self.deadline * 1000:.0f} ms", "timeout"
-            ) from exc
-        except (redis.ConnectionError, OSError) as exc:
-            raise FeatureStoreUnavailable(f"event store unreachable: {exc}", "connection") from exc
-        except redis.RedisError as exc:
-            raise FeatureStoreUnavailable(f"event store error: {exc}", "redis") from exc
