@@ -8,18 +8,16 @@ real too: the test's own redis-server is SIGKILLed or SIGSTOPped, never the shar
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from services.common.settings import GatewaySettings
-from services.gateway.app import create_app
 from services.gateway.wiring import Artifacts
 from tests.fixtures.redis import RedisProcess
-from tests.fixtures.services import publish_dataset
+from tests.fixtures.services import gateway_client, publish_dataset
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +36,7 @@ def served(tiny_retriever_run: Path):
     return retriever, Dataset.load(root / retriever.manifest.dataset / "data")
 
 
-@asynccontextmanager
-async def gateway(retriever, redis: RedisProcess) -> AsyncIterator[httpx.AsyncClient]:
+def gateway(retriever, redis: RedisProcess) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     settings = GatewaySettings(
         _env_file=None,
         redis_url=redis.url,
@@ -49,13 +46,7 @@ async def gateway(retriever, redis: RedisProcess) -> AsyncIterator[httpx.AsyncCl
         near_cache_users=100,
         near_cache_ttl_s=60,
     )
-    app = create_app(settings, artifacts=Artifacts(retriever, None, None))
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
-    ):
-        yield client
+    return gateway_client(settings, Artifacts(retriever, None, None))
 
 
 async def recommend(client: httpx.AsyncClient, user_id: str) -> dict:

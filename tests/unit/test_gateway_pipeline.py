@@ -11,8 +11,8 @@ import copy
 import dataclasses
 import shutil
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from services.common.settings import GatewaySettings
-from services.gateway.app import create_app
 from services.gateway.sources import RemoteCandidates
 from services.gateway.wiring import Artifacts, load_artifacts, tuned_rank_weight
 from tandem.testing.processes import free_port
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
+from tests.fixtures.services import gateway_client
 
 
 @pytest.fixture(scope="session")
@@ -103,21 +103,13 @@ def with_backend(artifacts: Artifacts, backend) -> Artifacts:
     return dataclasses.replace(artifacts, ranker=ranker)
 
 
-@asynccontextmanager
-async def gateway(
+def gateway(
     artifacts: Artifacts, redis_url: str, namespace: str, *, store=None, source=None, **overrides
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     settings = GatewaySettings(
         _env_file=None, redis_url=redis_url, namespace=namespace, **overrides
     )
-    app = create_app(settings, artifacts=artifacts, store=store, source=source)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
-    ):
-        client.app = app  # type: ignore[attr-defined]
-        yield client
+    return gateway_client(settings, artifacts, store=store, source=source)
 
 
 def first_user(dataset) -> tuple[str, list[str]]:

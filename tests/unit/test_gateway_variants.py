@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import httpx
@@ -23,10 +23,10 @@ from feature_store.splits import SplitStore
 from ranker.backends.base import RankerUnavailable
 from services.common.settings import GatewaySettings
 from services.common.variants import VariantsConfig
-from services.gateway.app import create_app
 from services.gateway.pipeline import AnswerHook
 from services.gateway.wiring import Artifacts, RankerArtifacts, load_artifacts
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
+from tests.fixtures.services import gateway_client
 
 USERS = [str(n) for n in range(40)]
 
@@ -98,26 +98,18 @@ def config(*variants: dict, salt: str = "s") -> VariantsConfig:
     return VariantsConfig.model_validate({"salt": salt, "variants": list(variants)})
 
 
-@asynccontextmanager
-async def gateway(
+def gateway(
     artifacts: Artifacts,
     variants: VariantsConfig,
     redis_url: str,
     namespace: str,
     on_answer: AnswerHook | None = None,
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> AbstractAsyncContextManager[httpx.AsyncClient]:
     settings = GatewaySettings(
         _env_file=None, redis_url=redis_url, namespace=namespace, variants=variants,
         variants_poll_s=0.2,
     )  # fmt: skip
-    app = create_app(settings, artifacts=artifacts, on_answer=on_answer)
-    transport = httpx.ASGITransport(app=app)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://gateway") as client,
-    ):
-        client.app = app  # type: ignore[attr-defined]
-        yield client
+    return gateway_client(settings, artifacts, on_answer=on_answer)
 
 
 async def recommend(client: httpx.AsyncClient, user: str, k: int = 10) -> dict:
