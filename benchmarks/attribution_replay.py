@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import time
@@ -118,16 +119,15 @@ async def replay(args) -> dict:
     for row in rows:
         ranks = served[row.counts.variant]
         hits = [r for r in ranks if r]
+        untested = math.isnan(row.p_value)  # the control is not tested against itself
         result["variants"][row.counts.variant] = {
             "requests": row.counts.requests,
             "clicks": row.counts.clicks,
             "ctr": round(row.ctr, 4),
             "ctr_95": [round(row.ctr_low, 4), round(row.ctr_high, 4)],
             "mrr_of_clicks": round(row.mrr, 4),
-            "ctr_difference_vs_control": None
-            if row.p_value != row.p_value
-            else round(row.ctr_difference, 4),
-            "p_value_vs_control": None if row.p_value != row.p_value else round(row.p_value, 4),
+            "ctr_difference_vs_control": None if untested else round(row.ctr_difference, 4),
+            "p_value_vs_control": None if untested else round(row.p_value, 4),
             # What the client saw, computed here without Redis: must equal the attributed figures.
             "offline_check": {
                 "hit_rate@10": round(len(hits) / len(ranks), 4),
