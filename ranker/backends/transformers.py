@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ranker.backends.base import RankerUnavailable, RenderedPrompt
+from tandem.priority import lower_thread_priority
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class TransformersBackendConfig:
     max_wait_ms: float = 5.0  # how long the first prompt waits for company
     max_queue: int = 256  # prompts waiting beyond this are refused (RankerUnavailable)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    nice: int = 0  # added to the forward thread's OS niceness: a shadow's passes yield the cores
 
 
 @dataclass
@@ -120,7 +122,12 @@ class TransformersBackend:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranker-forward")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="ranker-forward",
+            initializer=lower_thread_priority,
+            initargs=(self.config.nice,),
+        )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.load)
         self._queue = asyncio.Queue(maxsize=self.config.max_queue)

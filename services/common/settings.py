@@ -82,8 +82,13 @@ class GatewaySettings(ServiceSettings):
     vllm_url: str = "http://127.0.0.1:8011"  # vLLM OpenAI server (ranker_backend=vllm)
     vllm_adapter: str | None = None  # served LoRA name, e.g. rec-v1; None = newest rec-v<n>
     ranker_retry_s: float = Field(5.0, gt=0)  # a ranker down at start-up is retried this often
+    # OS niceness added to the in-process ranker's forward thread (and the torch workers it
+    # starts): on a busy host the event loop and the other stages get a core first. 10 took
+    # SmolLM2's loop-lag p99 at concurrency 8 from 5.9 to 3.9 ms (benchmarks/gateway_load.md).
+    ranker_nice: int = Field(10, ge=0, le=19)
     # Final score = (1 - w) * log_softmax(retriever) + w * ranker letter log-prob.
-    # None = the weight the ranker run tuned on validation (its manifest), else 0.5.
+    # None = the weight the ranker run tuned on validation (its manifest), else 0: a ranker
+    # that was not shown to help is not served.
     rank_weight: float | None = Field(None, ge=0.0, le=1.0)
     num_candidates: int = Field(20, ge=1, le=20)  # retrieved and ranked per request (letters A..T)
     prompt_history: int = Field(20, ge=0, le=200)  # most recent history items shown to the ranker

@@ -21,6 +21,7 @@ from ranker.prompts import PromptInput
 from ranker.verbalizer import to_candidate_order
 from services.common.context import current_request_id
 from services.gateway.sources import CandidateSource, RetrievalUnavailable, Retrieved
+from tandem.priority import lower_thread_priority
 
 if TYPE_CHECKING:
     from feature_store.client import UserRead
@@ -101,14 +102,20 @@ class PromptStage:
     """prompt: the hybrid prompt(s) (text + projected soft tokens) in the ranker's orders.
 
     Tokenising and projecting are CPU work: they run in a small thread pool of their own, so
-    the event loop keeps serving other requests meanwhile.
+    the event loop keeps serving other requests meanwhile (a shadow's pool at a lower OS
+    priority, ``nice``, so its rendering yields the cores to served requests).
     """
 
     name = "prompt"
 
-    def __init__(self, renderer: PromptRenderer, workers: int = 2):
+    def __init__(self, renderer: PromptRenderer, workers: int = 2, nice: int = 0):
         self.renderer = renderer
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prompt")
+        self.pool = ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="prompt",
+            initializer=lower_thread_priority,
+            initargs=(nice,),
+        )
 
     async def load(self) -> None:
         """The renderer arrives loaded (tokenizer, projectors)."""

@@ -35,6 +35,7 @@ from services.gateway.stages import (
     UserStage,
 )
 from services.gateway.variants import Variant, Variants
+from tandem.priority import BACKGROUND_NICE
 
 if TYPE_CHECKING:
     from ranker.backends.base import RankerBackend
@@ -131,14 +132,21 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
         )  # fmt: skip
     check_adapters(settings, config)
     loaded: dict[str, RankerArtifacts] = {}
-    shared: dict[tuple, RankerArtifacts] = {}  # variants on the same ranker load it once
+    # Variants on the same ranker load it once, but a shadow never shares a served variant's
+    # ranker: its own copy renders and runs forward passes at the lowest OS priority, so its
+    # work neither queues behind nor ahead of served requests.
+    shared: dict[tuple, RankerArtifacts] = {}
     for variant in config.variants:
         own = variant_settings(settings, variant)
-        key = (own.ranker_backend, own.ranker_run, own.vllm_adapter, repr(variant.prompt))
+        key = (
+            own.ranker_backend, own.ranker_run, own.vllm_adapter, repr(variant.prompt),
+            variant.shadow,
+        )  # fmt: skip
         if key in shared and shared[key].ranker is not None:
             ranker = shared[key]
         else:
-            ranker = load_ranker(own, retriever, prompt=variant.prompt)
+            nice = BACKGROUND_NICE if variant.shadow else None
+            ranker = load_ranker(own, retriever, prompt=variant.prompt, nice=nice)
             shared.setdefault(key, ranker)
         note = ranker.ranker_note
         if ranker.ranker is not None:
@@ -192,9 +200,14 @@ def check_adapters(settings: GatewaySettings, config: VariantsConfig) -> None:
 
 
 def load_ranker(
-    settings: GatewaySettings, retriever: Retriever, *, prompt: dict | None = None
+    settings: GatewaySettings,
+    retriever: Retriever,
+    *,
+    prompt: dict | None = None,
+    nice: int | None = None,
 ) -> RankerArtifacts:
-    """The ranker ``settings`` describe, or None with the reason it is not served."""
+    """The ranker ``settings`` describe, or None with the reason it is not served; ``nice``
+    (default ``settings.ranker_nice``) lowers an in-process model's forward thread priority."""
     if settings.ranker_backend == "none":
         return RankerArtifacts(None, None, ranker_note="off: TANDEM_RANKER_BACKEND=none")
     from ranker.core import Ranker
@@ -210,11 +223,13 @@ def load_ranker(
         return RankerArtifacts(None, run, tuned, note)
     log.info("ranker: %s", note)
     backend: RankerBackend | str = "transformers"
+    options = {"nice": settings.ranker_nice if nice is None else nice}
     if settings.ranker_backend == "vllm":
-        backend = vllm_backend(settings)
+        backend, options = vllm_backend(settings), {}
     ranker = Ranker.load(
-        run, llm_folder(settings, run), backend=backend, config=prompt_config(run, prompt)
-    )
+        run, llm_folder(settings, run), backend=backend, config=prompt_config(run, prompt),
+        **options,
+    )  # fmt: skip
     table = ranker.item_table  # signal tokens read the retriever's vectors: same retriever?
     if ranker.config.prompt.candidate_signals and not table.matches(
         retriever.catalog.item_ids, np.asarray(retriever.item_embeddings())
@@ -338,7 +353,7 @@ def build_variants(
     retriever_run = artifacts.retriever.manifest.run_id
     stages: dict[int, tuple[PromptStage, RankerStage]] = {}
 
-    def variant(name: str, loaded: RankerArtifacts, shadow: VariantConfig | None) -> Variant:
+    def variant(name: str, loaded: RankerArtifacts, spec: VariantConfig | None) -> Variant:
         configured = loaded.rank_weight if config is not None else settings.rank_weight
         weight = 0.0
         if loaded.ranker is not None:
@@ -346,9 +361,13 @@ def build_variants(
         ranker = loaded.ranker if weight > 0 else None  # weight 0: calling it changes nothing
         pair = None
         if ranker is not None:
+            nice = BACKGROUND_NICE if spec is not None and spec.shadow else 0
             pair = stages.setdefault(
                 id(ranker),
-                (PromptStage(ranker), RankerStage(ranker.backend, settings.ranker_retry_s)),
+                (
+                    PromptStage(ranker, nice=nice),
+                    RankerStage(ranker.backend, settings.ranker_retry_s),
+                ),
             )
         run = loaded.ranker_run.name if loaded.ranker_run is not None else None
         return Variant(
@@ -364,8 +383,8 @@ def build_variants(
                 ranker_note=loaded.ranker_note or None,
                 variant=name,
             ),
-            shadow_deadline_s=(shadow.deadline_ms / 1000) if shadow else 2.0,
-            shadow_concurrency=shadow.concurrency if shadow else 2,
+            shadow_deadline_s=(spec.deadline_ms / 1000) if spec else 2.0,
+            shadow_concurrency=spec.concurrency if spec else 2,
         )
 
     if config is None:

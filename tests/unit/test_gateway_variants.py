@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
@@ -21,10 +22,12 @@ from typer.testing import CliRunner
 
 from feature_store.splits import SplitStore
 from ranker.backends.base import RankerUnavailable
+from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
 from services.common.variants import VariantsConfig
 from services.gateway.pipeline import AnswerHook
-from services.gateway.wiring import Artifacts, RankerArtifacts, load_artifacts
+from services.gateway.wiring import Artifacts, RankerArtifacts, build_variants, load_artifacts
+from tandem.priority import BACKGROUND_NICE, thread_niceness
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
 from tests.fixtures.services import gateway_client
 
@@ -351,7 +354,40 @@ def test_variants_are_checked_at_start_up_with_a_clear_message(
                  {"name": "b", "share": 0.5, "run": str(run), "rank_weight": 0.9})  # fmt: skip
     loaded = load_artifacts(GatewaySettings(_env_file=None, variants=two, **base))
     assert loaded.variants["a"].ranker is loaded.variants["b"].ranker  # one ranker, loaded once
+    shadowed = config({"name": "a", "share": 1.0, "run": str(run)},
+                      {"name": "s", "shadow": True, "run": str(run)})  # fmt: skip
+    loaded = load_artifacts(GatewaySettings(_env_file=None, variants=shadowed, **base))
+    assert loaded.variants["a"].ranker is not loaded.variants["s"].ranker  # a shadow's own copy
     bad = '{"variants": [{"name": "a", "share": 0.7}, {"name": "a", "share": 0.3}]}'
     out = CliRunner().invoke(app, ["serve", "--role", "gateway"], env={"TANDEM_VARIANTS": bad})
     assert out.exit_code == 2 and "variant names must be unique" in out.output
     assert "Traceback" not in out.output
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_a_shadow_renders_and_scores_at_the_lowest_priority(
+    tiny_retriever_run: Path, tiny_llm_dir: Path, tiny_ranker, redis_url: str, namespace: str
+):
+    run = tiny_ranker[2]
+    variants = config({"name": "a", "share": 1.0, "run": str(run)},
+                      {"name": "s", "shadow": True, "run": str(run)})  # fmt: skip
+    settings = GatewaySettings(
+        _env_file=None, retriever_run=tiny_retriever_run, llm_dir=tiny_llm_dir, rank_weight=0.5,
+        variants=variants, redis_url=redis_url, namespace=namespace,
+    )  # fmt: skip
+    built = build_variants(settings, GatewayMetrics(), load_artifacts(settings))
+    base = thread_niceness()
+    loop = asyncio.get_running_loop()
+    seen = {}
+    for name in ("a", "s"):
+        variant = built.by_name[name]
+        await variant.ranker.load()
+        forward = variant.ranker.backend._executor  # the model's forward thread
+        seen[name] = (
+            await loop.run_in_executor(variant.prompt.pool, thread_niceness),
+            await loop.run_in_executor(forward, thread_niceness),
+        )
+        await variant.ranker.close()
+        variant.prompt.close()
+    assert seen["a"] == (base, min(base + settings.ranker_nice, 19))  # served prompts: as is
+    assert seen["s"] == (min(base + BACKGROUND_NICE, 19),) * 2
