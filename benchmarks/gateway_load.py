@@ -17,11 +17,19 @@ Profiles:
   with the trained ranker run if one exists, in-process and behind a vLLM CPU server.
 Concurrency 1, 8 and 32 for the fast profiles, 1 and 8 for SmolLM2.
 
+Baseline: each profile first runs on the servers of an older revision (``--baseline``, by
+default the request path the issue-17 review measured), exported with ``git archive`` and
+fed with its own feature-store format, so old and new are compared in one run. The gateway's
+event-loop lag comes from its own ``tandem_event_loop_lag_seconds`` histogram, scraped before
+and after each level (``event_loop_lag_ms``; top-level ``event_loop_lag_ms_p99`` is SmolLM2 at
+c=8).
+
 The retriever is ``artifacts/<dataset>/retriever/latest`` when it exists, else a tiny one
 trained on synthetic data. Everything runs on this machine, so the load generator competes
 with the servers for the same CPU cores; numbers are for this machine only.
 
     python benchmarks/gateway_load.py [--profiles none,tiny,tiny-vllm,soak] [--quick]
+                                      [--baseline REV | --baseline '']
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import json
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -184,6 +194,81 @@ class Assets:
     dataset: object
     users: list[str]
 
+    @property
+    def data_dir(self) -> Path:
+        return self.artifacts / self.dataset.name / "data"  # type: ignore[attr-defined]
+
+
+# ---- a baseline revision, run side by side with this one ----
+
+BASELINE_REV = "ff35a7e"  # the request path the issue-17 review measured (overhead p99 23.7 ms)
+
+PREPARE_SCRIPT = """
+import json, sys
+from pathlib import Path
+from tandem.data import Dataset
+try:
+    from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
+    from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_lora
+except ImportError:  # revisions before tandem.testing kept these under tests/fixtures
+    from tests.fixtures.services import ITEM_DIM, make_tiny_ranker_run, publish_dataset
+    from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_lora
+args = json.loads(sys.argv[1])
+if "redis_url" in args:
+    dataset = Dataset.load(Path(args["data"]))
+    publish_dataset(args["redis_url"], args["namespace"], dataset, manifest_id="bench")
+if "tiny" in args:
+    from retriever.core import Retriever
+    work = Path(args["tiny"])
+    llm = make_tiny_llm(work / "tiny_llm")
+    lora = make_tiny_lora(llm, work / "tiny_lora")
+    retriever = Retriever.load(Path(args["retriever_run"]))
+    make_tiny_ranker_run(
+        work / "ranker" / "tiny-ranker", llm, lora,
+        item_dim=ITEM_DIM, user_dim=retriever.dim, dataset=retriever.manifest.dataset,
+    )
+"""
+
+
+def export_revision(rev: str, work: Path) -> tuple[Path, str]:
+    """The tree of ``rev`` (``git archive``, no worktree bookkeeping) and its full commit."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    tree = work / f"baseline-{commit[:12]}"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "archive", commit], cwd=REPO, capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree, commit
+
+
+def baseline_assets(tree: Path, assets: Assets) -> Assets:
+    """The baseline's own artifacts: the dataset prepared by its code (its data format) and
+    a copy of the same retriever run, so both arms retrieve identically."""
+    root = tree.with_name(tree.name + "-artifacts")
+    name = assets.dataset.name  # type: ignore[attr-defined]
+    subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "data", "prepare", "--dataset", name],
+        cwd=tree, check=True, capture_output=True,
+        env={**os.environ, "TANDEM_ARTIFACTS_DIR": str(root)},
+    )  # fmt: skip
+    run = root / name / "retriever" / assets.retriever_run.name
+    shutil.copytree(assets.retriever_run, run)
+    if (assets.artifacts / "llm").is_dir():  # the base LLM: plain safetensors, any revision
+        (root / "llm").symlink_to(assets.artifacts / "llm")
+    return Assets(root, run, assets.dataset, assets.users)
+
+
+def prepare_in(source: Path, args: dict) -> None:
+    """Publish features / build the tiny ranker with ``source``'s own code (its formats)."""
+    subprocess.run(
+        [sys.executable, "-c", PREPARE_SCRIPT, json.dumps(args)],
+        cwd=source, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+
 
 def find_or_train_retriever(work: Path, dataset_name: str) -> Assets:
     """``artifacts/<dataset>/retriever/latest``, else a tiny run trained on synthetic data."""
@@ -218,20 +303,33 @@ class Stack:
 
 
 def start_stack(
-    work: Path, assets: Assets, ranker_env: dict[str, str], *, extra: dict[str, str] | None = None
+    work: Path,
+    assets: Assets,
+    ranker_env: dict[str, str],
+    *,
+    extra: dict[str, str] | None = None,
+    source: Path = REPO,
 ) -> Stack:
+    """Redis with the dataset published, then retrieval and gateway running ``source``'s code."""
     from retriever.core import Retriever
 
     redis = redis_server(work / "redis").start()
     redis_url = f"redis://127.0.0.1:{redis.port}/0"
-    publish_dataset(redis_url, NAMESPACE, assets.dataset, manifest_id="bench")
+    if source == REPO:
+        publish_dataset(redis_url, NAMESPACE, assets.dataset, manifest_id="bench")
+    else:  # an older revision reads only the feature-store format it wrote
+        prepare_in(
+            source, {"redis_url": redis_url, "namespace": NAMESPACE, "data": str(assets.data_dir)}
+        )
     Retriever.load(assets.retriever_run)  # fail here, not in a subprocess log
     common = {
         "TANDEM_ARTIFACTS_DIR": str(assets.artifacts),
         "TANDEM_RETRIEVER_RUN": str(assets.retriever_run),
         "TANDEM_LOG_LEVEL": "WARNING",
     }
-    retrieval = tandem_server("retrieval", free_port(), work / "retrieval.log", common).start()
+    retrieval = tandem_server(
+        "retrieval", free_port(), work / "retrieval.log", common, source=source
+    ).start()
     gateway_env = {
         **common,
         "TANDEM_RETRIEVAL_URL": retrieval.url,
@@ -241,8 +339,66 @@ def start_stack(
         **ranker_env,
         **(extra or {}),
     }
-    gateway = tandem_server("gateway", free_port(), work / "gateway.log", gateway_env).start()
+    gateway = tandem_server(
+        "gateway", free_port(), work / "gateway.log", gateway_env, source=source
+    ).start()
     return Stack(redis, retrieval, gateway)
+
+
+# ---- event-loop lag, from the gateway's own histogram ----
+
+LAG_METRIC = "tandem_event_loop_lag_seconds"
+LAG_BOUND_MS = 5.0  # issue 17: p99 at c=8 with SmolLM2 in-process
+
+
+def lag_buckets(url: str) -> dict[float, float] | None:
+    """Cumulative counts of the gateway's loop-lag histogram by upper bound (s); None when
+    the gateway has no such histogram (a baseline revision from before it existed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == LAG_METRIC:
+            return {
+                float(sample.labels["le"]): sample.value
+                for sample in family.samples
+                if sample.name.endswith("_bucket")
+            }
+    return None
+
+
+def lag_summary(before: dict[float, float] | None, after: dict[float, float] | None) -> dict:
+    """Lag quantiles (ms) of the observations made between two scrapes, interpolated inside
+    buckets as Prometheus' ``histogram_quantile`` does, plus the exact share at or under the
+    bound (a bucket edge, so no interpolation)."""
+    if before is None or after is None:
+        return {"p50": None, "p99": None, "count": 0, "share_le_bound": None}
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return {"p50": None, "p99": None, "count": 0, "share_le_bound": None}
+
+    def quantile(q: float) -> float:
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound, cumulative in zip(bounds, counts, strict=True):
+            if cumulative >= rank:
+                if bound == float("inf"):
+                    return lower * 1000  # past the last finite bucket: its edge, as Prometheus
+                inside = cumulative - below
+                share = (rank - below) / inside if inside else 1.0
+                return (lower + (bound - lower) * share) * 1000
+            lower, below = bound, cumulative
+        return lower * 1000
+
+    at_bound = after.get(LAG_BOUND_MS / 1000, 0.0) - before.get(LAG_BOUND_MS / 1000, 0.0)
+    return {
+        "p50": round(quantile(0.50), 3),
+        "p99": round(quantile(0.99), 3),
+        "count": int(total),
+        "share_le_bound": round(at_bound / total, 4),
+    }
 
 
 # ---- profiles ----
@@ -256,6 +412,7 @@ def measure(stack: Stack, users: list[str], plan: list[tuple[int, int]], warmup:
     asyncio.run(run_load(stack.gateway.url, users, 2, requests=warmup, headers=headers))
     out = {}
     for concurrency, count in plan:
+        lag_before = lag_buckets(stack.gateway.url)
         begin = time.perf_counter()
         samples = asyncio.run(
             run_load(
@@ -268,6 +425,9 @@ def measure(stack: Stack, users: list[str], plan: list[tuple[int, int]], warmup:
             )
         )
         out[str(concurrency)] = summarize(samples, time.perf_counter() - begin)
+        out[str(concurrency)]["event_loop_lag_ms"] = lag_summary(
+            lag_before, lag_buckets(stack.gateway.url)
+        )
         print(f"  c={concurrency}: {json.dumps(out[str(concurrency)]['latency_ms'])}", flush=True)
     return out
 
@@ -323,11 +483,17 @@ class Tiny:
     run: Path
 
 
-def tiny_models(work: Path, assets: Assets) -> Tiny:
+def tiny_models(work: Path, assets: Assets, source: Path = REPO) -> Tiny:
+    """The tiny LLM, LoRA and ranker run, built once per source tree (its own run format)."""
     from retriever.core import Retriever
     from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_lora
 
+    if source != REPO:
+        work = work / source.name
     if (work / "tiny_llm" / "config.json").is_file():
+        return Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")
+    if source != REPO:
+        prepare_in(source, {"tiny": str(work), "retriever_run": str(assets.retriever_run)})
         return Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")
     llm = make_tiny_llm(work / "tiny_llm")
     lora = make_tiny_lora(llm, work / "tiny_lora")
@@ -352,18 +518,21 @@ SLOW_DEADLINES = {
 }
 
 
-def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: float) -> dict:
-    """Start the stack for profile ``name``, measure, stop; Skip when it cannot run here."""
+def run_profile(
+    name: str, work: Path, assets: Assets, quick: bool, soak_s: float, source: Path = REPO
+) -> dict:
+    """Start the stack for profile ``name`` (servers running ``source``'s code), measure, stop;
+    Skip when it cannot run here."""
     users = assets.users
     fast_plan = [(1, 50), (8, 100), (32, 200)] if quick else [(1, 300), (8, 800), (32, 1500)]
     slow_plan = [(1, 10), (8, 24)] if quick else [(1, 60), (8, 160)]
-    folder = work / name
+    folder = work / (name if source == REPO else f"{name}-baseline")
     servers: list[ServerProcess] = []
     info: dict = {}
     if name == "none":
         env, plan = {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES}, fast_plan
     elif name in ("tiny", "soak", "tiny-vllm", "soak-vllm"):
-        tiny = tiny_models(work, assets)
+        tiny = tiny_models(work, assets, source)
         env = {
             "TANDEM_LLM_DIR": str(tiny.llm),
             "TANDEM_RANKER_RUN": str(tiny.run),
@@ -378,7 +547,12 @@ def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: floa
         llm = assets.artifacts / "llm"
         if not (llm / "config.json").is_file():
             raise Skip(f"no {llm}: run `tandem llm prepare`")
-        env = {"TANDEM_LLM_DIR": str(llm), "TANDEM_RANKER_BACKEND": "inprocess", **SLOW_DEADLINES}
+        env = {
+            "TANDEM_LLM_DIR": str(llm),
+            "TANDEM_RANKER_BACKEND": "inprocess",
+            "TANDEM_RANK_WEIGHT": "0.5",  # a load test: the ranker runs even if not shown to help
+            **SLOW_DEADLINES,
+        }
         threads = str(os.cpu_count() or 1)  # a real LLM in-process uses every core
         env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         from tandem.artifacts import resolve_run
@@ -402,7 +576,7 @@ def run_profile(name: str, work: Path, assets: Assets, quick: bool, soak_s: floa
     for server in servers:
         server.start(timeout_s=600)
         env["TANDEM_VLLM_URL"] = server.url
-    stack = start_stack(folder, assets, env)
+    stack = start_stack(folder, assets, env, source=source)
     try:
         if name in ("soak", "soak-vllm"):
             return {**info, **soak(stack, users, 20.0 if quick else soak_s)}
@@ -419,6 +593,11 @@ def main() -> None:
     parser.add_argument("--dataset", default="ml-100k")
     parser.add_argument("--soak-s", type=float, default=300.0)
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE_REV,
+        help="git revision whose servers run each profile first, side by side ('' for none)",
+    )
     args = parser.parse_args()
     out_json = RESULTS / "gateway_load.json"
     results: dict = json.loads(out_json.read_text()) if out_json.exists() else {}
@@ -437,12 +616,28 @@ def main() -> None:
         work = Path(tmp)
         assets = find_or_train_retriever(work, args.dataset)
         results["retriever_run"] = str(assets.retriever_run)
+        kept = results.pop("baseline", {})
+        baseline = None
+        if args.baseline:
+            tree, commit = export_revision(args.baseline, work)
+            # profiles not run now keep their baseline figures if the baseline is the same
+            baseline = kept if kept.get("commit") == commit else {}
+            results["baseline"] = baseline | {"rev": args.baseline, "commit": commit}
+            baseline = results["baseline"]
+            old_assets = baseline_assets(tree, assets)
         for name in args.profiles.split(","):
-            print(f"profile {name}", flush=True)
-            try:
-                results[name] = run_profile(name, work, assets, args.quick, args.soak_s)
-            except Skip as exc:
-                results[name] = {"skipped": str(exc)}
+            arms = [("baseline", tree, old_assets)] if baseline is not None else []
+            for arm, source, arm_assets in [*arms, ("this", REPO, assets)]:
+                print(f"profile {name} ({arm})", flush=True)
+                target = baseline if arm == "baseline" else results
+                try:
+                    target[name] = run_profile(
+                        name, work, arm_assets, args.quick, args.soak_s, source=source
+                    )
+                except Skip as exc:
+                    target[name] = {"skipped": str(exc)}
+    lag = results.get("smollm2", {}).get("8", {}).get("event_loop_lag_ms", {})
+    results["event_loop_lag_ms_p99"] = lag.get("p99")
     results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2, sort_keys=True))
@@ -462,7 +657,7 @@ def report(results: dict) -> str:
         "",
         "Protocol: " + "; ".join(f"{k}: {v}" for k, v in results["protocol"].items()) + ".",
         f"Machine: {results['machine']}. Retriever run: `{results.get('retriever_run')}`.",
-        "Latencies in ms; overhead = end-to-end minus the ranker stage (target p99 <= 15 ms).",
+        "Latencies in ms; overhead = end-to-end minus the ranker stage.",
         "",
     ]
     for name in ("none", "tiny", "tiny-vllm", "smollm2", "smollm2-vllm"):
@@ -501,6 +696,7 @@ def report(results: dict) -> str:
             ]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += comparison_report(results)
     for soak_name in ("soak", "soak-vllm"):
         soak_result = results.get(soak_name)
         if not soak_result or "skipped" in soak_result:
@@ -516,6 +712,51 @@ def report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+OVERHEAD_BOUND_MS = 10.0  # issue 17: overhead p99 at c=1 with the tiny in-process ranker
+
+
+def comparison_report(results: dict) -> list[str]:
+    """Baseline revision vs this one, per profile and concurrency, and the issue's bounds."""
+    baseline = results.get("baseline")
+    lines = ["## Bounds", ""]
+    tiny = results.get("tiny", {}).get("1", {}).get("overhead_ms", {}).get("p99")
+    lag = results.get("event_loop_lag_ms_p99")
+    for label, value, bound in (
+        ("overhead p99, c=1, tiny in-process ranker", tiny, OVERHEAD_BOUND_MS),
+        ("event-loop lag p99, c=8, SmolLM2 in-process", lag, LAG_BOUND_MS),
+    ):
+        verdict = "not measured" if value is None else ("met" if value <= bound else "NOT met")
+        shown = "-" if value is None else f"{value:.1f}"
+        lines.append(f"- {label}: {shown} ms (bound <= {bound:.0f} ms: {verdict})")
+    lines.append("")
+    if not baseline:
+        return lines
+    lines += [
+        f"## Baseline `{baseline['rev']}` ({baseline['commit'][:12]}) vs this revision",
+        "",
+        "Same run, same machine; each profile ran on the baseline's servers first.",
+        "",
+        "| profile | c | p99 before | p99 now | overhead p99 before | overhead p99 now "
+        "| loop lag p99 now | errors before / now |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, before in baseline.items():
+        now = results.get(name)
+        if not isinstance(before, dict) or not now or "skipped" in before or "skipped" in now:
+            continue
+        for c in sorted((k for k in now if k.isdigit() and k in before), key=int):
+            old, new = before[c], now[c]
+            lag_now = new.get("event_loop_lag_ms", {})
+            lines.append(
+                f"| {name} | {c} | {_fmt(old['latency_ms'], 'p99')} "
+                f"| {_fmt(new['latency_ms'], 'p99')} | {_fmt(old['overhead_ms'], 'p99')} "
+                f"| {_fmt(new['overhead_ms'], 'p99')} | {_fmt(lag_now, 'p99')} "
+                f"| {old['errors']} / {new['errors']} |"
+            )
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ Keys:
   measured with every user served by ``plain`` (retriever order: the gateway's own path, whose
   latency varies least on a shared host); ``shadow.control`` repeats it with the tiny LLM
   serving in-process. The LLM shadow runs in the gateway's process here, so its forward passes
-  compete with the served path for this host's cores; ``added_p99_ms.machinery`` is the cost
+  share this host's cores with the served path (its forward and prompt threads run at nice 19,
+  as every in-process shadow does, and yield the cores); ``added_p99_ms.machinery`` is the cost
   of the shadow machinery itself (what a shadow on a separate ranker server costs, minus the
   HTTP call). Every difference comes with a 95% bootstrap interval: host noise is reported,
   not hidden.
@@ -33,7 +34,7 @@ Keys:
 
 Everything shares this machine's CPU cores, the load generator too.
 
-    python benchmarks/variants.py [--blocks 6] [--block 50] [--gap-ms 25]
+    python benchmarks/variants.py [--blocks 6] [--block 50] [--gap-ms 25] [--served plain]
 """
 
 from __future__ import annotations
@@ -372,6 +373,11 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=50, help="requests per arm and block")
     parser.add_argument("--gap-ms", type=float, default=25.0, help="pause between requests")
     parser.add_argument("--per-gateway", type=int, default=2, help="switch load workers each")
+    parser.add_argument(
+        "--served",
+        default="plain,control",
+        help="variants serving the shadow measurement ('plain' gives the key)",
+    )
     args = parser.parse_args()
     out_json = RESULTS / "variants.json"
     results: dict = json.loads(out_json.read_text()) if out_json.exists() else {}
@@ -404,7 +410,7 @@ def main() -> None:
                         args.gap_ms / 1000,
                     )
                 )
-                for served in ("plain", "control")
+                for served in args.served.split(",")
             }
             results["shadow"] = shadow
             results["shadow_added_latency_ms_p99"] = shadow["plain"]["added_p99_ms"]["model"]
@@ -481,7 +487,8 @@ def report(r: dict) -> str:
         "## A shadow on the served path (one gateway, arms in rotating blocks)",
         "",
         "Arms: `none` (no shadow), `model` (the tiny LLM shadow, in the gateway's process: "
-        "its forward passes compete with the served ones for this host's CPU cores), "
+        "its forward passes share this host's CPU cores with the served ones, from threads at "
+        "the lowest OS priority, nice 19), "
         "`machinery` (a model-free shadow: scheduling, prompt input, Kendall tau, metrics; "
         "what a shadow served by a separate ranker server costs the gateway, minus the HTTP "
         "call). Added = the arm's percentile minus `none`'s; the interval is a 95% bootstrap. "

@@ -42,6 +42,7 @@ class ServerProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     health_path: str | None = "/healthz"  # None: wait for the TCP port only
+    cwd: Path = REPO  # ``python -m`` imports from here first: a benchmark's baseline checkout
     process: subprocess.Popen | None = None
 
     @property
@@ -61,7 +62,7 @@ class ServerProcess:
                 env={**os.environ, **self.env},
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.cwd,
                 start_new_session=True,
             )
         return self
@@ -141,9 +142,15 @@ def redis_server(folder: Path, port: int | None = None) -> ServerProcess:
 
 
 def tandem_server(
-    role: str, port: int, log_path: Path, env: dict[str, str], name: str | None = None
+    role: str,
+    port: int,
+    log_path: Path,
+    env: dict[str, str],
+    name: str | None = None,
+    source: Path = REPO,
 ) -> ServerProcess:
-    """``tandem serve --role <role>`` as a subprocess with quiet, single-threaded numerics."""
+    """``tandem serve --role <role>`` as a subprocess with quiet, single-threaded numerics,
+    running the code of the ``source`` tree (another checkout: an older revision's servers)."""
     command = [sys.executable, "-m", "tandem.cli", "serve", "--role", role, "--port", str(port)]
     base = {
         "HF_HUB_OFFLINE": "1",
@@ -151,4 +158,4 @@ def tandem_server(
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
-    return ServerProcess(name or role, command, port, log_path, env={**base, **env})
+    return ServerProcess(name or role, command, port, log_path, env={**base, **env}, cwd=source)
