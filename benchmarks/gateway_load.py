@@ -41,8 +41,6 @@ import json
 import os
 import platform
 import random
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +53,8 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+from loop_lag import lag_buckets, lag_summary  # noqa: E402
+from revision import BASELINE_REV, export_revision, prepare_artifacts, prepare_in  # noqa: E402
 
 from tandem.testing.processes import (  # noqa: E402
     ServerProcess,
@@ -69,6 +69,8 @@ PROFILES = ("none", "tiny", "tiny-vllm", "soak", "soak-vllm", "smollm2", "smollm
 NAMESPACE = "bench"
 API_KEY = "bench-key"
 STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
+LAG_BOUND_MS = 5.0  # issue 17: event-loop lag p99 at c=8 with SmolLM2 in-process
+OVERHEAD_BOUND_MS = 10.0  # issue 17: overhead p99 at c=1 with the tiny in-process ranker
 
 
 # ---- load generation ----
@@ -199,75 +201,15 @@ class Assets:
         return self.artifacts / self.dataset.name / "data"  # type: ignore[attr-defined]
 
 
-# ---- a baseline revision, run side by side with this one ----
-
-BASELINE_REV = "ff35a7e"  # the request path the issue-17 review measured (overhead p99 23.7 ms)
-
-PREPARE_SCRIPT = """
-import json, sys
-from pathlib import Path
-from tandem.data import Dataset
-try:
-    from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
-    from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_lora
-except ImportError:  # revisions before tandem.testing kept these under tests/fixtures
-    from tests.fixtures.services import ITEM_DIM, make_tiny_ranker_run, publish_dataset
-    from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_lora
-args = json.loads(sys.argv[1])
-if "redis_url" in args:
-    dataset = Dataset.load(Path(args["data"]))
-    publish_dataset(args["redis_url"], args["namespace"], dataset, manifest_id="bench")
-if "tiny" in args:
-    from retriever.core import Retriever
-    work = Path(args["tiny"])
-    llm = make_tiny_llm(work / "tiny_llm")
-    lora = make_tiny_lora(llm, work / "tiny_lora")
-    retriever = Retriever.load(Path(args["retriever_run"]))
-    make_tiny_ranker_run(
-        work / "ranker" / "tiny-ranker", llm, lora,
-        item_dim=ITEM_DIM, user_dim=retriever.dim, dataset=retriever.manifest.dataset,
-    )
-"""
-
-
-def export_revision(rev: str, work: Path) -> tuple[Path, str]:
-    """The tree of ``rev`` (``git archive``, no worktree bookkeeping) and its full commit."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    tree = work / f"baseline-{commit[:12]}"
-    tree.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "archive", commit], cwd=REPO, capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    return tree, commit
-
-
 def baseline_assets(tree: Path, assets: Assets) -> Assets:
-    """The baseline's own artifacts: the dataset prepared by its code (its data format) and
-    a copy of the same retriever run, so both arms retrieve identically."""
-    root = tree.with_name(tree.name + "-artifacts")
-    name = assets.dataset.name  # type: ignore[attr-defined]
-    subprocess.run(
-        [sys.executable, "-m", "tandem.cli", "data", "prepare", "--dataset", name],
-        cwd=tree, check=True, capture_output=True,
-        env={**os.environ, "TANDEM_ARTIFACTS_DIR": str(root)},
-    )  # fmt: skip
-    run = root / name / "retriever" / assets.retriever_run.name
-    shutil.copytree(assets.retriever_run, run)
-    if (assets.artifacts / "llm").is_dir():  # the base LLM: plain safetensors, any revision
-        (root / "llm").symlink_to(assets.artifacts / "llm")
+    """The baseline's own artifacts (its data format), serving the same retriever run."""
+    root, run = prepare_artifacts(
+        tree,
+        assets.artifacts,
+        assets.dataset.name,
+        assets.retriever_run,  # type: ignore[attr-defined]
+    )
     return Assets(root, run, assets.dataset, assets.users)
-
-
-def prepare_in(source: Path, args: dict) -> None:
-    """Publish features / build the tiny ranker with ``source``'s own code (its formats)."""
-    subprocess.run(
-        [sys.executable, "-c", PREPARE_SCRIPT, json.dumps(args)],
-        cwd=source, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
 
 
 def find_or_train_retriever(work: Path, dataset_name: str) -> Assets:
@@ -345,62 +287,6 @@ def start_stack(
     return Stack(redis, retrieval, gateway)
 
 
-# ---- event-loop lag, from the gateway's own histogram ----
-
-LAG_METRIC = "tandem_event_loop_lag_seconds"
-LAG_BOUND_MS = 5.0  # issue 17: p99 at c=8 with SmolLM2 in-process
-
-
-def lag_buckets(url: str) -> dict[float, float] | None:
-    """Cumulative counts of the gateway's loop-lag histogram by upper bound (s); None when
-    the gateway has no such histogram (a baseline revision from before it existed)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        if family.name == LAG_METRIC:
-            return {
-                float(sample.labels["le"]): sample.value
-                for sample in family.samples
-                if sample.name.endswith("_bucket")
-            }
-    return None
-
-
-def lag_summary(before: dict[float, float] | None, after: dict[float, float] | None) -> dict:
-    """Lag quantiles (ms) of the observations made between two scrapes, interpolated inside
-    buckets as Prometheus' ``histogram_quantile`` does, plus the exact share at or under the
-    bound (a bucket edge, so no interpolation)."""
-    if before is None or after is None:
-        return {"p50": None, "p99": None, "count": 0, "share_le_bound": None}
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    total = counts[-1]
-    if total <= 0:
-        return {"p50": None, "p99": None, "count": 0, "share_le_bound": None}
-
-    def quantile(q: float) -> float:
-        rank = q * total
-        lower, below = 0.0, 0.0
-        for bound, cumulative in zip(bounds, counts, strict=True):
-            if cumulative >= rank:
-                if bound == float("inf"):
-                    return lower * 1000  # past the last finite bucket: its edge, as Prometheus
-                inside = cumulative - below
-                share = (rank - below) / inside if inside else 1.0
-                return (lower + (bound - lower) * share) * 1000
-            lower, below = bound, cumulative
-        return lower * 1000
-
-    at_bound = after.get(LAG_BOUND_MS / 1000, 0.0) - before.get(LAG_BOUND_MS / 1000, 0.0)
-    return {
-        "p50": round(quantile(0.50), 3),
-        "p99": round(quantile(0.99), 3),
-        "count": int(total),
-        "share_le_bound": round(at_bound / total, 4),
-    }
-
-
 # ---- profiles ----
 
 
@@ -426,7 +312,7 @@ def measure(stack: Stack, users: list[str], plan: list[tuple[int, int]], warmup:
         )
         out[str(concurrency)] = summarize(samples, time.perf_counter() - begin)
         out[str(concurrency)]["event_loop_lag_ms"] = lag_summary(
-            lag_before, lag_buckets(stack.gateway.url)
+            lag_before, lag_buckets(stack.gateway.url), LAG_BOUND_MS
         )
         print(f"  c={concurrency}: {json.dumps(out[str(concurrency)]['latency_ms'])}", flush=True)
     return out
@@ -712,9 +598,6 @@ def report(results: dict) -> str:
             "",
         ]
     return "\n".join(lines)
-
-
-OVERHEAD_BOUND_MS = 10.0  # issue 17: overhead p99 at c=1 with the tiny in-process ranker
 
 
 def comparison_report(results: dict) -> list[str]:
