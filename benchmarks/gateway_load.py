@@ -376,16 +376,17 @@ def tiny_models(work: Path, assets: Assets, source: Path = REPO) -> Tiny:
 
     if source != REPO:
         work = work / source.name
-    if (work / "tiny_llm" / "config.json").is_file():
-        return Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")
+    tiny = Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")
+    if (tiny.llm / "config.json").is_file():
+        return tiny
     if source != REPO:
         prepare_in(source, {"tiny": str(work), "retriever_run": str(assets.retriever_run)})
-        return Tiny(work / "tiny_llm", work / "tiny_lora", work / "ranker" / "tiny-ranker")
-    llm = make_tiny_llm(work / "tiny_llm")
-    lora = make_tiny_lora(llm, work / "tiny_lora")
+        return tiny
+    llm = make_tiny_llm(tiny.llm)
+    lora = make_tiny_lora(llm, tiny.lora)
     retriever = Retriever.load(assets.retriever_run)
     run = make_tiny_ranker_run(
-        work / "ranker" / "tiny-ranker", llm, lora,
+        tiny.run, llm, lora,
         item_dim=ITEM_DIM, user_dim=retriever.dim, dataset=retriever.manifest.dataset,
     )  # fmt: skip
     return Tiny(llm, lora, run)
@@ -507,9 +508,8 @@ def main() -> None:
         if args.baseline:
             tree, commit = export_revision(args.baseline, work)
             # profiles not run now keep their baseline figures if the baseline is the same
-            baseline = kept if kept.get("commit") == commit else {}
-            results["baseline"] = baseline | {"rev": args.baseline, "commit": commit}
-            baseline = results["baseline"]
+            earlier = kept if kept.get("commit") == commit else {}
+            baseline = results["baseline"] = {**earlier, "rev": args.baseline, "commit": commit}
             old_assets = baseline_assets(tree, assets)
         for name in args.profiles.split(","):
             arms = [("baseline", tree, old_assets)] if baseline is not None else []

@@ -1,7 +1,8 @@
-"""Lower one worker thread's CPU priority, so background work yields the cores to served work.
+"""Lower one worker thread's CPU priority, so bulk model work yields the cores to request work.
 
-A shadow ranker scores every request a second time; on a small host its forward passes and
-prompt rendering compete with the served path for the same cores. Linux schedules threads one
+On a small host a ranker's forward passes compete with the event loop and the other stages for
+the same cores: the served ranker's forward thread runs a little lower (``ranker_nice``), and a
+shadow ranker, which scores every request a second time, lowest of all. Linux schedules threads one
 by one: ``setpriority(PRIO_PROCESS, <thread id>, n)`` re-nices only that thread, and threads it
 starts later (torch's OpenMP workers) inherit the value. Raising niceness needs no privilege.
 """

@@ -30,7 +30,7 @@ class TransformersBackendConfig:
     max_wait_ms: float = 5.0  # how long the first prompt waits for company
     max_queue: int = 256  # prompts waiting beyond this are refused (RankerUnavailable)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
-    nice: int = 0  # added to the forward thread's OS niceness: a shadow's passes yield the cores
+    nice: int = 0  # added to the forward thread's OS niceness: its passes yield the cores
 
 
 @dataclass
