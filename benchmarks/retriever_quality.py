@@ -37,6 +37,7 @@ PEER_PATIENCE = 10  # RecBole's default stopping_step
 # The peer's figure after 13 epochs (29 min) measured earlier on this machine (issue 18): the
 # quality ours must reach in a tenth of the time the peer needs for it.
 TARGET = 0.1106
+TARGET_PEER_MINUTES = 29.0  # when that run reached it
 PEER_PACKAGES = [
     "numpy<2",
     "pandas<3",
@@ -206,6 +207,30 @@ Raw numbers: `{out.name}`. Reproduce: `.venv/bin/python benchmarks/retriever_qua
     out.with_suffix(".md").write_text(text)
 
 
+def tenth_of_time_verdict(entry: dict, peer: dict) -> str:
+    """Does ``entry`` reach ``TARGET`` in a tenth of the peer's time to it?
+
+    The peer's time to the target is the first epoch whose test NDCG@10 (our protocol) reaches
+    it. A peer that never reaches it has no such time; then the only honest yardstick is a lower
+    bound on it: the peer's whole run (a converged peer would need more than that)."""
+    ours = entry["test"]["ndcg@10"]
+    peer_minutes = peer.get("minutes_to_target")
+    if peer_minutes is None:
+        peer_minutes = round(peer["train_seconds"] / 60, 2)
+        yardstick = f"the peer never reached it in its run ({peer_minutes} min, a lower bound)"
+    else:
+        yardstick = f"the peer's time to it: {peer_minutes} min"
+    fast = ours >= TARGET and entry["minutes_to_best"] <= peer_minutes / 10
+    within_earlier = ours >= TARGET and entry["minutes_to_best"] <= TARGET_PEER_MINUTES / 10
+    return (
+        f"{entry['model']} {'reaches' if fast else 'does NOT reach'} {TARGET} in a tenth of "
+        f"the peer's time ({yardstick}): its selected epoch ended after "
+        f"{entry['minutes_to_best']} min with {ours:.4f}; against the earlier run's "
+        f"{TARGET_PEER_MINUTES:.0f} min it is {'within' if within_earlier else 'NOT within'} "
+        "a tenth too"
+    )
+
+
 def shown(entry: dict) -> dict:
     """An entry without its private (non-JSON) fields."""
     return {k: v for k, v in entry.items() if not k.startswith("_")}
@@ -274,14 +299,7 @@ def main(argv: list[str]) -> None:
                 f"({ours / target:.3f}x; paired 95% interval of the difference "
                 f"[{low:+.4f}, {high:+.4f}])"
             )
-            peer_minutes = peer.get("minutes_to_target")
-            if peer_minutes is not None:
-                fast = ours >= TARGET and entry["minutes_to_best"] <= peer_minutes / 10
-                verdicts.append(
-                    f"{entry['model']} {'reaches' if fast else 'does NOT reach'} {TARGET} in a "
-                    f"tenth of the peer's time to it ({peer_minutes} min): its selected epoch "
-                    f"ended after {entry['minutes_to_best']} min with {ours:.4f}"
-                )
+            verdicts.append(tenth_of_time_verdict(entry, peer))
     for entry in models:
         entry.pop("_ranks", None)
     results = {
