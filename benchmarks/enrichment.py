@@ -23,9 +23,11 @@ Sections (``--sections``, all by default), on MovieLens-100K:
   the fitted scale (before calibration), the same vectors at the median ID norm, the untrained
   ID rows (what the retriever alone does), popularity and random; then the same among
   held-out items only. Also: warm test Recall@20 with and without the augmentation (cold
-  vectors must not crowd out warm hits). Headline:
-  ``catalog_recall@20`` beside ``random_catalog_recall@20`` (expected, history masked) and
-  ``warm_ndcg@10_change``.
+  vectors must not crowd out warm hits). Then the served policy (``--cold-slots``, as
+  ``TANDEM_COLD_SLOTS``): the last slots of each top-20 go to the cold items the user's vector
+  scores highest (``retriever.cold_slots``, the code the retriever serves). Headline, for that
+  policy: ``catalog_recall@20`` beside ``random_catalog_recall@20`` (expected, history masked)
+  and ``warm_ndcg@10_change``.
 
 Everything runs niced; the load average is recorded because the machine is shared.
 
@@ -235,11 +237,36 @@ def _table(ranks: np.ndarray) -> dict:
     }
 
 
-def bench_coldstart(dataset, content, epochs: int, minutes: float, seed: int) -> dict:
+def _served_ranks(
+    users: np.ndarray,
+    targets: np.ndarray,
+    histories: list[np.ndarray],
+    table: np.ndarray,
+    cold_slots,
+) -> np.ndarray:
+    """0-based rank of each target in the top-K list the retriever serves with ``cold_slots``
+    (K when it is not in the list): the warm search over ``table``, then the slots filled."""
+    from retriever.cold_slots import fill_cold_slots
+
+    ranks = np.full(len(targets), K, dtype=np.int64)
+    for row, (user, target, history) in enumerate(zip(users, targets, histories, strict=True)):
+        scores = (table @ user).astype(np.float64)
+        scores[0] = -np.inf
+        scores[history] = -np.inf
+        top = np.argsort(-scores, kind="stable")[: K - cold_slots.slots]
+        served, _ = fill_cold_slots(top, scores[top], user, cold_slots, K, np.asarray(history))
+        hit = np.flatnonzero(served == target)
+        if len(hit):
+            ranks[row] = hit[0]
+    return ranks
+
+
+def bench_coldstart(dataset, content, epochs: int, minutes: float, seed: int, slots: int) -> dict:
     import torch
 
     from enrichment.calibration import ProbeUsers
     from enrichment.items import ItemEnrichmentConfig, augmented_item_matrix, enrich_items
+    from retriever.cold_slots import ColdSlots
     from retriever.models import build_model
     from retriever.scoring import encode_histories
     from retriever.train import TrainConfig, fit
@@ -323,27 +350,32 @@ def bench_coldstart(dataset, content, epochs: int, minutes: float, seed: int) ->
             _ranks(warm_users @ by_norm.T, warm_targets, warm_inputs)
         ),
     }
-    slots = 2  # a serving policy for comparison: the best held-out items get 2 reserved slots
-    warm_pool = np.where(is_cold, -np.inf, 0.0)
-    reserved = {
+    # The served policy (TANDEM_COLD_SLOTS, retriever.cold_slots): the calibrated table, the
+    # last `slots` of each top-20 reserved for the best cold items, as Retriever serves it.
+    cold_slots = ColdSlots(cold, retrieval[cold], slots)
+    served_cold = _served_ranks(users, targets, histories, retrieval, cold_slots)
+    served_warm = _served_ranks(warm_users, warm_targets, warm_inputs, retrieval, cold_slots)
+    served = {
         "slots": slots,
-        "cold_recall@20": round(recall_at_k(cold_only["content vectors (ours)"], slots), 4),
-        "warm_recall@20": round(
-            recall_at_k(
-                _ranks(warm_users @ ids.T + warm_pool, warm_targets, warm_inputs), K - slots
-            ),
-            4,
-        ),
+        "catalog_recall@20": round(recall_at_k(served_cold, K), 4),
+        "warm_ndcg@10": round(ndcg_at_k(served_warm, 10), 4),
+        "warm_recall@20": round(recall_at_k(served_warm, K), 4),
     }
-    ours = recall_at_k(full["content vectors (ours)"], K)
+    ours = recall_at_k(served_cold, K)
+    calibration_only = recall_at_k(full["content vectors (ours)"], K)
     # expected recall of a random order: K over the items left after masking the history
     random_expected = float(np.mean([min(1.0, K / (n - len(set(h.tolist())))) for h in histories]))
     out = {
         "catalog_recall@20": round(ours, 4),
         "random_catalog_recall@20": round(random_expected, 4),
         "catalog_recall@20_vs_random": round(ours / random_expected, 2),
-        "warm_ndcg@10": {"ID vectors": round(warm_ndcg10[0], 4), "ours": round(warm_ndcg10[1], 4)},
-        "warm_ndcg@10_change": round(warm_ndcg10[1] / warm_ndcg10[0] - 1, 4),
+        "catalog_recall@20_calibration_only": round(calibration_only, 4),
+        "warm_ndcg@10": {
+            "ID vectors": round(warm_ndcg10[0], 4),
+            "calibrated table": round(warm_ndcg10[1], 4),
+            "ours": served["warm_ndcg@10"],
+        },
+        "warm_ndcg@10_change": round(served["warm_ndcg@10"] / warm_ndcg10[0] - 1, 4),
         "protocol": {
             "held_out_items": len(cold),
             "items_with_interactions": len(candidates),
@@ -363,7 +395,7 @@ def bench_coldstart(dataset, content, epochs: int, minutes: float, seed: int) ->
         "held_out_items_only": {name: _table(r) for name, r in cold_only.items()},
         "chance_recall@20_held_out_only": round(K / len(cold), 4),
         "warm_test": warm,
-        "reserved_cold_slots": reserved,
+        "served_with_cold_slots": served,
         "load_average": _load(),
     }
     print(f"[coldstart] {json.dumps(out['all_items'])}", flush=True)
@@ -455,10 +487,12 @@ def write_markdown(results: dict, path: Path) -> None:
             f"{cold['warm_test']['augmented (cold items added)']['recall@20']} (median-norm "
             f"scale: {cold['warm_test']['augmented, median-norm scale']['recall@20']}).",
             "",
-            f"For comparison, a serving policy that reserves {cold['reserved_cold_slots']['slots']}"
-            " of the 20 slots for the best held-out items by content score: cold Recall@20 "
-            f"{cold['reserved_cold_slots']['cold_recall@20']}, warm Recall@20 "
-            f"{cold['reserved_cold_slots']['warm_recall@20']}.",
+            f"Served policy (`TANDEM_COLD_SLOTS={cold['served_with_cold_slots']['slots']}`): "
+            "the calibrated table, and the last slots of each top-20 filled with the cold items "
+            "the user's vector scores highest: catalog Recall@20 of held-out items "
+            f"{cold['served_with_cold_slots']['catalog_recall@20']}, warm NDCG@10 "
+            f"{cold['served_with_cold_slots']['warm_ndcg@10']}, warm Recall@20 "
+            f"{cold['served_with_cold_slots']['warm_recall@20']}.",
             "",
         ]
         pool = cold["held_out_items_only"]["content vectors (ours)"]["recall@20"]
@@ -467,18 +501,21 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += [
             f"Headline: catalog Recall@20 of held-out items {cold.get('catalog_recall@20')} vs "
             f"{cold.get('random_catalog_recall@20')} expected at random "
-            f"({cold.get('catalog_recall@20_vs_random')}x); warm NDCG@10 change "
-            f"{cold.get('warm_ndcg@10_change')} (ID vectors vs the index with calibrated cold "
-            "items). Calibration chosen on held-out warm items played as cold: level "
+            f"({cold.get('catalog_recall@20_vs_random')}x; calibration alone, no slots: "
+            f"{cold.get('catalog_recall@20_calibration_only')}); warm NDCG@10 change "
+            f"{cold.get('warm_ndcg@10_change')} (ID vectors vs the served policy). Calibration "
+            "chosen on held-out warm items played as cold: level "
             f"{fusion.get('calibration_level')}, spread {fusion.get('calibration_spread')}, "
             f"pseudo-cold Recall@20 {fusion.get('calibration_pseudo_cold_recall@20')}, simulated "
             f"warm NDCG@10 change {fusion.get('calibration_warm_ndcg@10_change')}.",
             "",
             "Reading: among held-out items, content vectors rank the right one "
             f"{pool / max(pool_random, 1e-9):.1f}x as often as random ({pool} vs {pool_random}). "
-            "At catalog level every slot a cold item takes is taken from a warm item, so cold "
-            "recall is bought with warm NDCG; the calibration takes only what the 1% warm bound "
-            "allows on held-out warm items.",
+            "At catalog level every slot a cold item takes is taken from a warm item: the "
+            "calibration alone takes only what the 1% warm bound allows on held-out warm items "
+            "(a new item then almost never outscores the warm head); the slots take their "
+            "places at the tail, so warm NDCG@10 keeps its head and the cost shows in warm "
+            "Recall@20 instead. That is why they are off by default.",
             "",
         ]
     path.write_text("\n".join(lines) + "\n")
@@ -499,6 +536,9 @@ def main() -> None:
     parser.add_argument("--retriever-epochs", type=int, default=8)
     parser.add_argument("--retriever-minutes", type=float, default=30.0, help="cap on training")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cold-slots", type=int, default=2, help="exploration slots served (TANDEM_COLD_SLOTS)"
+    )
     parser.add_argument("--out", default="enrichment")
     args = parser.parse_args()
     os.nice(10)
@@ -524,8 +564,9 @@ def main() -> None:
         )
     if "coldstart" in args.sections:
         results["coldstart"] = bench_coldstart(
-            dataset, content, args.retriever_epochs, args.retriever_minutes, args.seed
-        )
+            dataset, content, args.retriever_epochs, args.retriever_minutes, args.seed,
+            args.cold_slots,
+        )  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results, RESULTS / f"{args.out}.md")

@@ -19,8 +19,10 @@ import numpy as np
 from enrichment import captions as captions_mod
 from enrichment import items as items_mod
 from enrichment import preferences as prefs_mod
+from enrichment.calibration import ProbeUsers
 from enrichment.checkpoint import JsonlCheckpoint, read_jsonl
 from enrichment.generation import Generator, GeneratorSpec
+from retriever.cold_slots import ColdSlots
 from tandem.artifacts import Manifest, mark_latest, new_run_id, resolve_run, runs_dir
 from tandem.data import Catalog, Dataset
 
@@ -37,9 +39,9 @@ def training_item_counts(dataset: Dataset) -> np.ndarray:
 
 def load_retriever_vectors(
     retriever_run: Path, dataset: Dataset, probes: int = 1024
-) -> tuple[np.ndarray, np.ndarray, Path]:
-    """The retriever's item table ``[num_items + 1, d]``, user vectors of up to ``probes``
-    validation histories (they calibrate the content vectors' scale), and the run folder."""
+) -> tuple[np.ndarray, ProbeUsers, Path]:
+    """The retriever's item table ``[num_items + 1, d]``, up to ``probes`` validation users
+    (vectors, targets, histories: they calibrate the cold items' vectors), and the run folder."""
     run_dir = resolve_run(retriever_run)
     from retriever.core import Retriever
 
@@ -50,9 +52,34 @@ def load_retriever_vectors(
             "retrain it, or pass the matching --retriever-run"
         )
     embeddings = np.asarray(retriever.item_embeddings(), dtype=np.float32)
-    histories = [h for h in dataset.split().valid_inputs() if len(h)][:probes]
+    split = dataset.split()
+    kept = [row for row, h in enumerate(split.valid_inputs()) if len(h)][:probes]
+    histories = [split.valid_inputs()[row] for row in kept]
     users = np.asarray(retriever.user_vectors(histories), dtype=np.float32)
-    return embeddings, users, run_dir
+    return embeddings, ProbeUsers(users, split.valid_target[kept], histories), run_dir
+
+
+def load_cold_slots(items_run: Path, retriever_run_id: str, slots: int) -> ColdSlots:
+    """The cold items of an items run made for the retriever run ``retriever_run_id``, with
+    their (calibrated) vectors, given ``slots`` exploration slots. ValueError if the run's
+    files changed or it was made for another retriever (its cold vectors live in that
+    retriever's item space); FileNotFoundError names what to run."""
+    run_dir = resolve_run(items_run)
+    manifest = Manifest.read(run_dir)
+    if manifest.kind != items_mod.KIND:
+        raise ValueError(f"{run_dir} is a {manifest.kind} run, not {items_mod.KIND}")
+    changed = manifest.verify(run_dir)
+    if changed:
+        raise ValueError(f"items run {run_dir} has missing or modified files: {changed}")
+    parent = Path(manifest.parents.get("retriever", "")).name
+    if parent != retriever_run_id:
+        raise ValueError(
+            f"items run {run_dir.name} was made for retriever run {parent or '(none)'}, not "
+            f"the served {retriever_run_id}: run `tandem enrich items` for the served retriever"
+        )
+    items = items_mod.ItemEmbeddings.load(run_dir / items_mod.EMBEDDINGS_FILE)
+    cold = np.flatnonzero(items.cold)
+    return ColdSlots(cold, items.retrieval_embeddings[cold], slots)
 
 
 def _engine_session(engine: str, workers: int) -> contextlib.AbstractContextManager:
@@ -100,7 +127,7 @@ def run_items(
     config: items_mod.ItemEnrichmentConfig = items_mod.ItemEnrichmentConfig(),
     parents: Mapping[str, str] | None = None,
     item_counts: np.ndarray | None = None,
-    probe_users: np.ndarray | None = None,
+    probes: ProbeUsers | None = None,
     on_encoded: ProgressFn | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> tuple[Path, items_mod.ItemEnrichmentResult, dict]:
@@ -131,7 +158,10 @@ def run_items(
             dataset.catalog, captions or {}, encode_texts, encode_images, chunk, on_encoded
         )
     encode_seconds = time.perf_counter() - start
-    result = items_mod.enrich_items(content, id_embeddings, counts, config, on_epoch, probe_users)
+    probe_users = probes.vectors if probes is not None else None
+    result = items_mod.enrich_items(
+        content, id_embeddings, counts, config, on_epoch, probe_users, probes
+    )
     total_seconds = time.perf_counter() - start
 
     run_dir = new_run_dir(root, dataset.name, items_mod.KIND)

@@ -24,6 +24,7 @@ from retriever.artifacts import (
     load_run_dataset,
     read_manifest,
 )
+from retriever.cold_slots import ColdSlots, fill_cold_slots, table_with_cold_rows
 from retriever.index import IndexConfig, ItemIndex
 from retriever.models import SequenceEncoder
 from retriever.onnx import OnnxUserEncoder
@@ -61,12 +62,15 @@ class Retriever:
         index: ItemIndex,
         popularity: np.ndarray,
         max_len: int,
+        cold: ColdSlots | None = None,
     ):
         self.catalog = catalog
         self.manifest = manifest
         self.encoder = encoder
         self.index = index
         self.max_len = max_len
+        self.cold = cold  # exploration slots for cold items (retriever.cold_slots); None = off
+        self.popularity = popularity
         self.dim = int(index.item_vectors.shape[1])
         self._ids = np.array(["", *catalog.item_ids], dtype=object)  # internal index -> id
         self._lookup = {item_id: i + 1 for i, item_id in enumerate(catalog.item_ids)}
@@ -106,6 +110,20 @@ class Retriever:
             max_len=int(manifest.config["model_config"]["max_len"]),
         )
 
+    def with_cold_slots(self, cold: ColdSlots) -> Retriever:
+        """This retriever with ``cold``'s vectors in its item table (a rebuilt index) and its
+        slots reserved at the tail of every top-k."""
+        table = table_with_cold_rows(self.index.item_vectors, cold)
+        return Retriever(
+            catalog=self.catalog,
+            manifest=self.manifest,
+            encoder=self.encoder,
+            index=ItemIndex.build(table, self.index.config),
+            popularity=self.popularity,
+            max_len=self.max_len,
+            cold=cold,
+        )
+
     def _indices(self, item_ids: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         indices, unknown = [], []
         for item_id in item_ids:
@@ -139,9 +157,17 @@ class Retriever:
         if unknown or unknown_excluded:
             raise UnknownItemsError(list(dict.fromkeys(unknown + unknown_excluded)))
         vector = self.encoder.encode(seen[-self.max_len :][None])[0]
-        items, scores = self.index.search(vector[None], k, [np.concatenate([seen, barred])])
-        found = items[0] > 0
-        ranked = zip(self._ids[items[0][found]], scores[0][found].tolist(), strict=True)
+        hidden = np.concatenate([seen, barred])
+        reserved = min(self.cold.slots, k) if self.cold is not None else 0
+        if reserved < k:
+            items, scores = self.index.search(vector[None], k - reserved, [hidden])
+            found = items[0] > 0
+            top, top_scores = items[0][found], scores[0][found]
+        else:
+            top, top_scores = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        if reserved:
+            top, top_scores = fill_cold_slots(top, top_scores, vector, self.cold, k, hidden)
+        ranked = zip(self._ids[top], top_scores.tolist(), strict=True)
         return [(str(i), float(s)) for i, s in ranked], vector
 
     def user_vectors(self, histories: Sequence[Sequence[int]]) -> np.ndarray:

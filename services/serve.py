@@ -50,7 +50,8 @@ def build_gateway(settings: GatewaySettings, *, embedded: bool) -> FastAPI:
 
 
 def build_retrieval(settings: RetrievalSettings) -> FastAPI:
-    from services.retrieval.app import create_app, load_retriever
+    from services.common.retriever import load_retriever
+    from services.retrieval.app import create_app
 
     return create_app(settings, retriever=_loaded(lambda: load_retriever(settings)))
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from feature_store.splits import SplitStore
 from services.common.metrics import GatewayMetrics
+from services.common.retriever import load_retriever
 from services.common.settings import GatewaySettings
 from services.common.variants import (
     DEFAULT_VARIANT,
@@ -120,9 +121,7 @@ def load_artifacts(settings: GatewaySettings) -> Artifacts:
     """Load the retriever and the ranker of every variant; FileNotFoundError / ValueError say
     what is missing (a run, an adapter the vLLM server does not serve, a prompt that does not
     fit the run)."""
-    from retriever.core import Retriever
-
-    retriever = Retriever.load(settings.retriever_run_dir(), engine=settings.retriever_engine)
+    retriever = load_retriever(settings)
     config = settings.variants
     if config is None:
         default = load_ranker(settings, retriever)

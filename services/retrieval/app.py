@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from services.common.factory import build_app
 from services.common.metrics import RetrievalMetrics
+from services.common.retriever import load_retriever
 from services.common.settings import RetrievalSettings
 from services.retrieval.routes import router
 from services.retrieval.service import RetrievalService
@@ -20,13 +21,6 @@ if TYPE_CHECKING:
     from retriever.core import Retriever
 
 log = logging.getLogger(__name__)
-
-
-def load_retriever(settings: RetrievalSettings) -> Retriever:
-    """The configured run (FileNotFoundError with what to do when it is missing)."""
-    from retriever.core import Retriever
-
-    return Retriever.load(settings.retriever_run_dir(), engine=settings.retriever_engine)
 
 
 def create_app(settings: RetrievalSettings, *, retriever: Retriever | None = None) -> FastAPI:

@@ -139,7 +139,7 @@ def items(
     data = _load_dataset(dataset)
     root = artifacts_root()
     try:
-        ids, probe_users, retriever_dir = load_retriever_vectors(
+        ids, probes, retriever_dir = load_retriever_vectors(
             retriever_run or runs_dir(root, dataset, "retriever"), data
         )
     except FileNotFoundError as exc:
@@ -183,7 +183,7 @@ def items(
             workers=workers,
             config=config,
             parents=parents,
-            probe_users=probe_users,
+            probes=probes,
             on_encoded=encode_bar.update,
             on_epoch=on_epoch,
         )

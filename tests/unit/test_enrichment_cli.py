@@ -99,3 +99,28 @@ def test_items_command_aligns_to_the_retriever_and_saves_a_manifest(
     assert manifest["parents"]["retriever"] == str(tiny_retriever_run)
     assert manifest["metrics"]["items_with_text"] == 60
     assert manifest["metrics"]["content_scale_method"] in ("calibrated", "median-norm")
+    # the cold items' rows are the calibrated map of their content, fit on probe users
+    assert "calibration_level" in manifest["metrics"]
+    served_with_items_run_as_cold_slots(artifacts, tiny_retriever_run, run_dir, manifest)
+
+
+def served_with_items_run_as_cold_slots(artifacts, retriever_run, items_run, manifest) -> None:
+    """TANDEM_COLD_SLOTS serves the items run's cold vectors, only for the retriever it was
+    made for, and says what to run when there is none."""
+    from enrichment.runs import load_cold_slots
+    from services.common.retriever import load_retriever
+    from services.common.settings import RetrievalSettings
+
+    settings = RetrievalSettings(
+        dataset="synthetic", retriever_run=retriever_run, cold_slots=2, items_run=items_run
+    )
+    served = load_retriever(settings)
+    assert served.cold is not None and served.cold.slots == 2
+    assert len(served.cold.indices) == manifest["metrics"]["cold_items"]
+    with pytest.raises(ValueError, match="made for retriever run"):
+        load_cold_slots(items_run, "lrurec-someone-else", 2)
+    missing = settings.model_copy(update={"items_run": artifacts / "nowhere"})
+    with pytest.raises(FileNotFoundError, match="tandem enrich items"):
+        load_retriever(missing)
+    off = load_retriever(settings.model_copy(update={"cold_slots": 0}))
+    assert off.cold is None
