@@ -134,6 +134,28 @@ def _time_preferences(histories, lines, generator, config) -> dict:
     }
 
 
+def full_build_figures(run: Path, command: str, load_average: list) -> dict:
+    """The figures of a finished ``tandem enrich preferences`` run over every user."""
+    from tandem.artifacts import Manifest, resolve_run
+
+    run_dir = resolve_run(run)
+    manifest = Manifest.read(run_dir)
+    metrics = manifest.metrics
+    if manifest.config.get("max_users") is not None:
+        raise ValueError(f"{run_dir} summarised only {manifest.config['max_users']} users")
+    return {
+        "run": run_dir.name,
+        "command": command,
+        "users": metrics["users_total"],
+        "minutes": round(metrics["seconds"] / 60, 1),
+        "users_per_minute": round(metrics["users_per_minute"], 2),
+        "tokens_per_s": metrics["tokens_per_second"],
+        "with_preference": metrics["with_preference"],
+        "generator": manifest.config["generator"],
+        "load_average": load_average,
+    }
+
+
 def bench_preferences(
     dataset,
     users: int,
@@ -455,6 +477,16 @@ def write_markdown(results: dict, path: Path) -> None:
                     f"{r['seconds']} | {r[start_key]} | {r['load_average']} |"
                 )
         lines += ["", f'Example preference: "{prefs["in_process"]["example"]}"', ""]
+        full = prefs.get("full_build")
+        if full:
+            lines += [
+                f"**Every user, first build** (`{full['command']}`, run `{full['run']}`): "
+                f"{full['users']} users in **{full['minutes']} min** "
+                f"({full['users_per_minute']} users/min, {full['tokens_per_s']} tokens/s, "
+                f"{full['with_preference']} with a preference text; model loading excluded). "
+                f"Load average before/after: {full['load_average']}.",
+                "",
+            ]
     cold = results.get("coldstart")
     if cold:
         p = cold["protocol"]
@@ -540,6 +572,16 @@ def main() -> None:
         "--cold-slots", type=int, default=2, help="exploration slots served (TANDEM_COLD_SLOTS)"
     )
     parser.add_argument("--out", default="enrichment")
+    parser.add_argument(
+        "--preferences-run",
+        type=Path,
+        help="a finished `tandem enrich preferences` run over every user: recorded as "
+        "preferences.users / minutes / tokens_per_s (with --preferences-command)",
+    )
+    parser.add_argument("--preferences-command", default="", help="the command that made it")
+    parser.add_argument(
+        "--preferences-load", default="", help="load averages around that run, as JSON"
+    )
     args = parser.parse_args()
     os.nice(10)
 
@@ -562,6 +604,15 @@ def main() -> None:
             args.threads,
             args.first_build,
         )
+    if args.preferences_run is not None:
+        full = full_build_figures(
+            args.preferences_run,
+            args.preferences_command,
+            json.loads(args.preferences_load) if args.preferences_load else [],
+        )
+        prefs = results.setdefault("preferences", {})
+        prefs["full_build"] = full
+        prefs.update({key: full[key] for key in ("users", "minutes", "tokens_per_s")})
     if "coldstart" in args.sections:
         results["coldstart"] = bench_coldstart(
             dataset, content, args.retriever_epochs, args.retriever_minutes, args.seed,

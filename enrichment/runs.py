@@ -53,8 +53,9 @@ def load_retriever_vectors(
         )
     embeddings = np.asarray(retriever.item_embeddings(), dtype=np.float32)
     split = dataset.split()
-    kept = [row for row, h in enumerate(split.valid_inputs()) if len(h)][:probes]
-    histories = [split.valid_inputs()[row] for row in kept]
+    inputs = split.valid_inputs()
+    kept = [row for row, history in enumerate(inputs) if len(history)][:probes]
+    histories = [inputs[row] for row in kept]
     users = np.asarray(retriever.user_vectors(histories), dtype=np.float32)
     return embeddings, ProbeUsers(users, split.valid_target[kept], histories), run_dir
 
