@@ -174,19 +174,23 @@ def write_report(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     rows = [
-        "| model | epochs (best) | train min | stop | R@5 | N@5 | M@5 | R@10 | N@10 | M@10 "
-        "| R@20 | N@20 | M@20 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | epochs (best) | train min | min to best | stop | R@5 | N@5 | M@5 | R@10 | N@10 "
+        "| M@10 | R@20 | N@20 | M@20 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["models"]:
         m = entry["test"]
         epochs = f"{entry['epochs']} ({entry['best_epoch']})" if "epochs" in entry else "-"
         minutes = f"{entry['train_seconds'] / 60:.1f}" if "train_seconds" in entry else "-"
+        to_best = entry.get("minutes_to_best", "-")
+        stop = entry.get("stopped_because", "-")
+        if "converged" in entry:
+            stop += ", converged" if entry["converged"] else ", NOT converged"
         cells = [
             f"{m[f'{name}@{k}']:.4f}" for k in (5, 10, 20) for name in ("recall", "ndcg", "mrr")
         ]
         rows.append(
-            f"| {entry['model']} | {epochs} | {minutes} | {entry.get('stopped_because', '-')} | "
+            f"| {entry['model']} | {epochs} | {minutes} | {to_best} | {stop} | "
             + " | ".join(cells)
             + " |"
         )
