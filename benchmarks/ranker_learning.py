@@ -77,13 +77,13 @@ def markdown(report: dict) -> str:
         "",
         "## Synthetic tasks (answer fully determined by the soft tokens; chance 0.05)",
         "",
-        "| task | probe loss | examples | minutes | held-out accuracy (20 candidates) |",
-        "|---|---|---|---|---|",
+        "| task | probe loss | examples | minutes | held-out accuracy (20 candidates) | command |",
+        "|---|---|---|---|---|---|",
     ]
     for r in report["synthetic"]:
         lines.append(
             f"| {r['task']} | {r['aux_weight']} | {r['examples']} | {r['minutes']} | "
-            f"{r['heldout_accuracy']:.3f} |"
+            f"{r['heldout_accuracy']:.3f} | `{r.get('command', report['command'])}` |"
         )
     if report.get("real"):
         lines += [
@@ -125,10 +125,18 @@ def main() -> None:
         "synthetic": [],
     }
     previous = RESULTS / "ranker_learning.json"
-    if not args.tasks and previous.is_file():  # only (re)read a run's curve: keep the tasks
+    specs = list(filter(None, args.tasks.split(",")))
+    if previous.is_file():  # tasks not re-run keep their recorded rows (and the command)
         kept = json.loads(previous.read_text())
-        report |= {k: kept[k] for k in ("synthetic", "command", "load_average_start", "llm")}
-    for spec in filter(None, args.tasks.split(",")):
+        rerun = {spec.partition(":")[0] for spec in specs}
+        for row in kept["synthetic"]:
+            if row["task"] not in rerun:
+                report["synthetic"].append({"command": kept["command"], **row})
+        if not specs:
+            report |= {k: kept[k] for k in ("command", "load_average_start", "llm")}
+        if "run" in kept and args.run is None:
+            report |= {k: kept[k] for k in ("run", "real")}
+    for spec in specs:
         task, _, minutes = spec.partition(":")
         result = train_synthetic(
             args.llm,
@@ -136,6 +144,7 @@ def main() -> None:
             synthetic_config(float(minutes or 4), args.aux, args.threads),
         )
         result["aux_weight"] = args.aux
+        result["command"] = report["command"]
         report["synthetic"].append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
     if args.run is not None:
