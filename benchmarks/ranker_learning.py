@@ -33,12 +33,15 @@ from ranker.train import LOG_FILE, TrainConfig  # noqa: E402
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def synthetic_config(minutes: float, aux: float, threads: int) -> TrainConfig:
+def synthetic_config(
+    minutes: float, aux: float, threads: int, decay_examples: int = 0
+) -> TrainConfig:
     return TrainConfig(
         prompt=PromptConfig.pointer(),
         lr=1e-3,
         projector_lr=2e-3,
         warmup_steps=10,
+        decay_examples=decay_examples,
         batch_size=32,
         max_steps=10**6,
         max_minutes=minutes,
@@ -77,12 +80,14 @@ def markdown(report: dict) -> str:
         "",
         "## Synthetic tasks (answer fully determined by the soft tokens; chance 0.05)",
         "",
-        "| task | probe loss | examples | minutes | held-out accuracy (20 candidates) | command |",
-        "|---|---|---|---|---|---|",
+        "| task | probe loss | LR decay over | examples | minutes "
+        "| held-out accuracy (20 candidates) | command |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["synthetic"]:
         lines.append(
-            f"| {r['task']} | {r['aux_weight']} | {r['examples']} | {r['minutes']} | "
+            f"| {r['task']} | {r['aux_weight']} | {r.get('decay_examples', 0) or 'constant'} | "
+            f"{r['examples']} | {r['minutes']} | "
             f"{r['heldout_accuracy']:.3f} | `{r.get('command', report['command'])}` |"
         )
     if report.get("real"):
@@ -116,6 +121,9 @@ def main() -> None:
     )
     parser.add_argument("--aux", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--decay-examples", type=int, default=0, help="cosine LR decay over N examples; 0 = none"
+    )
     args = parser.parse_args()
     report: dict = {
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
@@ -126,11 +134,11 @@ def main() -> None:
     }
     previous = RESULTS / "ranker_learning.json"
     specs = list(filter(None, args.tasks.split(",")))
-    if previous.is_file():  # tasks not re-run keep their recorded rows (and the command)
+    if previous.is_file():  # tasks not re-run (same task and decay) keep their rows
         kept = json.loads(previous.read_text())
-        rerun = {spec.partition(":")[0] for spec in specs}
+        rerun = {(spec.partition(":")[0], args.decay_examples) for spec in specs}
         for row in kept["synthetic"]:
-            if row["task"] not in rerun:
+            if (row["task"], row.get("decay_examples", 0)) not in rerun:
                 report["synthetic"].append({"command": kept["command"], **row})
         if not specs:
             report |= {k: kept[k] for k in ("command", "load_average_start", "llm")}
@@ -141,9 +149,10 @@ def main() -> None:
         result = train_synthetic(
             args.llm,
             SyntheticConfig(task=task),
-            synthetic_config(float(minutes or 4), args.aux, args.threads),
+            synthetic_config(float(minutes or 4), args.aux, args.threads, args.decay_examples),
         )
         result["aux_weight"] = args.aux
+        result["decay_examples"] = args.decay_examples
         result["command"] = report["command"]
         report["synthetic"].append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)

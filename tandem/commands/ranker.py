@@ -109,6 +109,10 @@ def train(
     ] = "q_proj,k_proj,v_proj,o_proj",
     lora_r: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 10,
+    decay_examples: Annotated[
+        int,
+        typer.Option(min=0, help="Cosine learning-rate decay to 10% over N examples; 0 = none."),
+    ] = 0,
     max_steps: Annotated[
         int,
         typer.Option(min=1, help="Optimizer steps in total (the time budget usually stops first)."),
@@ -202,6 +206,7 @@ def train(
                 target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
                 lora_r=lora_r,
                 warmup_steps=warmup_steps,
+                decay_examples=decay_examples,
                 max_steps=max_steps,
                 max_minutes=max_minutes,
                 batch_size=batch_size,

@@ -12,7 +12,14 @@ from ranker.core import ADAPTER_DIR, ITEM_EMBEDDINGS, ITEM_PROJECTOR, USER_PROJE
 from ranker.examples import CandidateSource, ItemFeatures
 from ranker.fusion import WEIGHT_GRID
 from ranker.prompts import PromptConfig
-from ranker.train import LOG_FILE, TrainConfig, TrainInputs, train_ranker
+from ranker.train import (
+    DECAY_FLOOR,
+    LOG_FILE,
+    TrainConfig,
+    TrainInputs,
+    lr_factor,
+    train_ranker,
+)
 from ranker.train_data import ExampleMaker, example_pool
 from ranker.train_model import CHECKPOINT_DIR
 from ranker.train_validate import spearman, tune_rank_weight
@@ -167,3 +174,18 @@ def test_a_weight_is_served_only_when_its_validation_gain_is_real():
     lucky[0, labels[0]] = 9.0  # right once: a tuned weight, but no real gain
     noise = served_weight(lucky, labels, retriever)
     assert noise["rank_weight"] == 0.0
+
+
+def test_learning_rates_warm_up_then_decay_to_the_floor_by_examples_seen() -> None:
+    assert lr_factor(0, 10) == pytest.approx(0.1)
+    assert lr_factor(50, 10) == 1.0  # no decay asked: constant after warm-up
+    assert lr_factor(50, 10, examples=0, decay_examples=100) == 1.0
+    assert lr_factor(50, 10, examples=50, decay_examples=100) == pytest.approx(
+        DECAY_FLOOR + (1 - DECAY_FLOOR) / 2
+    )
+    assert lr_factor(50, 10, examples=100, decay_examples=100) == pytest.approx(DECAY_FLOOR)
+    assert lr_factor(50, 10, examples=900, decay_examples=100) == pytest.approx(DECAY_FLOOR)
+    # a run resumed from its saved config keeps its schedule; old configs have no decay
+    raw = json.loads(CONFIG.to_json())
+    del raw["decay_examples"]
+    assert TrainConfig.from_json(json.dumps(raw)).decay_examples == 0
