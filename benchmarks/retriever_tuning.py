@@ -152,10 +152,18 @@ def main(argv: list[str]) -> None:
         return max(names, key=lambda n: results["configs"][n]["valid_ndcg@10"], default=None)
 
     def load(name: str):
+        """A configuration's weights; retrained (same seed) when an earlier session's are gone
+        (artifacts do not always survive), leaving its recorded entry as it was."""
         entry = results["configs"][name]
+        path = WEIGHTS / f"{name.replace(' ', '_')}.safetensors"
+        if not path.is_file():
+            print(f"{name}: weights missing, retraining them", flush=True)
+            retrained, model = train_one(dataset, split, entry["model"], entry["overrides"], args)
+            save_file(model.state_dict(), str(path))
+            entry["retrained_valid_ndcg@10"] = retrained["valid_ndcg@10"]
         config = replace(TrainConfig(model=entry["model"]), **entry["overrides"])
         model = build_model(config.model, dataset.catalog.num_items, config.model_options())
-        model.load_state_dict(load_file(str(WEIGHTS / f"{name.replace(' ', '_')}.safetensors")))
+        model.load_state_dict(load_file(str(path)))
         return model
 
     best_sasrec, best_lrurec = best_of("sasrec"), best_of("lrurec")
