@@ -69,9 +69,7 @@ def load_cold_slots(items_run: Path, retriever_run_id: str, slots: int) -> ColdS
     manifest = Manifest.read(run_dir)
     if manifest.kind != items_mod.KIND:
         raise ValueError(f"{run_dir} is a {manifest.kind} run, not {items_mod.KIND}")
-    changed = manifest.verify(run_dir)
-    if changed:
-        raise ValueError(f"items run {run_dir} has missing or modified files: {changed}")
+    manifest.check_files(run_dir)
     parent = Path(manifest.parents.get("retriever", "")).name
     if parent != retriever_run_id:
         raise ValueError(

@@ -85,9 +85,7 @@ class Retriever:
         """Load a run folder (or a kind folder, following ``latest``); verify file hashes."""
         run_dir = resolve_run(Path(run_dir))
         manifest = read_manifest(run_dir)
-        changed = manifest.verify(run_dir)
-        if changed:
-            raise ValueError(f"run {run_dir} has missing or modified files: {changed}")
+        manifest.check_files(run_dir)
         dataset = load_run_dataset(run_dir, manifest)
         items = load_item_embeddings(run_dir)
         if len(items) != dataset.catalog.num_items + 1:

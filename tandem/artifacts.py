@@ -83,6 +83,13 @@ class Manifest:
                 bad.append(name)
         return bad
 
+    def check_files(self, run_dir: Path) -> None:
+        """ValueError naming the files ``verify`` finds changed or gone: a run is served only
+        as it was written."""
+        changed = self.verify(run_dir)
+        if changed:
+            raise ValueError(f"run {run_dir} has missing or modified files: {changed}")
+
 
 def runs_dir(root: Path, dataset: str, kind: str) -> Path:
     return root / dataset / kind

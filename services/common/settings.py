@@ -50,27 +50,32 @@ class ServiceSettings(BaseSettings):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
 
-    def items_run_dir(self) -> Path:
-        """The items run whose cold vectors fill the exploration slots."""
-        path = self.items_run or runs_dir(self.artifacts_dir, self.dataset, "enrichment-items")
+    def _run_dir(self, configured: Path | None, kind: str, remedy: str) -> Path:
+        """``configured``, else ``<dataset>/<kind>`` (following ``latest``); a missing run is a
+        FileNotFoundError that ends with ``remedy``."""
+        path = configured or runs_dir(self.artifacts_dir, self.dataset, kind)
         try:
             return resolve_run(path)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(
-                f"{exc}. TANDEM_COLD_SLOTS needs item vectors: run `tandem enrich items "
-                f"--dataset {self.dataset}` or set TANDEM_ITEMS_RUN."
-            ) from None
+            raise FileNotFoundError(f"{exc}. {remedy}") from None
+
+    def items_run_dir(self) -> Path:
+        """The items run whose cold vectors fill the exploration slots."""
+        return self._run_dir(
+            self.items_run,
+            "enrichment-items",
+            f"TANDEM_COLD_SLOTS needs item vectors: run `tandem enrich items --dataset "
+            f"{self.dataset}` or set TANDEM_ITEMS_RUN.",
+        )
 
     def retriever_run_dir(self) -> Path:
         """The retriever run to serve; FileNotFoundError says what to train or set."""
-        path = self.retriever_run or runs_dir(self.artifacts_dir, self.dataset, "retriever")
-        try:
-            return resolve_run(path)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(
-                f"{exc}. Train one with `tandem retriever train --dataset {self.dataset}` "
-                "or set TANDEM_RETRIEVER_RUN to a retriever run directory."
-            ) from None
+        return self._run_dir(
+            self.retriever_run,
+            "retriever",
+            f"Train one with `tandem retriever train --dataset {self.dataset}` or set "
+            "TANDEM_RETRIEVER_RUN to a retriever run directory.",
+        )
 
 
 class RetrievalSettings(ServiceSettings):
