@@ -34,10 +34,10 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def synthetic_config(
-    minutes: float, aux: float, threads: int, decay_examples: int = 0
+    minutes: float, aux: float, threads: int, decay_examples: int = 0, relative: bool = False
 ) -> TrainConfig:
     return TrainConfig(
-        prompt=PromptConfig.pointer(),
+        prompt=PromptConfig.pointer(relative_signals=relative),
         lr=1e-3,
         projector_lr=2e-3,
         warmup_steps=10,
@@ -80,13 +80,14 @@ def markdown(report: dict) -> str:
         "",
         "## Synthetic tasks (answer fully determined by the soft tokens; chance 0.05)",
         "",
-        "| task | probe loss | LR decay over | examples | minutes "
+        "| task | signals | probe loss | LR decay over | examples | minutes "
         "| held-out accuracy (20 candidates) | command |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["synthetic"]:
         lines.append(
-            f"| {r['task']} | {r['aux_weight']} | {r.get('decay_examples', 0) or 'constant'} | "
+            f"| {r['task']} | {'relative' if r.get('relative') else 'row-normed'} | "
+            f"{r['aux_weight']} | {r.get('decay_examples', 0) or 'constant'} | "
             f"{r['examples']} | {r['minutes']} | "
             f"{r['heldout_accuracy']:.3f} | `{r.get('command', report['command'])}` |"
         )
@@ -124,6 +125,11 @@ def main() -> None:
     parser.add_argument(
         "--decay-examples", type=int, default=0, help="cosine LR decay over N examples; 0 = none"
     )
+    parser.add_argument(
+        "--relative",
+        action="store_true",
+        help="signal columns relative to the list, no per-row layer norm (ranker.signals)",
+    )
     args = parser.parse_args()
     report: dict = {
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
@@ -134,11 +140,11 @@ def main() -> None:
     }
     previous = RESULTS / "ranker_learning.json"
     specs = list(filter(None, args.tasks.split(",")))
-    if previous.is_file():  # tasks not re-run (same task and decay) keep their rows
+    if previous.is_file():  # tasks not re-run (same task, decay and signals) keep their rows
         kept = json.loads(previous.read_text())
-        rerun = {(spec.partition(":")[0], args.decay_examples) for spec in specs}
+        rerun = {(spec.partition(":")[0], args.decay_examples, args.relative) for spec in specs}
         for row in kept["synthetic"]:
-            if (row["task"], row.get("decay_examples", 0)) not in rerun:
+            if (row["task"], row.get("decay_examples", 0), row.get("relative", False)) not in rerun:
                 report["synthetic"].append({"command": kept["command"], **row})
         if not specs:
             report |= {k: kept[k] for k in ("command", "load_average_start", "llm")}
@@ -149,10 +155,13 @@ def main() -> None:
         result = train_synthetic(
             args.llm,
             SyntheticConfig(task=task),
-            synthetic_config(float(minutes or 4), args.aux, args.threads, args.decay_examples),
+            synthetic_config(
+                float(minutes or 4), args.aux, args.threads, args.decay_examples, args.relative
+            ),
         )
         result["aux_weight"] = args.aux
         result["decay_examples"] = args.decay_examples
+        result["relative"] = args.relative
         result["command"] = report["command"]
         report["synthetic"].append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)

@@ -29,6 +29,8 @@ class ProjectorConfig:
     dropout: float = 0.0  # on the hidden layer, training only
     out_scale: float = 0.02  # initial output scale, about the size of token embeddings
     anchors: int = 0  # learned per-slot rows added to the output (candidate letters); 0 = none
+    row_norm: bool = True  # layer-norm each input row (sources differ in scale); off for
+    # inputs already scaled relative to their list (ranker.signals, relative)
 
 
 class Projector(nn.Module):
@@ -49,10 +51,12 @@ class Projector(nn.Module):
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The projection alone, without slot anchors."""
-        return self.scale * self.fc2(self.drop(self.act(self.fc1(self.norm(x)))))
+        x = self.norm(x) if self.config.row_norm else x
+        return self.scale * self.fc2(self.drop(self.act(self.fc1(x))))
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """``[..., in_dim]`` -> ``[..., out_dim]``; inputs are layer-normed (sources differ).
+        """``[..., in_dim]`` -> ``[..., out_dim]``; inputs are layer-normed unless ``row_norm``
+        is off.
 
         ``slots`` (``[...]`` long) picks the anchor row added to each output when the projector
         has anchors."""

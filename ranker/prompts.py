@@ -109,6 +109,8 @@ class PromptConfig:
     user_soft_token: bool = False  # a projected user vector before the history (CIT-Rec)
     item_titles: bool = True  # False: an item with an embedding is shown by its soft token only
     candidate_signals: bool = False  # each candidate is one token of its signals (ranker.signals)
+    relative_signals: bool = False  # signal columns relative to the list (ranker.signals);
+    # the candidate projector then skips its per-row layer norm
     terse: bool = False  # a few words of instruction, no chat template (short = fast on CPU)
     candidate_letters: bool = True  # write each candidate's letter before it (terse mode: off
     # when the candidate tokens carry their letter themselves, see ranker.projector anchors)
@@ -379,7 +381,7 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
         history_items = history_items[1:]
     soft_inputs = _soft_inputs(kinds, inp, history_items, history, candidates)
     if config.candidate_signals:
-        soft_inputs = (*soft_inputs, *signal_rows(inp))
+        soft_inputs = (*soft_inputs, *signal_rows(inp, config.relative_signals))
     candidate_index = iter(range(num))
     slots = tuple(next(candidate_index) if kind == "candidate" else -1 for kind in kinds)
     return PromptLayout(
@@ -394,7 +396,7 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
     )
 
 
-def signal_rows(inp: PromptInput) -> np.ndarray:
+def signal_rows(inp: PromptInput, relative: bool = False) -> np.ndarray:
     """The candidates' signal rows (``ranker.signals``); says what is missing, if anything."""
     missing = [
         name
@@ -415,6 +417,7 @@ def signal_rows(inp: PromptInput) -> np.ndarray:
         np.stack(history) if history else np.zeros((0, width), np.float32),
         inp.retriever_scores,
         inp.candidate_context,
+        relative,
     )
 
 

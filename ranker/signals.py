@@ -14,6 +14,12 @@ So each candidate token is given the evidence explicitly, as one row:
 - cosine to the last history item and the best cosine to the recent ones (item-item signals
   a sequence model blurs).
 
+With ``relative`` every column is made relative to the list: centred over the candidates, each
+vector group divided by one scale (so ``sum(u * x_c)`` stays the retriever's score, shifted) and
+each scalar standardised. A listwise softmax only sees differences between candidates, and a
+per-row layer norm (the projector's default) would rescale each candidate's evidence by its
+own size, which blurs exactly the comparison the LLM must make.
+
 Pure functions of their inputs: training, evaluation and serving call the same code.
 """
 
@@ -40,13 +46,15 @@ def candidate_signals(
     history: np.ndarray,
     scores: np.ndarray,
     context: np.ndarray | None = None,
+    relative: bool = False,
 ) -> np.ndarray:
     """``[n, signal_dim]`` float32 rows for ``n`` candidates.
 
     ``user`` is the retriever's user vector ``[d]``; ``candidates`` and ``history`` are item rows
     ``[n, D]`` / ``[h, D]`` (history oldest first, may be empty) whose first ``d`` columns are the
     retriever's item vectors; ``scores`` the retriever's scores ``[n]``; ``context`` optional
-    extra columns ``[n, k]`` appended as they are (``ranker.trends``).
+    extra columns ``[n, k]`` appended as they are (``ranker.trends``); ``relative`` makes every
+    column relative to the list (module docstring).
     """
     user = np.asarray(user, dtype=np.float32)
     candidates = np.asarray(candidates, dtype=np.float32)
@@ -72,10 +80,25 @@ def candidate_signals(
     else:
         cos_last = cos_max = np.zeros(n, np.float32)
     scalars = np.stack([z, np.clip(log_p, -10, 10), rank, cos_last, cos_max], axis=1)
-    parts = [candidates, candidates[:, :d] * user, candidates * profile, scalars.astype(np.float32)]
+    groups = [candidates, candidates[:, :d] * user, candidates * profile]
     if context is not None:
-        parts.append(np.asarray(context, dtype=np.float32).reshape(n, -1))
+        groups.append(np.asarray(context, dtype=np.float32).reshape(n, -1))
+    if relative:
+        groups = [_centred(group) / _rms(_centred(group)) for group in groups]
+        scalars = _centred(scalars) / _rms(_centred(scalars), axis=0)
+    parts = [*groups[:3], scalars.astype(np.float32), *groups[3:]]
     return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _centred(rows: np.ndarray) -> np.ndarray:
+    return rows - rows.mean(axis=0, keepdims=True)
+
+
+def _rms(rows: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Root mean square (over everything, or per column with ``axis=0``); 1 where it is 0, so
+    a column constant over the list becomes 0, not NaN."""
+    rms = np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=axis))
+    return np.where(rms > 1e-8, rms, 1.0).astype(np.float32)
 
 
 def side_features(

@@ -217,8 +217,10 @@ def new_model(
                 if k == kind
             ]
         )
-        anchors = tokens.letter_ids if kind == "candidate" and config.letter_anchors else ()
-        projectors[kind] = calibrated_projector(llm, rows, config.seed + n, anchors)
+        candidate = kind == "candidate"
+        anchors = tokens.letter_ids if candidate and config.letter_anchors else ()
+        row_norm = not (candidate and prompt.relative_signals)
+        projectors[kind] = calibrated_projector(llm, rows, config.seed + n, anchors, row_norm)
     return RankerModel(
         with_lora(llm, config, None),
         projectors,

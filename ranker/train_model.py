@@ -91,17 +91,22 @@ class RankerModel:
 
 
 def calibrated_projector(
-    llm, sample: np.ndarray, seed: int, anchor_ids: Sequence[int] = ()
+    llm, sample: np.ndarray, seed: int, anchor_ids: Sequence[int] = (), row_norm: bool = True
 ) -> Projector:
     """A projector whose initial outputs have the size of the LLM's token embeddings.
 
     With ``anchor_ids`` (the letters' token ids) it gets one anchor per slot, initialised to
-    those tokens' embeddings: a candidate's token starts out as its own letter.
+    those tokens' embeddings: a candidate's token starts out as its own letter. ``row_norm``
+    goes to the projector's config.
     """
     table = llm.get_input_embeddings().weight
     torch.manual_seed(seed)
     config = ProjectorConfig(
-        in_dim=sample.shape[1], out_dim=table.shape[1], out_scale=1.0, anchors=len(anchor_ids)
+        in_dim=sample.shape[1],
+        out_dim=table.shape[1],
+        out_scale=1.0,
+        anchors=len(anchor_ids),
+        row_norm=row_norm,
     )
     projector = Projector(config)
     with torch.no_grad():

@@ -63,6 +63,10 @@ def train(
     preference: Annotated[bool, typer.Option(help="CoT-Rec preference text.")] = True,
     item_tokens: Annotated[bool, typer.Option(help="Item soft tokens (RSLLM).")] = True,
     user_token: Annotated[bool, typer.Option(help="User soft token (CIT-Rec).")] = True,
+    relative_signals: Annotated[
+        bool,
+        typer.Option(help="Pointer prompt: signal columns relative to the candidate list."),
+    ] = False,
     titles: Annotated[
         bool, typer.Option(help="Show item titles (off: items are their soft token only).")
     ] = True,
@@ -184,7 +188,10 @@ def train(
                 "item_titles": titles,
             }
             if prompt is PromptMode.pointer:  # its own defaults; only these switches apply
-                prompt_options = {"user_soft_token": user_token}
+                prompt_options = {
+                    "user_soft_token": user_token,
+                    "relative_signals": relative_signals,
+                }
             if max_history is not None:
                 prompt_options["max_history"] = max_history
             base = {

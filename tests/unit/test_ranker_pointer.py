@@ -3,6 +3,8 @@ and a sanity task the tiny LLM must learn through the real training loop."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch
 from ranker.core import Ranker
 from ranker.forward import collate, letter_logits
 from ranker.llm import kept_layers, load_model, load_tokenizer, prune_layers
+from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import (
     CANDIDATE_SLOT,
     PromptConfig,
@@ -55,6 +58,49 @@ def test_signals_carry_the_user_item_dot_product_and_the_score_order():
     rank = rows[:, -3]  # 0 for the best retriever score
     assert rank[np.argmax(inp.retriever_scores)] == 0.0
     assert rank[np.argmin(inp.retriever_scores)] == 1.0
+
+
+def test_relative_signals_keep_the_dot_product_order_and_differences_only():
+    inp = _input(n=8, d=4, seed=3)
+    items = np.stack([c.embedding for c in inp.candidates])
+    history = np.stack([h.embedding for h in inp.history])
+    rows = candidate_signals(inp.user_embedding, items, history, inp.retriever_scores, None, True)
+    d = 4
+    assert rows.shape == (8, signal_dim(d, d))
+    np.testing.assert_allclose(rows.mean(axis=0), 0.0, atol=1e-5)  # centred over the list
+    dots = items @ inp.user_embedding
+    relative_dots = rows[:, d : 2 * d].sum(axis=1)  # one scale for the group: order and ratios kept
+    assert np.argsort(relative_dots).tolist() == np.argsort(dots).tolist()
+    np.testing.assert_allclose(
+        np.diff(relative_dots) / np.diff(relative_dots)[0],
+        np.diff(dots) / np.diff(dots)[0],
+        rtol=1e-4,
+    )
+    # Shifting every score leaves the list unchanged; a constant column becomes 0, not NaN.
+    shifted = candidate_signals(
+        inp.user_embedding, items, history, inp.retriever_scores + 5.0, np.ones((8, 2)), True
+    )
+    np.testing.assert_allclose(shifted[:, : rows.shape[1]], rows, atol=1e-5)
+    assert np.all(shifted[:, rows.shape[1] :] == 0.0)
+
+
+def test_a_projector_without_row_norm_keeps_the_size_of_its_input():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    normed, raw = Projector(ProjectorConfig(6, 8)), Projector(ProjectorConfig(6, 8, row_norm=False))
+    raw.load_state_dict(normed.state_dict())
+    torch.testing.assert_close(normed(x), normed(3 * x), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(raw(x), raw(3 * x))
+
+
+def test_a_projector_saved_before_row_norm_loads_with_it_on(tmp_path):
+    from safetensors.torch import save_file
+
+    projector = Projector(ProjectorConfig(6, 8, row_norm=False))
+    config = {k: v for k, v in vars(projector.config).items() if k != "row_norm"}
+    tensors = {k: v.contiguous() for k, v in projector.state_dict().items()}
+    save_file(tensors, str(tmp_path / "p.safetensors"), metadata={"config": json.dumps(config)})
+    assert Projector.load(tmp_path / "p.safetensors").config.row_norm is True
 
 
 def test_side_features_standardise_popularity_and_spell_out_genres():
