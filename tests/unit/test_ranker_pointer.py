@@ -174,13 +174,19 @@ POINT = TrainConfig(
 )
 
 
-@pytest.mark.parametrize(("task", "steps", "floor"), [("point", 60, 0.6), ("match", 100, 0.5)])
-def test_the_tiny_ranker_learns_a_task_the_soft_tokens_determine(tiny_llm_dir, task, steps, floor):
+@pytest.mark.parametrize(
+    ("task", "relative", "steps", "floor"),
+    [("point", False, 60, 0.6), ("match", False, 100, 0.5), ("match", True, 100, 0.5)],
+)
+def test_the_tiny_ranker_learns_a_task_the_soft_tokens_determine(
+    tiny_llm_dir, task, relative, steps, floor
+):
     """Through the real loop: LLM, projectors with anchors, prompt, losses. Chance is 0.25."""
     from dataclasses import replace
 
     task_config = SyntheticConfig(task=task, valid_examples=128, valid_candidates=4)
-    result = train_synthetic(tiny_llm_dir, task_config, replace(POINT, max_steps=steps))
+    config = replace(POINT, max_steps=steps, prompt=PromptConfig.pointer(relative_signals=relative))
+    result = train_synthetic(tiny_llm_dir, task_config, config)
     assert result["examples"] == steps * 32
     assert result["heldout_accuracy"] >= floor, result
 
