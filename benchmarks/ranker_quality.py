@@ -139,7 +139,13 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
             "",
             f"Target + 19 random candidates ({rc['users']} users): HitRatio@1 "
             f"{rc['hit_ratio@1']:.4f} (chance 0.05); ValidRatio 1 by construction (letter "
-            f"scoring always names a candidate); CIT-Rec AUC {rc['auc']:.4f}.",
+            f"scoring always names a candidate); CIT-Rec AUC {rc['auc']:.4f}."
+            + (
+                f" The retriever's own scores on the same lists: HitRatio@1 "
+                f"{rc['retriever_hit_ratio@1']:.4f}, AUC {rc['retriever_auc']:.4f}."
+                if "retriever_hit_ratio@1" in rc
+                else ""
+            ),
         ]
     if "mapb" in report:
         lines += ["", f"CoT-Rec MAPB (lower = less position bias): {json.dumps(report['mapb'])}."]

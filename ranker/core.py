@@ -12,6 +12,7 @@ vLLM server). A trained run folder holds everything except the base LLM:
     item_embeddings.safetensors  the item table the item projector was trained on ("embeddings",
                                  [num_items + 1, d]): publish these to the feature store
     trends.safetensors           recent popularity per item and day (ranker.trends), when used
+    covisit.safetensors          other people's item-to-item co-visitation (ranker.covisit)
     item_ids.json                the table's row ids (row i + 1 is item_ids[i]); when present the
                                  ranker reads item rows from its own table, so what it serves is
                                  exactly what it was trained on, whatever the feature store holds
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ranker.backends.base import RankerBackend, RenderedPrompt
+from ranker.covisit import COVISIT_FILE, CovisitTable, with_covisit
 from ranker.projector import Projector
 from ranker.prompts import (
     PromptConfig,
@@ -153,6 +155,7 @@ class Ranker:
         candidate_projector: Projector | None = None,
         item_table: ItemTable | None = None,
         trends: TrendTable | None = None,
+        covisit: CovisitTable | None = None,
     ):
         if config.prompt.item_soft_tokens and item_projector is None:
             raise ValueError("item soft tokens are on but no item projector was given")
@@ -172,8 +175,9 @@ class Ranker:
         }
         self.item_table = item_table
         self.trends = trends
-        if trends is not None and item_table is None:
-            raise ValueError("trend features need the run's item table (item ids)")
+        self.covisit = covisit
+        if (trends is not None or covisit is not None) and item_table is None:
+            raise ValueError("trend and co-visitation features need the run's item table (ids)")
 
     @classmethod
     def load(
@@ -194,7 +198,7 @@ class Ranker:
 
         tokenizer = load_tokenizer(llm_dir)
         projectors: dict[str, Projector] = {}
-        adapter = table = trends = None
+        adapter = table = trends = covisit = None
         if run_dir is not None:
             from tandem.artifacts import resolve_run
 
@@ -210,6 +214,8 @@ class Ranker:
                 table = ItemTable.load(run_dir)
             if (run_dir / TREND_FILE).is_file():
                 trends = TrendTable.load(run_dir / TREND_FILE)
+            if (run_dir / COVISIT_FILE).is_file():
+                covisit = CovisitTable.load(run_dir / COVISIT_FILE)
         config = config or RankerConfig()
         if isinstance(backend, str):
             if backend != "transformers":
@@ -228,6 +234,7 @@ class Ranker:
             projectors.get("candidate"),
             table,
             trends,
+            covisit,
         )
 
     # -- rendering -----------------------------------------------------------------------
@@ -237,6 +244,8 @@ class Ranker:
             inp = self.item_table.fill(inp)
         if self.trends is not None:
             inp = with_trends(inp, self.trends, self.item_table.index)
+        if self.covisit is not None:
+            inp = with_covisit(inp, self.covisit, self.item_table.index)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def project(self, layout: PromptLayout) -> np.ndarray | None:

@@ -190,17 +190,26 @@ def random_candidate_metrics(
         )
         prompts.append(user_input(inputs, users, r, candidates))
         labels.append(label)
-    scores = score_inputs(ranker, prompts, progress)
-    ranks = np.array([_rank_of(s, y) for s, y in zip(scores, labels, strict=True)])
-    target = np.array([s[y] for s, y in zip(scores, labels, strict=True)])
-    negatives = np.stack([np.delete(s, y) for s, y in zip(scores, labels, strict=True)])
-    return {
-        "hit_ratio@1": round(float((ranks == 0).mean()), 4),
+    ranker_hr, ranker_auc = _hit_ratio_and_auc(score_inputs(ranker, prompts, progress), labels)
+    report = {
+        "hit_ratio@1": ranker_hr,
         "valid_ratio": 1.0,
-        "auc": round(sampled_auc(target, negatives), 4),
+        "auc": ranker_auc,
         "chance_hit_ratio@1": 0.05,
         "users": len(labels),
     }
+    if all(p.retriever_scores is not None for p in prompts):  # the teacher on the same lists
+        retriever = [np.asarray(p.retriever_scores, dtype=np.float64) for p in prompts]
+        hr, auc = _hit_ratio_and_auc(retriever, labels)
+        report |= {"retriever_hit_ratio@1": hr, "retriever_auc": auc}
+    return report
+
+
+def _hit_ratio_and_auc(scores: list[np.ndarray], labels: list[int]) -> tuple[float, float]:
+    ranks = np.array([_rank_of(s, y) for s, y in zip(scores, labels, strict=True)])
+    target = np.array([s[y] for s, y in zip(scores, labels, strict=True)])
+    negatives = np.stack([np.delete(s, y) for s, y in zip(scores, labels, strict=True)])
+    return round(float((ranks == 0).mean()), 4), round(sampled_auc(target, negatives), 4)
 
 
 def mapb(ranker: Ranker, inputs: TrainInputs, users: UserSet, rows: np.ndarray, progress) -> float:
@@ -244,6 +253,7 @@ def _with_config(ranker: Ranker, config: RankerConfig, backend=None) -> Ranker:
         ranker.projectors.get("candidate") if config.prompt.candidate_signals else None,
         ranker.item_table,
         ranker.trends,
+        ranker.covisit,
     )
 
 

@@ -14,10 +14,13 @@ import shutil
 from pathlib import Path
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
+from ranker.covisit import COVISIT_FILE
 from ranker.trends import TREND_FILE
 from tandem.artifacts import Manifest
 
-SERVING_FILES = (CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, TREND_FILE, *PROJECTOR_FILES.values())
+SERVING_FILES = (
+    CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, TREND_FILE, COVISIT_FILE, *PROJECTOR_FILES.values()
+)  # fmt: skip
 MAX_BYTES = 20 * 2**20  # everything under models/ stays this small
 
 

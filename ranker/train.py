@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, RankerConfig
+from ranker.covisit import COVISIT_FILE
 from ranker.llm import load_model, load_tokenizer
 from ranker.prompts import PromptConfig, PromptTokenizer
 from ranker.train_data import (
@@ -89,9 +90,14 @@ class TrainConfig:
     curriculum_examples: int = 2000  # examples each curriculum stage lasts
     distill_weight: float = 0.0  # weight of KL(retriever softmax || ranker) at the start
     distill_examples: int = 0  # examples over which that weight falls to 0; 0 = constant
+    # Train the fused system, not the ranker alone: the loss reads the retriever's log-softmax
+    # plus the ranker's letter logits, so the ranker learns what the retriever misses instead of
+    # rebuilding it. Fused at weight 0.5 the gateway orders exactly like that sum.
+    residual: bool = False
     aux_weight: float = 0.0  # per-candidate probe loss on the signal tokens (training only)
     side_features: bool = False  # item rows gain popularity, year and genres (ranker.signals)
     trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
+    covisit: bool = False  # candidates carry other people's co-visitation (ranker.covisit)
     shuffle: bool = True  # retrieved candidates in a random order (ranker.train_data)
     letter_anchors: bool = True  # candidate signal tokens start as their letter's embedding
     precision: str = "auto"  # bf16 autocast where the CPU has bf16 units, else fp32
@@ -112,6 +118,13 @@ class TrainConfig:
         raw["curriculum"] = tuple(raw.get("curriculum", ()))
         return cls(**raw)
 
+    def __post_init__(self) -> None:
+        if self.residual and self.distill_weight > 0:
+            raise ValueError(
+                "a residual ranker already adds the retriever's softmax: distilling towards it "
+                "as well makes no sense (set distill_weight to 0)"
+            )
+
     def examples(self) -> ExampleConfig:
         return ExampleConfig(
             prompt=self.prompt,
@@ -123,6 +136,7 @@ class TrainConfig:
             part_dropout=self.part_dropout,
             valid_users=self.valid_users,
             trends=self.trends,
+            covisit=self.covisit,
             shuffle=self.shuffle,
             seed=self.seed,
         )
@@ -173,10 +187,18 @@ def ranker_loss(
     weight: float,
     probe: torch.Tensor | None = None,
     probe_weight: float = 0.0,
+    residual: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy on the true letter + ``weight`` * KL(softmax(teacher) || softmax(logits))
-    + ``probe_weight`` * cross-entropy of the per-candidate probe."""
+    + ``probe_weight`` * cross-entropy of the per-candidate probe. With ``residual`` the
+    cross-entropies read ``log_softmax(teacher)`` plus the logits (``TrainConfig.residual``)."""
     target = torch.as_tensor(labels)
+    if residual:
+        if teacher is None:
+            raise ValueError("a residual ranker needs the retriever's scores of every prompt")
+        offset = retriever_log_softmax(teacher)
+        logits = logits + offset
+        probe = None if probe is None else probe + offset
     loss = torch.nn.functional.cross_entropy(logits, target)
     if probe is not None and probe_weight > 0:
         loss = loss + probe_weight * torch.nn.functional.cross_entropy(probe, target)
@@ -185,6 +207,11 @@ def ranker_loss(
         log_p = torch.log_softmax(logits, dim=-1)
         loss = loss + weight * torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
     return loss
+
+
+def retriever_log_softmax(scores: list[np.ndarray] | np.ndarray) -> torch.Tensor:
+    """``[batch, n]`` log-softmax of retriever scores (the gateway's fusion reads the same)."""
+    return torch.log_softmax(torch.as_tensor(np.stack(scores), dtype=torch.float32), dim=-1)
 
 
 def optimizer_for(model: RankerModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -276,6 +303,7 @@ def fit(
                 config.distill_at(state.examples),
                 probe_logits,
                 config.aux_weight,
+                config.residual,
             )
             (loss / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
@@ -299,7 +327,7 @@ def fit(
         if on_progress is not None:
             on_progress(state, rate)
         if valid and config.eval_every and state.step % config.eval_every == 0:
-            metrics = validate(model, valid, config.batch_size)
+            metrics = validate(model, valid, config.batch_size, config.residual)
             state.validations.append({"step": state.step, "examples": state.examples, **metrics})
             log.write(json.dumps(state.validations[-1]) + "\n")
             say(f"step {state.step}: {metrics}")
@@ -310,7 +338,7 @@ def fit(
 
 def final_validation(model, valid, config, state, say) -> None:
     if valid and (not state.validations or state.validations[-1]["step"] != state.step):
-        metrics = validate(model, valid, config.batch_size)
+        metrics = validate(model, valid, config.batch_size, config.residual)
         state.validations.append({"step": state.step, "examples": state.examples, **metrics})
         say(f"step {state.step}: {metrics}")
 
@@ -399,6 +427,8 @@ def train_ranker(
         (run_dir / ITEM_IDS).write_text(json.dumps(inputs.features.ids[1:]))
     if maker.trends is not None:
         maker.trends.save(run_dir / TREND_FILE)
+    if maker.covisit is not None:
+        maker.covisit.save(run_dir / COVISIT_FILE)
     final = state.validations[-1] if state.validations else {}
     metrics = {
         "steps": state.step,

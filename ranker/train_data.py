@@ -26,6 +26,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from ranker.covisit import CovisitTable, with_covisit
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
 from ranker.trends import TrendTable, with_trends
@@ -58,6 +59,7 @@ class ExampleConfig:
     part_dropout: float = 0.0  # per example, drop preference / item / user tokens
     valid_users: int = 64
     trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
+    covisit: bool = False  # candidates carry other people's co-visitation (ranker.covisit)
     shuffle: bool = True  # retrieved mode: show the top-20 in a random order (see below)
     seed: int = 0
 
@@ -154,7 +156,10 @@ class ExampleMaker:
             self.trends = TrendTable.build(
                 train_times, np.concatenate(self.split.train), self.num_items
             )
-            self.index_of = {item_id: n for n, item_id in enumerate(inputs.features.ids or [])}
+        self.covisit = None
+        if config.covisit:
+            self.covisit = CovisitTable.build(self.split.train, self.num_items)
+        self.index_of = {item_id: n for n, item_id in enumerate(inputs.features.ids or [])}
 
     @lru_cache(maxsize=2)  # noqa: B019 - one maker per run; the cache holds two permutations
     def _epoch(self, epoch: int) -> np.ndarray:
@@ -186,11 +191,19 @@ class ExampleMaker:
             return None
         return self.inputs.source.scores(vector, candidates)
 
-    def _render(self, inp: PromptInput, rng: np.random.Generator | None = None) -> PromptLayout:
+    def _render(
+        self,
+        inp: PromptInput,
+        rng: np.random.Generator | None = None,
+        own: np.ndarray | None = None,
+    ) -> PromptLayout:
+        """``own``: the user's training sequence, whose co-visitation pairs are left out."""
         if rng is not None:
             inp = drop_parts(inp, rng, self.config.part_dropout)
         if self.trends is not None:
             inp = with_trends(inp, self.trends, self.index_of)
+        if self.covisit is not None:
+            inp = with_covisit(inp, self.covisit, self.index_of, own)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def batch(self, cursor: int, size: int, num_candidates: int = MAX_CANDIDATES) -> TrainBatch:
@@ -237,7 +250,7 @@ class ExampleMaker:
                     scores,
                     float(self.times[user][position - 1]),  # decided after the last history item
                 )
-                layouts.append(self._render(inp, rng))
+                layouts.append(self._render(inp, rng, self.split.train[user]))
                 labels.append(label)
                 teacher.append(scores)
                 if len(layouts) == size:

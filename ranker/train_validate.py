@@ -68,14 +68,23 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((ra * rb).sum(1) / np.maximum(denom, 1e-12)))
 
 
-def validate(model: RankerModel, valid: ValidationSet, batch_size: int) -> dict:
+def validate(
+    model: RankerModel, valid: ValidationSet, batch_size: int, residual: bool = False
+) -> dict:
+    """Validation metrics; ``valid_loss`` is the trained loss (with ``residual``: of the
+    retriever's log-softmax plus the logits), the ranks are the ranker's alone."""
     model.train(False)
     logits, losses = [], []
     with torch.no_grad():
         for start in range(0, len(valid.layouts), batch_size):
             chunk = model.logits(valid.layouts[start : start + batch_size])
             target = torch.as_tensor(valid.labels[start : start + batch_size])
-            losses.append(torch.nn.functional.cross_entropy(chunk, target, reduction="sum").item())
+            trained = chunk
+            if residual:
+                scores = valid.retriever_scores[start : start + batch_size]
+                trained = chunk + torch.log_softmax(torch.as_tensor(scores).float(), dim=-1)
+            loss = torch.nn.functional.cross_entropy(trained, target, reduction="sum")
+            losses.append(loss.item())
             logits.append(chunk.float().numpy())
     model.train(True)
     logits_all = np.concatenate(logits)

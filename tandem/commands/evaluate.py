@@ -128,5 +128,10 @@ def print_two_stage(report: dict) -> None:
             f"ValidRatio {extra['valid_ratio']:.0f} (letter scoring always names a candidate), "
             f"AUC {extra['auc']:.4f}"
         )
+        if "retriever_hit_ratio@1" in extra:
+            console.print(
+                f"the retriever on the same lists: HitRatio@1 "
+                f"{extra['retriever_hit_ratio@1']:.4f}, AUC {extra['retriever_auc']:.4f}"
+            )
     if "mapb" in report:
         console.print(f"MAPB (lower is less position bias): {report['mapb']}")

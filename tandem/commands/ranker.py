@@ -86,8 +86,18 @@ def train(
         int, typer.Option(min=1, help="Examples each curriculum stage lasts.")
     ] = 2000,
     distill_weight: Annotated[
-        float, typer.Option(min=0.0, help="KL weight towards the retriever's softmax.")
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            min=0.0, help="KL weight towards the retriever's softmax (default 0.5; 0 if residual)."
+        ),
+    ] = None,
+    residual: Annotated[
+        bool,
+        typer.Option(
+            help="Train the fused system: the loss reads the retriever's log-softmax plus the "
+            "ranker's logits, so the ranker learns what the retriever misses."
+        ),
+    ] = False,
     distill_examples: Annotated[
         int, typer.Option(min=0, help="Examples over which the KL weight falls to 0 (0: kept).")
     ] = 15000,
@@ -105,6 +115,10 @@ def train(
     trends: Annotated[
         bool, typer.Option(help="Candidates carry recent popularity (7/30 days) at decision time.")
     ] = True,
+    covisit: Annotated[
+        bool,
+        typer.Option(help="Candidates carry other people's co-visitation with the history."),
+    ] = False,
     side_features: Annotated[
         bool, typer.Option(help="Item rows gain popularity, year and genres.")
     ] = True,
@@ -204,10 +218,14 @@ def train(
                 candidates=candidates.value,
                 curriculum=_counts(curriculum),
                 curriculum_examples=curriculum_examples,
-                distill_weight=distill_weight,
+                distill_weight=(0.0 if residual else 0.5)
+                if distill_weight is None
+                else distill_weight,
+                residual=residual,
                 distill_examples=distill_examples,
                 aux_weight=aux_weight,
                 trends=trends,
+                covisit=covisit,
                 shuffle=shuffle,
                 side_features=side_features,
                 target_modules=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),

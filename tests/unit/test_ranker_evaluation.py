@@ -83,6 +83,8 @@ def test_report_covers_every_protocol(inputs, ranker, tiny_llm_dir):
     random = report["random_candidates"]
     assert random["valid_ratio"] == 1.0 and 0.0 <= random["hit_ratio@1"] <= 1.0
     assert 0.0 <= random["auc"] <= 1.0
+    assert 0.0 <= random["retriever_hit_ratio@1"] <= 1.0  # the teacher, on the same lists
+    assert 0.0 <= random["retriever_auc"] <= 1.0
     if hits:
         assert report["mapb"]["without_shuffling"] >= 0.0
         names = [row["variant"] for row in report["ablations"]]

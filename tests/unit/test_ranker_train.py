@@ -189,3 +189,25 @@ def test_learning_rates_warm_up_then_decay_to_the_floor_by_examples_seen() -> No
     raw = json.loads(CONFIG.to_json())
     del raw["decay_examples"]
     assert TrainConfig.from_json(json.dumps(raw)).decay_examples == 0
+
+
+def test_a_residual_loss_reads_the_retriever_plus_the_ranker() -> None:
+    import torch
+
+    from ranker.train import ranker_loss
+
+    teacher = [np.array([3.0, 0.0, -1.0]), np.array([0.0, 2.0, 0.0])]
+    labels = [0, 1]
+    silent = torch.zeros(2, 3)  # a ranker that adds nothing: the loss is the retriever's own
+    expected = torch.nn.functional.cross_entropy(
+        torch.log_softmax(torch.as_tensor(np.stack(teacher)).float(), dim=-1), torch.tensor(labels)
+    )
+    torch.testing.assert_close(ranker_loss(silent, labels, teacher, 0.0, residual=True), expected)
+    plain = ranker_loss(silent, labels, teacher, 0.0)
+    assert plain.item() == pytest.approx(np.log(3))  # without it, a silent ranker is at chance
+    helping = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert ranker_loss(helping, labels, teacher, 0.0, residual=True) < expected
+    with pytest.raises(ValueError, match="needs the retriever's scores"):
+        ranker_loss(silent, labels, None, 0.0, residual=True)
+    with pytest.raises(ValueError, match="distill_weight"):
+        TrainConfig(residual=True, distill_weight=0.5)

@@ -1,0 +1,210 @@
+"""How much can the ranker's inputs add to the retriever? Small listwise heads on the same rows.
+
+Before spending CPU hours on the LLM, ask the data: the candidate signal rows the ranker reads
+(``ranker.signals``, with side features and recent popularity, exactly as training renders
+them) go into small listwise models trained with cross-entropy on the true candidate, on the
+same examples (retriever top-20, target retrieved, shuffled):
+
+- ``retriever``: the retriever's log-softmax alone (the teacher, nothing learned);
+- ``features only``: an MLP on the rows, no retriever score added (can it rebuild the teacher?);
+- ``residual linear`` / ``residual MLP``: the retriever's log-softmax times a learned scale plus
+  a head on the rows, starting at exactly the retriever (the head's last layer is zero).
+
+Scored like the ranker's own validation: validation users whose item is in the top-20,
+NDCG@10 of that item, with a paired bootstrap 95% interval against retriever order. If no
+head beats the retriever here, the LLM has no signal to find in these inputs either; if one
+does, its gain bounds what training the LLM on them can be expected to add.
+
+Writes ``benchmarks/results/ranker_headroom.{json,md}``.
+
+    python benchmarks/ranker_headroom.py --llm artifacts/llm-2 [--examples 30000] [--relative]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
+from ranker.llm import load_tokenizer  # noqa: E402
+from ranker.prompts import PromptConfig, PromptTokenizer  # noqa: E402
+from ranker.train_data import ExampleConfig, ExampleMaker, with_side_features  # noqa: E402
+from tandem.data import Dataset  # noqa: E402
+from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
+from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def candidate_rows(layout) -> np.ndarray:
+    """The signal rows of a rendered pointer prompt (the last soft inputs, candidate order)."""
+    n = len(layout.letter_token_ids)
+    return np.stack(layout.soft_inputs[-n:])
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    return torch.log_softmax(torch.as_tensor(scores, dtype=torch.float32), dim=-1).numpy()
+
+
+def collect(maker: ExampleMaker, wanted: int, batch: int = 256):
+    """``wanted`` training lists: rows [n, 20, F], retriever log-softmax [n, 20], labels [n]."""
+    rows, base, labels, cursor = [], [], [], 0
+    while len(labels) < wanted:
+        got = maker.batch(cursor, batch)
+        cursor += got.consumed
+        for layout, label, teacher in zip(got.layouts, got.labels, got.teacher, strict=True):
+            if len(layout.letter_token_ids) != 20:
+                continue
+            rows.append(candidate_rows(layout))
+            base.append(log_softmax(teacher))
+            labels.append(label)
+    return np.stack(rows[:wanted]), np.stack(base[:wanted]), np.asarray(labels[:wanted])
+
+
+class ListwiseHead(nn.Module):
+    """``scale * retriever_log_softmax + f(rows)``; ``f`` starts at 0 (a residual on the
+    teacher) unless the retriever is left out."""
+
+    def __init__(self, dim: int, hidden: int, with_retriever: bool):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.GELU()] if hidden else []
+        last = nn.Linear(hidden or dim, 1)
+        if with_retriever:
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.f = nn.Sequential(*layers, last)
+        self.scale = nn.Parameter(torch.tensor(1.0 if with_retriever else 0.0))
+        self.scale.requires_grad_(with_retriever)
+
+    def forward(self, rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return self.scale * base + self.f(rows).squeeze(-1)
+
+
+def fit_head(head: ListwiseHead, rows, base, labels, *, epochs: int, seed: int) -> ListwiseHead:
+    torch.manual_seed(seed)
+    x, b, y = (torch.as_tensor(a) for a in (rows, base, labels))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(256):
+            loss = nn.functional.cross_entropy(head(x[idx], b[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return head.eval()
+
+
+def target_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """0-based rank of each list's true candidate (pessimistic on ties)."""
+    target = scores[np.arange(len(labels)), labels][:, None]
+    return (scores > target).sum(axis=1) + (scores == target).sum(axis=1) - 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llm", type=Path, required=True, help="Its tokenizer renders prompts.")
+    parser.add_argument("--dataset", default="ml-100k")
+    parser.add_argument("--retriever-run", default=None, help="Default: the newest.")
+    parser.add_argument("--examples", type=int, default=30000, help="Training lists.")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--relative", action="store_true", help="Relative signal columns.")
+    parser.add_argument("--covisit", action="store_true", help="Co-visitation columns.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    data = Dataset.load(dataset_dir(args.dataset))
+    runs = resolve_inputs(
+        artifacts_root(), args.dataset, retriever=args.retriever_run,
+        items="none", captions="none", preferences="none",
+    )  # fmt: skip
+    inputs = with_side_features(load_inputs(data, runs))
+    prompt = PromptConfig.pointer(relative_signals=args.relative)
+    config = ExampleConfig(
+        prompt=prompt, candidates="retrieved", trends=True, covisit=args.covisit, shuffle=True,
+        valid_users=data.split().num_users, seed=args.seed,
+    )  # fmt: skip
+    maker = ExampleMaker(inputs, config, PromptTokenizer(load_tokenizer(args.llm)))
+    rows, base, labels = collect(maker, args.examples)
+    valid = maker.validation_set()
+    v_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
+    v_base = log_softmax(valid.retriever_scores)
+    made_s = time.perf_counter() - started
+
+    retriever_ndcg = ndcg_per_user(valid.retriever_ranks, 10)
+    report: dict = {
+        "command": "python " + " ".join(sys.argv),
+        "retriever_run": str(runs.retriever),
+        "relative_signals": args.relative,
+        "covisit": args.covisit,
+        "train_lists": len(labels),
+        "signal_dim": int(rows.shape[-1]),
+        "valid_users": len(valid.labels),
+        "epochs": args.epochs,
+        "seconds_to_make_examples": round(made_s, 1),
+        "heads": {"retriever": {"valid_ndcg@10": round(float(retriever_ndcg.mean()), 4)}},
+    }
+    for name, hidden, with_retriever in (
+        ("features only (MLP 64)", 64, False),
+        ("residual linear", 0, True),
+        ("residual MLP 64", 64, True),
+    ):
+        head = fit_head(
+            ListwiseHead(rows.shape[-1], hidden, with_retriever),
+            rows, base, labels, epochs=args.epochs, seed=args.seed,
+        )  # fmt: skip
+        with torch.no_grad():
+            scores = head(torch.as_tensor(v_rows), torch.as_tensor(v_base)).numpy()
+        ndcg = ndcg_per_user(target_ranks(scores, valid.labels), 10)
+        lo, hi = paired_bootstrap_ci(ndcg, retriever_ndcg)
+        report["heads"][name] = {
+            "valid_ndcg@10": round(float(ndcg.mean()), 4),
+            "diff_vs_retriever_ci95": [round(lo, 4), round(hi, 4)],
+            "retriever_scale": round(float(head.scale.detach()), 3),
+        }
+        print(name, report["heads"][name], flush=True)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "ranker_headroom" + ("_relative" if args.relative else "")
+    stem += "_covisit" if args.covisit else ""
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# Ranker headroom: small listwise heads on the ranker's own inputs",
+        "",
+        f"Command: `{report['command']}`. Retriever `{report['retriever_run']}`; "
+        f"co-visitation: {report.get('covisit', False)}; "
+        f"{report['train_lists']} training lists (retriever top-20 with the target, shuffled), "
+        f"signal rows of {report['signal_dim']} columns (relative: "
+        f"{report['relative_signals']}), {report['epochs']} epochs; validation: "
+        f"{report['valid_users']} users whose item is in the top-20, NDCG@10 of that item; "
+        "paired bootstrap 95% interval against retriever order.",
+        "",
+        "| head | valid NDCG@10 | vs retriever, 95% interval | retriever scale |",
+        "|---|---|---|---|",
+    ]
+    for name, head in report["heads"].items():
+        ci = head.get("diff_vs_retriever_ci95", "—")
+        lines.append(
+            f"| {name} | {head['valid_ndcg@10']} | {ci} | {head.get('retriever_scale', '—')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
