@@ -59,9 +59,10 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def collect(maker: ExampleMaker, wanted: int, batch: int = 256):
-    """``wanted`` training lists: rows [n, 20, F], retriever log-softmax [n, 20], labels [n]."""
+    """Up to ``wanted`` training lists, one pass at most: rows [n, 20, F], retriever
+    log-softmax [n, 20], labels [n]."""
     rows, base, labels, cursor = [], [], [], 0
-    while len(labels) < wanted:
+    while len(labels) < wanted and cursor < len(maker.pool):
         got = maker.batch(cursor, batch)
         cursor += got.consumed
         for layout, label, teacher in zip(got.layouts, got.labels, got.teacher, strict=True):
@@ -120,6 +121,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--relative", action="store_true", help="Relative signal columns.")
     parser.add_argument("--covisit", action="store_true", help="Co-visitation columns.")
+    parser.add_argument(
+        "--steps-per-user",
+        type=int,
+        default=0,
+        help="Train on each user's last N positions only (a --holdout-last N retriever's).",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -134,7 +141,7 @@ def main() -> None:
     prompt = PromptConfig.pointer(relative_signals=args.relative)
     config = ExampleConfig(
         prompt=prompt, candidates="retrieved", trends=True, covisit=args.covisit, shuffle=True,
-        valid_users=data.split().num_users, seed=args.seed,
+        valid_users=data.split().num_users, steps_per_user=args.steps_per_user, seed=args.seed,
     )  # fmt: skip
     maker = ExampleMaker(inputs, config, PromptTokenizer(load_tokenizer(args.llm)))
     rows, base, labels = collect(maker, args.examples)
@@ -149,6 +156,7 @@ def main() -> None:
         "retriever_run": str(runs.retriever),
         "relative_signals": args.relative,
         "covisit": args.covisit,
+        "steps_per_user": args.steps_per_user,
         "train_lists": len(labels),
         "signal_dim": int(rows.shape[-1]),
         "valid_users": len(valid.labels),
@@ -179,6 +187,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "ranker_headroom" + ("_relative" if args.relative else "")
     stem += "_covisit" if args.covisit else ""
+    stem += f"_tail{args.steps_per_user}" if args.steps_per_user else ""
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(report))
 
@@ -189,7 +198,8 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`. Retriever `{report['retriever_run']}`; "
         f"co-visitation: {report.get('covisit', False)}; "
-        f"{report['train_lists']} training lists (retriever top-20 with the target, shuffled), "
+        f"{report['train_lists']} training lists (retriever top-20 with the target, shuffled; "
+        f"last {report.get('steps_per_user') or 'all'} positions per user), "
         f"signal rows of {report['signal_dim']} columns (relative: "
         f"{report['relative_signals']}), {report['epochs']} epochs; validation: "
         f"{report['valid_users']} users whose item is in the top-20, NDCG@10 of that item; "

@@ -45,8 +45,11 @@ def save_run(
     config: TrainConfig,
     report: FitReport,
     run_root: Path,
+    *,
+    latest: bool = True,
 ) -> Path:
-    """Write every artifact of a fitted model, then the manifest, then mark the run latest."""
+    """Write every artifact of a fitted model, then the manifest, then mark the run latest
+    (unless ``latest`` is off)."""
     run_dir = runs_dir(run_root, dataset.name, KIND) / new_run_id(config.model)
     run_dir.mkdir(parents=True, exist_ok=False)
     model = model.eval()
@@ -76,7 +79,8 @@ def save_run(
     )
     queries = encode_histories(model, split.valid_inputs()[:256])
     _write_index(run_dir, manifest, items, IndexConfig(kind=config.index_kind), queries)
-    mark_latest(run_dir)
+    if latest:
+        mark_latest(run_dir)
     return run_dir
 
 

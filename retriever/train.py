@@ -21,6 +21,7 @@ from retriever.models import SequenceEncoder, build_model
 from retriever.scoring import torch_score_fn
 from retriever.windows import batches, training_windows
 from tandem.data import PADDING_INDEX, Dataset, LeaveOneOutSplit
+from tandem.data.split import hold_out_tail
 from tandem.evaluate import evaluate_full_ranking
 
 SELECTION_METRIC = "ndcg@10"
@@ -43,6 +44,9 @@ class TrainConfig:
     grad_clip: float = 5.0  # max gradient norm
     seed: int = 42  # weights, shuffling
     index_kind: str = "flat"  # Faiss index built after training: flat (exact), ivf, hnsw
+    # Each user's last N training items are never trained on (tandem.data.split.hold_out_tail):
+    # a teacher for ranker training lists. Such a run is not marked latest.
+    holdout_last: int = 0
 
     def model_options(self) -> dict[str, Any]:
         options = {
@@ -188,5 +192,7 @@ def train_retriever(
     torch.manual_seed(config.seed)
     model = build_model(config.model, dataset.catalog.num_items, config.model_options())
     split = dataset.split()
+    if config.holdout_last:
+        split = hold_out_tail(split, config.holdout_last)
     report = fit(model, split, config, progress=progress)
-    return save_run(model, dataset, split, config, report, run_root)
+    return save_run(model, dataset, split, config, report, run_root, latest=not config.holdout_last)

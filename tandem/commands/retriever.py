@@ -47,6 +47,14 @@ def train(
     layers: Annotated[int, typer.Option(min=1, help="Blocks in the encoder.")] = 2,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Dropout rate.")] = 0.2,
     max_len: Annotated[int, typer.Option(min=2, help="Longest history the encoder reads.")] = 200,
+    holdout_last: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Never train on each user's last N training items: a teacher whose lists a "
+            "ranker trains on (--steps-per-user N). Not marked latest.",
+        ),
+    ] = 0,
     index_kind: Annotated[IndexKind, typer.Option(help="Faiss index built after training.")] = (
         IndexKind.flat
     ),
@@ -74,6 +82,7 @@ def train(
         dropout=dropout,
         max_len=max_len,
         index_kind=index_kind.value,
+        holdout_last=holdout_last,
     )
     try:
         run_dir = train_retriever(data, config, artifacts_root(), progress=True)

@@ -149,6 +149,20 @@ def test_leave_one_out_holds_out_the_last_two_items() -> None:
         leave_one_out([np.array([1, 2])])
 
 
+def test_a_teacher_split_holds_out_the_tail_of_each_training_prefix() -> None:
+    from tandem.data.split import hold_out_tail
+
+    split = leave_one_out([np.arange(1, 9), np.arange(11, 17)])  # train 1..6 and 11..14
+    teacher = hold_out_tail(split, 3)
+    assert [t.tolist() for t in teacher.train] == [[1, 2, 3], [11]]
+    assert teacher.valid_target.tolist() == [4, 12]
+    assert teacher.test_target.tolist() == [5, 13]
+    with pytest.raises(ValueError, match="at most 4 training items"):
+        hold_out_tail(split, 4)
+    with pytest.raises(ValueError, match="at least 2"):
+        hold_out_tail(split, 1)
+
+
 def test_dataset_round_trips_through_parquet(tmp_path: Path, tiny_dataset: Dataset) -> None:
     tiny_dataset.save(tmp_path / "d")
     loaded = Dataset.load(tmp_path / "d")
