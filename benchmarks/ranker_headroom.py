@@ -127,24 +127,45 @@ def main() -> None:
         default=0,
         help="Train on each user's last N positions only (a --holdout-last N retriever's).",
     )
+    parser.add_argument(
+        "--valid-retriever-run",
+        default=None,
+        help="Validate on this retriever's lists (default: --retriever-run's), e.g. the served "
+        "retriever after training on a teacher's; use with --no-embeddings.",
+    )
+    parser.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="Signal rows without retriever-space columns (PromptConfig.signal_embeddings).",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     data = Dataset.load(dataset_dir(args.dataset))
-    runs = resolve_inputs(
-        artifacts_root(), args.dataset, retriever=args.retriever_run,
-        items="none", captions="none", preferences="none",
-    )  # fmt: skip
-    inputs = with_side_features(load_inputs(data, runs))
-    prompt = PromptConfig.pointer(relative_signals=args.relative)
+    tokens = PromptTokenizer(load_tokenizer(args.llm))
+    prompt = PromptConfig.pointer(
+        relative_signals=args.relative, signal_embeddings=not args.no_embeddings
+    )
     config = ExampleConfig(
         prompt=prompt, candidates="retrieved", trends=True, covisit=args.covisit, shuffle=True,
         valid_users=data.split().num_users, steps_per_user=args.steps_per_user, seed=args.seed,
     )  # fmt: skip
-    maker = ExampleMaker(inputs, config, PromptTokenizer(load_tokenizer(args.llm)))
+
+    def maker_for(retriever_run: str | None) -> tuple[ExampleMaker, Path]:
+        runs = resolve_inputs(
+            artifacts_root(), args.dataset, retriever=retriever_run,
+            items="none", captions="none", preferences="none",
+        )  # fmt: skip
+        inputs = with_side_features(load_inputs(data, runs))
+        return ExampleMaker(inputs, config, tokens), runs.retriever
+
+    maker, train_run = maker_for(args.retriever_run)
     rows, base, labels = collect(maker, args.examples)
+    valid_run = train_run
+    if args.valid_retriever_run:
+        maker, valid_run = maker_for(args.valid_retriever_run)
     valid = maker.validation_set()
     v_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
     v_base = log_softmax(valid.retriever_scores)
@@ -153,7 +174,9 @@ def main() -> None:
     retriever_ndcg = ndcg_per_user(valid.retriever_ranks, 10)
     report: dict = {
         "command": "python " + " ".join(sys.argv),
-        "retriever_run": str(runs.retriever),
+        "retriever_run": str(train_run),
+        "valid_retriever_run": str(valid_run),
+        "signal_embeddings": not args.no_embeddings,
         "relative_signals": args.relative,
         "covisit": args.covisit,
         "steps_per_user": args.steps_per_user,
@@ -188,6 +211,8 @@ def main() -> None:
     stem = "ranker_headroom" + ("_relative" if args.relative else "")
     stem += "_covisit" if args.covisit else ""
     stem += f"_tail{args.steps_per_user}" if args.steps_per_user else ""
+    stem += "_noemb" if args.no_embeddings else ""
+    stem += "_transfer" if valid_run != train_run else ""
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(report))
 
@@ -196,7 +221,9 @@ def markdown(report: dict) -> str:
     lines = [
         "# Ranker headroom: small listwise heads on the ranker's own inputs",
         "",
-        f"Command: `{report['command']}`. Retriever `{report['retriever_run']}`; "
+        f"Command: `{report['command']}`. Training lists from retriever "
+        f"`{report['retriever_run']}`, validation lists from `{report['valid_retriever_run']}`; "
+        f"retriever-space columns: {report['signal_embeddings']}; "
         f"co-visitation: {report.get('covisit', False)}; "
         f"{report['train_lists']} training lists (retriever top-20 with the target, shuffled; "
         f"last {report.get('steps_per_user') or 'all'} positions per user), "

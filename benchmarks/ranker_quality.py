@@ -177,6 +177,12 @@ def main() -> None:
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="ranker_quality")
+    parser.add_argument(
+        "--retriever-run",
+        type=Path,
+        default=None,
+        help="Serve this retriever instead of the run's (a teacher-trained, model-free ranker).",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = evaluate_two_stage(
@@ -190,6 +196,7 @@ def main() -> None:
         mapb_users=args.mapb_users,
         fusion_users=args.fusion_users,
         threads=args.threads,
+        retriever_run=args.retriever_run,
     )
     (RESULTS / f"{args.out}.md").write_text(markdown(report, args))
 

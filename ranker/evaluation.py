@@ -434,11 +434,14 @@ def evaluate_two_stage(
     batch_size: int = 8,
     threads: int | None = None,
     on_stage: Callable[[str, int], Progress] | None = None,
+    retriever_run=None,
 ) -> dict:
     """Evaluate a ranker run end to end (what ``tandem evaluate --stage two`` prints).
 
     ``run`` is a ranker run (or its kind folder); ``zero_shot`` evaluates the bare LLM with the
-    newest retriever instead. The report goes into the run's manifest (``report["stored_in"]``)
+    newest retriever instead. ``retriever_run`` serves another retriever than the one the run
+    trained on (a ranker whose prompt reads no retriever-space vectors, trained on a teacher's
+    lists). The report goes into the run's manifest (``report["stored_in"]``)
     and to ``json_out``. FileNotFoundError / ValueError when a run, its inputs or the LLM is
     missing or does not fit.
     """
@@ -463,11 +466,18 @@ def evaluate_two_stage(
     else:
         run_dir = resolve_run(Path(run) if run else runs_dir(root, dataset, "ranker"))
         runs = InputRuns.from_parents(Manifest.read(run_dir).parents)
+    if retriever_run is not None:
+        runs = replace(runs, retriever=resolve_run(Path(retriever_run)))
     inputs = load_inputs(data, runs)
     if llm is None:
         llm_dir = base_llm_dir(run_dir, llm_dir)
     options = {"precision": precision, "max_batch": batch_size}
     ranker = Ranker.load(run_dir, llm_dir, **options)
+    if retriever_run is not None and ranker.config.prompt.reads_retriever_space:
+        raise ValueError(
+            f"{run_dir} reads its retriever's vectors (user token or signal embeddings): it "
+            "can only be evaluated with the retriever it was trained with"
+        )
     if permutations:
         ranker = _with_config(ranker, replace(ranker.config, permutations=permutations))
     base = None

@@ -111,6 +111,8 @@ class PromptConfig:
     candidate_signals: bool = False  # each candidate is one token of its signals (ranker.signals)
     relative_signals: bool = False  # signal columns relative to the list (ranker.signals);
     # the candidate projector then skips its per-row layer norm
+    signal_embeddings: bool = True  # False: signals without retriever-space columns, so a
+    # ranker trained on a teacher retriever's lists serves another retriever (ranker.signals)
     terse: bool = False  # a few words of instruction, no chat template (short = fast on CPU)
     candidate_letters: bool = True  # write each candidate's letter before it (terse mode: off
     # when the candidate tokens carry their letter themselves, see ranker.projector anchors)
@@ -152,6 +154,12 @@ class PromptConfig:
             "candidate_letters": False,
         }
         return cls(**{**values, **overrides})
+
+    @property
+    def reads_retriever_space(self) -> bool:
+        """Whether its soft tokens carry vectors of the retriever it was trained with (so it
+        must be served with that retriever): the user token, or signal rows with embeddings."""
+        return self.candidate_signals and (self.signal_embeddings or self.user_soft_token)
 
     @property
     def uses_soft_tokens(self) -> bool:
@@ -381,7 +389,7 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
         history_items = history_items[1:]
     soft_inputs = _soft_inputs(kinds, inp, history_items, history, candidates)
     if config.candidate_signals:
-        soft_inputs = (*soft_inputs, *signal_rows(inp, config.relative_signals))
+        soft_inputs = (*soft_inputs, *signal_rows(inp, config))
     candidate_index = iter(range(num))
     slots = tuple(next(candidate_index) if kind == "candidate" else -1 for kind in kinds)
     return PromptLayout(
@@ -396,7 +404,7 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
     )
 
 
-def signal_rows(inp: PromptInput, relative: bool = False) -> np.ndarray:
+def signal_rows(inp: PromptInput, config: PromptConfig) -> np.ndarray:
     """The candidates' signal rows (``ranker.signals``); says what is missing, if anything."""
     missing = [
         name
@@ -417,7 +425,8 @@ def signal_rows(inp: PromptInput, relative: bool = False) -> np.ndarray:
         np.stack(history) if history else np.zeros((0, width), np.float32),
         inp.retriever_scores,
         inp.candidate_context,
-        relative,
+        config.relative_signals,
+        config.signal_embeddings,
     )
 
 

@@ -47,6 +47,7 @@ def candidate_signals(
     scores: np.ndarray,
     context: np.ndarray | None = None,
     relative: bool = False,
+    embeddings: bool = True,
 ) -> np.ndarray:
     """``[n, signal_dim]`` float32 rows for ``n`` candidates.
 
@@ -54,7 +55,11 @@ def candidate_signals(
     ``[n, D]`` / ``[h, D]`` (history oldest first, may be empty) whose first ``d`` columns are the
     retriever's item vectors; ``scores`` the retriever's scores ``[n]``; ``context`` optional
     extra columns ``[n, k]`` appended as they are (``ranker.trends``); ``relative`` makes every
-    column relative to the list (module docstring).
+    column relative to the list (module docstring). Without ``embeddings`` the columns that
+    live in one retriever's vector space are left out (``x_c``'s and the profile product's
+    first ``d``, and ``u * x_c``): what is left (scores, side features, cosines, context)
+    means the same under any retriever, so a ranker trained on a teacher retriever's lists
+    can serve another's (``signal_dim(item_dim - user_dim, 0)`` columns).
     """
     user = np.asarray(user, dtype=np.float32)
     candidates = np.asarray(candidates, dtype=np.float32)
@@ -81,10 +86,12 @@ def candidate_signals(
         cos_last = cos_max = np.zeros(n, np.float32)
     scalars = np.stack([z, np.clip(log_p, -10, 10), rank, cos_last, cos_max], axis=1)
     groups = [candidates, candidates[:, :d] * user, candidates * profile]
+    if not embeddings:
+        groups = [candidates[:, d:], np.zeros((n, 0), np.float32), (candidates * profile)[:, d:]]
     if context is not None:
         groups.append(np.asarray(context, dtype=np.float32).reshape(n, -1))
     if relative:
-        groups = [_centred(group) / _rms(_centred(group)) for group in groups]
+        groups = [_centred(g) / _rms(_centred(g)) if g.size else g for g in groups]
         scalars = _centred(scalars) / _rms(_centred(scalars), axis=0)
     parts = [*groups[:3], scalars.astype(np.float32), *groups[3:]]
     return np.concatenate(parts, axis=1).astype(np.float32)

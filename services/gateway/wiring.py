@@ -230,7 +230,7 @@ def load_ranker(
         **options,
     )  # fmt: skip
     table = ranker.item_table  # signal tokens read the retriever's vectors: same retriever?
-    if ranker.config.prompt.candidate_signals and not table.matches(
+    if ranker.config.prompt.reads_retriever_space and not table.matches(
         retriever.catalog.item_ids, np.asarray(retriever.item_embeddings())
     ):
         note = f"off: ranker run {run.name} was trained with another retriever run's vectors"

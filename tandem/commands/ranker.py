@@ -67,6 +67,14 @@ def train(
         bool,
         typer.Option(help="Pointer prompt: signal columns relative to the candidate list."),
     ] = False,
+    signal_embeddings: Annotated[
+        bool,
+        typer.Option(
+            help="Pointer prompt: signal columns in the retriever's vector space (off: a ranker "
+            "trained on a --holdout-last teacher's lists can serve the full retriever; use "
+            "with --no-user-token)."
+        ),
+    ] = True,
     titles: Annotated[
         bool, typer.Option(help="Show item titles (off: items are their soft token only).")
     ] = True,
@@ -205,6 +213,7 @@ def train(
                 prompt_options = {
                     "user_soft_token": user_token,
                     "relative_signals": relative_signals,
+                    "signal_embeddings": signal_embeddings,
                 }
             if max_history is not None:
                 prompt_options["max_history"] = max_history

@@ -84,6 +84,24 @@ def test_relative_signals_keep_the_dot_product_order_and_differences_only():
     assert np.all(shifted[:, rows.shape[1] :] == 0.0)
 
 
+def test_model_free_signals_hold_nothing_of_the_retrievers_vector_space():
+    inp = _input(n=6, d=4, seed=5)
+    side = np.random.default_rng(6).standard_normal((6, 3))
+    items = np.concatenate([np.stack([c.embedding for c in inp.candidates]), side], axis=1)
+    history = np.concatenate([np.stack([h.embedding for h in inp.history]), side[:3]], axis=1)
+    rows = candidate_signals(
+        inp.user_embedding, items, history, inp.retriever_scores, None, True, False
+    )
+    assert rows.shape == (6, signal_dim(3, 0))
+    other_user = candidate_signals(
+        -inp.user_embedding, items, history, inp.retriever_scores, None, True, False
+    )
+    np.testing.assert_array_equal(rows, other_user)  # the scores carry the user, nothing else
+    assert PromptConfig.pointer().reads_retriever_space
+    free = PromptConfig.pointer(signal_embeddings=False, user_soft_token=False)
+    assert not free.reads_retriever_space
+
+
 def test_a_projector_without_row_norm_keeps_the_size_of_its_input():
     torch.manual_seed(0)
     x = torch.randn(3, 6)
