@@ -258,22 +258,27 @@ class ExampleMaker:
         has_teacher = all(t is not None for t in teacher)
         return TrainBatch(layouts, labels, teacher if has_teacher else None, consumed)
 
-    def validation_set(self) -> ValidationSet:
+    def validation_set(self, split: str = "valid") -> ValidationSet:
         """Prompts for the validation item, its position, its retriever rank and scores.
 
         As LlamaRec validates: users whose validation item is in the retriever's top-20, the
         candidates in retriever order (so the retriever's own order is the baseline to beat).
         Without a retriever: the item and 19 random negatives in a seeded order (rank -1).
+        ``split="test"``: the same for the test item (benchmarks only; training never reads it).
         """
         order = np.random.default_rng(self.config.seed + 1).permutation(self.split.num_users)
         wanted = self.config.valid_users
+        if split == "test":
+            inputs, targets = self.split.test_inputs(), self.split.test_target
+        else:
+            inputs, targets = self.split.valid_inputs(), self.split.valid_target
         chosen: list[tuple] = []
         for start in range(0, len(order), 256):
             chunk = order[start : start + 256]
-            chunk_histories = [self.split.valid_inputs()[u] for u in chunk]
+            chunk_histories = [inputs[u] for u in chunk]
             chunk_vectors, top, scores = self._vectors_and_top(chunk_histories)
             for row, user in enumerate(chunk):
-                target = int(self.split.valid_target[user])
+                target = int(targets[user])
                 if top.shape[1] and target not in top[row]:
                     continue
                 chosen.append(
