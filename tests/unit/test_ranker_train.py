@@ -12,16 +12,10 @@ from ranker.core import ADAPTER_DIR, ITEM_EMBEDDINGS, ITEM_PROJECTOR, USER_PROJE
 from ranker.examples import CandidateSource, ItemFeatures
 from ranker.fusion import WEIGHT_GRID
 from ranker.prompts import PromptConfig
-from ranker.train import (
-    DECAY_FLOOR,
-    LOG_FILE,
-    TrainConfig,
-    TrainInputs,
-    lr_factor,
-    train_ranker,
-)
+from ranker.train import LOG_FILE, TrainConfig, TrainInputs, train_ranker
 from ranker.train_data import ExampleMaker, example_pool
 from ranker.train_model import CHECKPOINT_DIR
+from ranker.train_objective import DECAY_FLOOR, lr_factor, ranker_loss
 from ranker.train_validate import spearman, tune_rank_weight
 from tandem.artifacts import Manifest
 from tandem.testing.data import synthetic_dataset
@@ -193,8 +187,6 @@ def test_learning_rates_warm_up_then_decay_to_the_floor_by_examples_seen() -> No
 
 def test_a_residual_loss_reads_the_retriever_plus_the_ranker() -> None:
     import torch
-
-    from ranker.train import ranker_loss
 
     teacher = [np.array([3.0, 0.0, -1.0]), np.array([0.0, 2.0, 0.0])]
     labels = [0, 1]
