@@ -68,6 +68,8 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # vLLM packs these (qkv)
     lr: float = 2e-4  # LoRA learning rate (LlamaRec: 1e-4)
     projector_lr: float = 1e-3
+    projector_hidden: int = 0  # projectors' MLP width; 0 = the LLM's hidden size. Narrow (8-32)
+    # when the lists are few: a wide projector memorised 3.3k honest lists in two epochs
     warmup_steps: int = 20  # linear warm-up, then constant (or the decay below)
     # Cosine decay of both learning rates to 10% over this many examples seen (counted across
     # resumed sessions); 0 = constant. A constant rate left the synthetic match task hovering
@@ -202,7 +204,9 @@ def new_model(
         candidate = kind == "candidate"
         anchors = tokens.letter_ids if candidate and config.letter_anchors else ()
         row_norm = not (candidate and prompt.relative_signals)
-        projectors[kind] = calibrated_projector(llm, rows, config.seed + n, anchors, row_norm)
+        projectors[kind] = calibrated_projector(
+            llm, rows, config.seed + n, anchors, row_norm, config.projector_hidden
+        )
     return RankerModel(
         with_lora(llm, config, None),
         projectors,

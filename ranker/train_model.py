@@ -91,13 +91,18 @@ class RankerModel:
 
 
 def calibrated_projector(
-    llm, sample: np.ndarray, seed: int, anchor_ids: Sequence[int] = (), row_norm: bool = True
+    llm,
+    sample: np.ndarray,
+    seed: int,
+    anchor_ids: Sequence[int] = (),
+    row_norm: bool = True,
+    hidden_dim: int = 0,
 ) -> Projector:
     """A projector whose initial outputs have the size of the LLM's token embeddings.
 
     With ``anchor_ids`` (the letters' token ids) it gets one anchor per slot, initialised to
     those tokens' embeddings: a candidate's token starts out as its own letter. ``row_norm``
-    goes to the projector's config.
+    and ``hidden_dim`` (0: the LLM's hidden size) go to the projector's config.
     """
     table = llm.get_input_embeddings().weight
     torch.manual_seed(seed)
@@ -107,6 +112,7 @@ def calibrated_projector(
         out_scale=1.0,
         anchors=len(anchor_ids),
         row_norm=row_norm,
+        hidden_dim=hidden_dim,
     )
     projector = Projector(config)
     with torch.no_grad():

@@ -150,6 +150,9 @@ def train(
     grad_accum: Annotated[int, typer.Option(min=1, help="Forwards per optimizer step.")] = 1,
     lr: Annotated[float, typer.Option(min=0.0, help="LoRA learning rate.")] = 1e-3,
     projector_lr: Annotated[float, typer.Option(min=0.0, help="Projector learning rate.")] = 2e-3,
+    projector_hidden: Annotated[
+        int, typer.Option(min=0, help="Projector MLP width (0: the LLM's; narrow for few lists).")
+    ] = 0,
     stage1_steps: Annotated[
         int, typer.Option(min=0, help="RSLLM stage 1: first steps train projectors only.")
     ] = 0,
@@ -247,6 +250,7 @@ def train(
                 grad_accum=grad_accum,
                 lr=lr,
                 projector_lr=projector_lr,
+                projector_hidden=projector_hidden,
                 stage1_steps=stage1_steps,
                 hard_negative_ratio=hard_negative_ratio,
                 steps_per_user=steps_per_user,

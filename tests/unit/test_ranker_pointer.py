@@ -111,6 +111,19 @@ def test_a_projector_without_row_norm_keeps_the_size_of_its_input():
     assert not torch.allclose(raw(x), raw(3 * x))
 
 
+def test_a_narrow_projector_still_starts_at_the_token_embeddings_size(tiny_llm_dir):
+    from ranker.train_model import calibrated_projector
+
+    llm = load_model(tiny_llm_dir)
+    sample = np.random.default_rng(0).standard_normal((40, 12)).astype(np.float32)
+    projector = calibrated_projector(llm, sample, seed=0, row_norm=False, hidden_dim=4)
+    assert projector.fc1.out_features == 4 and projector.config.hidden_dim == 4
+    with torch.no_grad():
+        out = projector(torch.from_numpy(sample))
+    target = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    torch.testing.assert_close(out.pow(2).mean().sqrt(), target, rtol=1e-3, atol=1e-6)
+
+
 def test_a_projector_saved_before_row_norm_loads_with_it_on(tmp_path):
     from safetensors.torch import save_file
 
