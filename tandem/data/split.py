@@ -54,10 +54,10 @@ def hold_out_tail(split: LeaveOneOutSplit, n: int) -> LeaveOneOutSplit:
     validation target, the second the test target, the rest are never seen.
 
     A stage-2 ranker learns from its retriever's lists; on items the retriever trained on
-    those lists are far easier than served ones (recall@20 0.51 on training positions vs 0.32
-    on validation, benchmarks/results/ranker_headroom.md), so a ranker trained there learns to
-    over-trust its teacher. A retriever fitted on this split gives honest lists for the
-    ``n`` held-out positions (``tandem ranker train --steps-per-user n``).
+    those lists are far easier than served ones (recall@20 about 0.5 on training positions vs
+    0.32 on validation, benchmarks/results/ranker_headroom_relative.md), so a ranker trained
+    there learns to over-trust its teacher. A retriever fitted on this split gives honest lists
+    for the ``n`` held-out positions (``tandem ranker train --steps-per-user n``).
     """
     if n < 2:
         raise ValueError("hold out at least 2 items: one validates, one tests")
