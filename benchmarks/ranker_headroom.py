@@ -41,6 +41,8 @@ from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
 from ranker.llm import load_tokenizer  # noqa: E402
 from ranker.prompts import PromptConfig, PromptTokenizer  # noqa: E402
 from ranker.train_data import ExampleConfig, ExampleMaker, with_side_features  # noqa: E402
+from ranker.train_objective import retriever_log_softmax  # noqa: E402
+from ranker.train_validate import ranks_from_logits  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
 from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
@@ -54,10 +56,6 @@ def candidate_rows(layout) -> np.ndarray:
     return np.stack(layout.soft_inputs[-n:])
 
 
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    return torch.log_softmax(torch.as_tensor(scores, dtype=torch.float32), dim=-1).numpy()
-
-
 def collect(maker: ExampleMaker, wanted: int, batch: int = 256):
     """Up to ``wanted`` training lists, one pass at most: rows [n, 20, F], retriever
     log-softmax [n, 20], labels [n]."""
@@ -69,9 +67,10 @@ def collect(maker: ExampleMaker, wanted: int, batch: int = 256):
             if len(layout.letter_token_ids) != 20:
                 continue
             rows.append(candidate_rows(layout))
-            base.append(log_softmax(teacher))
+            base.append(teacher)
             labels.append(label)
-    return np.stack(rows[:wanted]), np.stack(base[:wanted]), np.asarray(labels[:wanted])
+    base = retriever_log_softmax(base[:wanted]).numpy()
+    return np.stack(rows[:wanted]), base, np.asarray(labels[:wanted])
 
 
 class ListwiseHead(nn.Module):
@@ -104,12 +103,6 @@ def fit_head(head: ListwiseHead, rows, base, labels, *, epochs: int, seed: int) 
             loss.backward()
             optimizer.step()
     return head.eval()
-
-
-def target_ranks(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """0-based rank of each list's true candidate (pessimistic on ties)."""
-    target = scores[np.arange(len(labels)), labels][:, None]
-    return (scores > target).sum(axis=1) + (scores == target).sum(axis=1) - 1
 
 
 def retriever_on_positions(maker: ExampleMaker, sample: int = 3000, seed: int = 0) -> dict:
@@ -149,9 +142,9 @@ def test_result(head: ListwiseHead, test, num_users: int) -> dict:
     the paired bootstrap 95% interval of the difference."""
     rows = torch.as_tensor(np.stack([candidate_rows(layout) for layout in test.layouts]))
     with torch.no_grad():
-        scores = head(rows, torch.as_tensor(log_softmax(test.retriever_scores))).numpy()
+        scores = head(rows, retriever_log_softmax(test.retriever_scores)).numpy()
     ours, base = np.zeros(num_users), np.zeros(num_users)
-    ours[: len(test.labels)] = ndcg_per_user(target_ranks(scores, test.labels), 10)
+    ours[: len(test.labels)] = ndcg_per_user(ranks_from_logits(scores, test.labels), 10)
     base[: len(test.labels)] = ndcg_per_user(test.retriever_ranks, 10)
     lo, hi = paired_bootstrap_ci(ours, base)
     return {
@@ -226,7 +219,7 @@ def main() -> None:
         maker, valid_run = maker_for(args.valid_retriever_run)
     valid = maker.validation_set()
     v_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
-    v_base = log_softmax(valid.retriever_scores)
+    v_base = retriever_log_softmax(valid.retriever_scores)
     test = maker.validation_set("test") if args.test else None
     made_s = time.perf_counter() - started
 
@@ -258,7 +251,7 @@ def main() -> None:
         )  # fmt: skip
         with torch.no_grad():
             scores = head(torch.as_tensor(v_rows), torch.as_tensor(v_base)).numpy()
-        ndcg = ndcg_per_user(target_ranks(scores, valid.labels), 10)
+        ndcg = ndcg_per_user(ranks_from_logits(scores, valid.labels), 10)
         lo, hi = paired_bootstrap_ci(ndcg, retriever_ndcg)
         report["heads"][name] = {
             "valid_ndcg@10": round(float(ndcg.mean()), 4),

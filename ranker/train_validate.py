@@ -14,6 +14,7 @@ import torch
 from ranker.fusion import fuse, tune_weight
 from ranker.train_data import ValidationSet
 from ranker.train_model import RankerModel
+from ranker.train_objective import retriever_log_softmax
 from ranker.verbalizer import MAX_CANDIDATES
 from tandem.metrics import (
     mrr_at_k,
@@ -82,7 +83,7 @@ def validate(
             trained = chunk
             if residual:
                 scores = valid.retriever_scores[start : start + batch_size]
-                trained = chunk + torch.log_softmax(torch.as_tensor(scores).float(), dim=-1)
+                trained = chunk + retriever_log_softmax(scores)
             loss = torch.nn.functional.cross_entropy(trained, target, reduction="sum")
             losses.append(loss.item())
             logits.append(chunk.float().numpy())
