@@ -31,12 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ranker.head_train import (  # noqa: E402
+    HeadTrainConfig,
+    ListwiseHead,
+    candidate_rows,
+    collect,
+    fit_head,
+)
 from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
 from ranker.llm import load_tokenizer  # noqa: E402
 from ranker.prompts import PromptConfig, PromptTokenizer  # noqa: E402
@@ -48,61 +54,6 @@ from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def candidate_rows(layout) -> np.ndarray:
-    """The signal rows of a rendered pointer prompt (the last soft inputs, candidate order)."""
-    n = len(layout.letter_token_ids)
-    return np.stack(layout.soft_inputs[-n:])
-
-
-def collect(maker: ExampleMaker, wanted: int, batch: int = 256):
-    """Up to ``wanted`` training lists, one pass at most: rows [n, 20, F], retriever
-    log-softmax [n, 20], labels [n]."""
-    rows, base, labels, cursor = [], [], [], 0
-    while len(labels) < wanted and cursor < len(maker.pool):
-        got = maker.batch(cursor, batch)
-        cursor += got.consumed
-        for layout, label, teacher in zip(got.layouts, got.labels, got.teacher, strict=True):
-            if len(layout.letter_token_ids) != 20:
-                continue
-            rows.append(candidate_rows(layout))
-            base.append(teacher)
-            labels.append(label)
-    base = retriever_log_softmax(base[:wanted]).numpy()
-    return np.stack(rows[:wanted]), base, np.asarray(labels[:wanted])
-
-
-class ListwiseHead(nn.Module):
-    """``scale * retriever_log_softmax + f(rows)``; ``f`` starts at 0 (a residual on the
-    teacher) unless the retriever is left out."""
-
-    def __init__(self, dim: int, hidden: int, with_retriever: bool):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(dim, hidden), nn.GELU()] if hidden else []
-        last = nn.Linear(hidden or dim, 1)
-        if with_retriever:
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
-        self.f = nn.Sequential(*layers, last)
-        self.scale = nn.Parameter(torch.tensor(1.0 if with_retriever else 0.0))
-        self.scale.requires_grad_(with_retriever)
-
-    def forward(self, rows: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        return self.scale * base + self.f(rows).squeeze(-1)
-
-
-def fit_head(head: ListwiseHead, rows, base, labels, *, epochs: int, seed: int) -> ListwiseHead:
-    torch.manual_seed(seed)
-    x, b, y = (torch.as_tensor(a) for a in (rows, base, labels))
-    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-2)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y)).split(256):
-            loss = nn.functional.cross_entropy(head(x[idx], b[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return head.eval()
 
 
 def retriever_on_positions(maker: ExampleMaker, sample: int = 3000, seed: int = 0) -> dict:
@@ -246,8 +197,8 @@ def main() -> None:
         ("residual MLP 64", 64, True),
     ):
         head = fit_head(
-            ListwiseHead(rows.shape[-1], hidden, with_retriever),
-            rows, base, labels, epochs=args.epochs, seed=args.seed,
+            ListwiseHead(rows.shape[-1], hidden, with_retriever), rows, base, labels,
+            HeadTrainConfig(epochs=args.epochs, seed=args.seed),
         )  # fmt: skip
         with torch.no_grad():
             scores = head(torch.as_tensor(v_rows), torch.as_tensor(v_base)).numpy()

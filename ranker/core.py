@@ -25,6 +25,7 @@ import asyncio
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,6 +43,9 @@ from ranker.prompts import (
 )
 from ranker.trends import TREND_FILE, TrendTable, with_trends
 from ranker.verbalizer import candidate_key, permutations, to_candidate_order
+
+if TYPE_CHECKING:
+    from ranker.head import HeadRanker
 
 CONFIG_FILE = "ranker.json"
 ADAPTER_DIR = "adapter"
@@ -188,21 +192,26 @@ class Ranker:
         *,
         config: RankerConfig | None = None,
         **backend_options,
-    ) -> Ranker:
+    ) -> Ranker | HeadRanker:
         """A ranker from a trained run (or zero-shot from the bare LLM when ``run_dir`` is None).
 
         ``backend`` is a constructed backend (e.g. the vLLM client) or "transformers";
         ``backend_options`` go to ``TransformersBackendConfig``. ``config`` overrides the run's.
+        A head run (``ranker.head``) loads as a ``HeadRanker``: no LLM, backend or options.
         """
         from ranker.llm import load_tokenizer
+        from tandem.artifacts import resolve_run
 
+        if run_dir is not None:
+            from ranker.head import HeadRanker, is_head_run
+
+            run_dir = resolve_run(run_dir)
+            if is_head_run(run_dir):
+                return HeadRanker.load(run_dir)
         tokenizer = load_tokenizer(llm_dir)
         projectors: dict[str, Projector] = {}
         adapter = table = trends = covisit = None
         if run_dir is not None:
-            from tandem.artifacts import resolve_run
-
-            run_dir = resolve_run(run_dir)
             check_llm_layers(run_dir, llm_dir)
             config = config or RankerConfig.from_json((run_dir / CONFIG_FILE).read_text())
             for kind, name in PROJECTOR_FILES.items():

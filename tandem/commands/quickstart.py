@@ -65,6 +65,8 @@ def quickstart(
     ranker_run, llm_dir, layers = _pick_ranker(data)
     if llm_dir is not None:
         _ensure_llm(llm_dir, layers)
+    elif ranker_run is not None:
+        console.print("[4/5] ranker LLM: not needed (a head ranker: a linear model, no LLM)")
     else:
         console.print("[4/5] ranker LLM: not needed (no ranker served)")
 
@@ -73,6 +75,7 @@ def quickstart(
         return
     if ranker_run is not None:
         os.environ.setdefault("TANDEM_RANKER_RUN", str(ranker_run))
+    if llm_dir is not None:
         os.environ.setdefault("TANDEM_LLM_DIR", str(llm_dir))
     console.print(
         f"[5/5] serving on http://{host}:{port} (Ctrl-C stops). Once it logs that start-up is "
@@ -88,8 +91,9 @@ def quickstart(
 def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
     """[3/5] The ranker to serve and its LLM folder: a local run, else the shipped one, else
     none. Prints which and its validation gain; a ranker whose tuned weight is 0 is named but
-    the gateway will not load it (retriever order)."""
+    the gateway will not load it (retriever order). A head ranker needs no LLM (None)."""
     from ranker.core import base_llm_dir
+    from ranker.head import is_head_run
     from ranker.shipping import ShippedRankerError, check_shipped, llm_layers, validation_summary
     from tandem.artifacts import Manifest, resolve_run, runs_dir
     from tandem.paths import artifacts_root, models_root
@@ -98,7 +102,7 @@ def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
     try:
         run = resolve_run(runs_dir(root, DATASET, "ranker"))
         manifest = Manifest.read(run)
-        llm = base_llm_dir(run, root / "llm")
+        llm = None if is_head_run(run) else base_llm_dir(run, root / "llm")
         console.print(f"[3/5] ranker: local run {run.name}: {validation_summary(manifest)}")
         return run, llm, None
     except FileNotFoundError:
@@ -120,7 +124,7 @@ def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
         )
         return None, None, None
     layers = llm_layers(manifest)
-    llm = root / (f"llm-{layers}" if layers else "llm")
+    llm = None if is_head_run(shipped) else root / (f"llm-{layers}" if layers else "llm")
     console.print(f"[3/5] ranker: shipped {shipped} (hashes checked): {summary}")
     return shipped, llm, layers
 

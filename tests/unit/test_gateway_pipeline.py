@@ -239,6 +239,52 @@ async def test_a_ranker_without_a_validation_tuned_weight_is_not_served_by_defau
     assert forced.ranker is not None and "configured" in forced.ranker_note
 
 
+class RecordingBackend(SlowBackend):
+    """The real backend, keeping what it answered (observation only, no delay)."""
+
+    def __init__(self, inner):
+        super().__init__(inner, 0.0)
+        self.answers: list[np.ndarray] = []
+
+    async def score(self, prompts, *, request_id=None, deadline_s=None):
+        answers = await super().score(prompts, request_id=request_id, deadline_s=deadline_s)
+        self.answers.extend(answers)
+        return answers
+
+
+async def test_a_head_ranker_run_is_served_in_process_without_an_llm(
+    served_dataset, published, redis_url, namespace, tiny_retriever_run, tiny_llm_dir, tmp_path
+):
+    """A head run (ranker.head) loads with no LLM folder at all and its scores order the
+    answer at weight 1, through the same prompt and ranker stages as the LLM."""
+    from ranker.head_train import HeadTrainConfig, Teacher, train_head
+    from ranker.inputs import InputRuns, load_inputs
+    from ranker.llm import load_tokenizer
+    from ranker.prompts import PromptTokenizer
+
+    inputs = load_inputs(served_dataset, InputRuns(retriever=tiny_retriever_run))
+    run = tmp_path / "head-1"
+    train_head(inputs, [Teacher(inputs, 3)], PromptTokenizer(load_tokenizer(tiny_llm_dir)), run,
+               HeadTrainConfig(epochs=2))  # fmt: skip
+    settings = GatewaySettings(
+        _env_file=None, retriever_run=tiny_retriever_run, ranker_run=run,
+        llm_dir=tmp_path / "no-llm-here", rank_weight=1.0,
+    )  # fmt: skip
+    artifacts = load_artifacts(settings)
+    recorder = RecordingBackend(artifacts.ranker.backend)
+    user, _ = first_user(served_dataset)
+    async with gateway(
+        with_backend(artifacts, recorder), redis_url, namespace, rank_weight=1.0
+    ) as client:
+        out = await recommend(client, user_id=user, k=20)
+    assert out["degraded"] == [] and {"prompt", "ranker"} <= set(out["timings_ms"])
+    assert out["model"]["ranker_run"] == "head-1" and out["model"]["backend"] == "inprocess"
+    (scores,) = recorder.answers
+    by_head = np.argsort(-scores, kind="stable") + 1  # retrieval ranks, best first
+    assert by_head.tolist() != list(range(1, 21))  # the head did re-order
+    assert [item["retrieval_rank"] for item in out["items"]] == by_head.tolist()
+
+
 async def test_given_history_replaces_the_stored_one_and_unknown_ids_are_reported(
     gateway_artifacts, served_dataset, published, redis_url, namespace
 ):

@@ -1,0 +1,139 @@
+"""The head ranker: a linear listwise head on signal rows, trained, saved, loaded, shipped."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ranker.core import ADAPTER_DIR, Ranker
+from ranker.head import HEAD_FILE, HeadRanker, LinearHead, feature_prompt, is_head_run
+from ranker.head_train import (
+    HeadTrainConfig,
+    ListwiseHead,
+    Teacher,
+    fit_head,
+    train_head,
+)
+from ranker.inputs import InputRuns, load_inputs
+from ranker.llm import load_tokenizer
+from ranker.prompts import PromptTokenizer
+from ranker.shipping import check_shipped, export_run, llm_layers
+from tandem.artifacts import Manifest
+from tandem.data import Dataset
+
+
+def planted_lists(n: int, seed: int):
+    """Lists of 20 where column 3 of the true candidate is raised and the retriever is blind."""
+    rng = np.random.default_rng(seed)
+    rows = rng.normal(size=(n, 20, 8)).astype(np.float32)
+    labels = rng.integers(0, 20, size=n)
+    rows[np.arange(n), labels, 3] += 2.5
+    base = np.full((n, 20), -np.log(20.0), dtype=np.float32)
+    return rows, base, labels
+
+
+def test_a_linear_head_learns_a_column_the_retriever_does_not_see():
+    rows, base, labels = planted_lists(3000, seed=0)
+    module = fit_head(ListwiseHead(8), rows, base, labels, HeadTrainConfig(epochs=5, lr=1e-2))
+    head = module.linear()
+    assert int(np.argmax(np.abs(head.weight))) == 3
+    held_rows, _, held_labels = planted_lists(500, seed=1)
+    picked = np.array([np.argmax(head.scores(r)) for r in held_rows])
+    assert (picked == held_labels).mean() > 0.5  # chance is 0.05
+
+
+def test_the_head_round_trips_and_scores_as_log_probabilities(tmp_path: Path):
+    head = LinearHead(np.array([1.0, -2.0, 0.5], dtype=np.float32), bias=0.3, scale=0.8)
+    head.save(tmp_path / HEAD_FILE)
+    loaded = LinearHead.load(tmp_path / HEAD_FILE)
+    assert np.allclose(loaded.weight, head.weight) and loaded.scale == pytest.approx(0.8)
+    rows = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    assert np.allclose(loaded.scores(rows), (rows @ head.weight + 0.3) / 0.8, atol=1e-5)
+    from ranker.head import HeadBackend
+
+    (scores,) = asyncio.run(HeadBackend(loaded).score([feature_prompt(rows)]))
+    assert np.exp(scores).sum() == pytest.approx(1.0, abs=1e-5)
+    assert list(np.argsort(-scores)) == list(np.argsort(-loaded.scores(rows)))
+    with pytest.raises(ValueError, match="3 columns"):
+        LinearHead(np.zeros(4, np.float32)).scores(rows)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_retriever_run: Path):
+    root = tiny_retriever_run.resolve().parents[2]
+    from retriever.core import Retriever
+
+    dataset = Dataset.load(root / Retriever.load(tiny_retriever_run).manifest.dataset / "data")
+    return load_inputs(dataset, InputRuns(retriever=tiny_retriever_run))
+
+
+@pytest.fixture(scope="module")
+def head_run(served, tiny_llm_dir: Path, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ranker") / "head-1"
+    train_head(
+        served, [Teacher(served, holdout_last=3)], PromptTokenizer(load_tokenizer(tiny_llm_dir)),
+        run_dir, HeadTrainConfig(epochs=3), parents={"retriever": "r"},
+    )  # fmt: skip
+    return run_dir
+
+
+def test_training_writes_a_servable_run_with_its_validation(head_run: Path):
+    manifest = Manifest.read(head_run)
+    assert is_head_run(head_run) and not (head_run / ADAPTER_DIR).exists()
+    metrics = manifest.metrics
+    assert metrics["examples"] > 0 and metrics["valid_users"] > 0
+    assert "rank_weight" in metrics and len(metrics["valid_gain_ci95"]) == 2
+    assert manifest.config["llm_dir"] is None
+    ranker = Ranker.load(head_run, Path("no-llm-needed"))  # a head loads no LLM
+    assert isinstance(ranker, HeadRanker) and not ranker.config.prompt.reads_retriever_space
+
+
+def test_served_rows_are_the_rows_it_was_validated_on(head_run: Path, served, tiny_llm_dir):
+    """The gateway's rendering (the run's own item table, trends, co-visits) gives the rows the
+    training code gave for the same list."""
+    from ranker.head_train import candidate_rows, example_config
+    from ranker.train_data import ExampleMaker, with_side_features
+
+    maker = ExampleMaker(
+        with_side_features(served), example_config(HeadTrainConfig(), 0, 8),
+        PromptTokenizer(load_tokenizer(tiny_llm_dir)),
+    )  # fmt: skip
+    layouts = maker.validation_set().layouts
+    ranker = HeadRanker.load(head_run)
+    split = served.dataset.split()
+    from ranker.examples import prompt_input
+
+    order = np.random.default_rng(1).permutation(split.num_users)
+    user = next(u for u in order if int(split.valid_target[u]) in _top(served, split, u))
+    history = split.valid_inputs()[user]
+    vector = served.source.user_vectors([history])[0]
+    top, _ = served.source.top_k([history], 20, vector[None, :])
+    inp = prompt_input(
+        served.features, history, top[0], None, vector, served.source.scores(vector, top[0]),
+        float(served.dataset.interactions.timestamps()[user][len(history) - 1]),
+    )  # fmt: skip
+    assert np.allclose(ranker.rows(inp), candidate_rows(layouts[0]), atol=1e-5)
+
+
+def _top(served, split, user) -> set[int]:
+    history = split.valid_inputs()[user]
+    vector = served.source.user_vectors([history])
+    return set(served.source.top_k([history], 20, vector)[0][0].tolist())
+
+
+def test_a_teacher_must_hold_out_a_tail(served, tiny_llm_dir, tmp_path: Path):
+    with pytest.raises(ValueError, match="--holdout-last"):
+        train_head(served, [Teacher(served, 0)], PromptTokenizer(load_tokenizer(tiny_llm_dir)),
+                   tmp_path / "head")  # fmt: skip
+
+
+def test_a_head_ships_without_an_adapter_or_llm(head_run: Path, tmp_path: Path):
+    out = tmp_path / "models" / "ranker"
+    export_run(head_run, out, reproduce="tandem ranker train-head ...", llm_layers=None)
+    manifest = check_shipped(out, Manifest.read(head_run).data_fingerprint)
+    assert (out / HEAD_FILE).is_file() and is_head_run(out)
+    assert manifest.config["llm"] is None and llm_layers(manifest) is None
+    assert isinstance(Ranker.load(out, Path("no-llm-needed")), HeadRanker)
