@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from ranker.evaluation import evaluate_two_stage  # noqa: E402
+from ranker.head import is_head_run  # noqa: E402
 from ranker.train import TRAIN_CONFIG_FILE  # noqa: E402
 from tandem.artifacts import Manifest  # noqa: E402
 
@@ -64,6 +65,20 @@ def targets(report: dict) -> list[tuple[str, float, float, bool]]:
 def training_summary(run: str) -> tuple[str, float]:
     """How the evaluated adapter was trained (from its run folder), and its part dropout."""
     folder = REPO / run
+    if is_head_run(folder):
+        manifest = Manifest.read(folder)
+        m, config = manifest.metrics, manifest.config["head"]
+        return (
+            f"Head ranker (`ranker.head`, no LLM): a linear listwise head on the signal rows, "
+            f"trained on {m['examples']} honest lists ({m['lists_per_teacher']} per teacher: "
+            f"{manifest.parents.get('teachers')}), {config['epochs']} epochs, AdamW lr "
+            f"{config['lr']}, weight decay {config['weight_decay']}; training's validation on "
+            f"the served retriever ({m['valid_users']} users with their item retrieved): "
+            f"NDCG@10 {m['valid_retriever_order_ndcg@10']} (retriever order) -> "
+            f"{m['valid_fused_ndcg@10']} at weight {m['rank_weight_best']}, gain interval "
+            f"{m['valid_gain_ci95']}.",
+            0.0,
+        )
     if not (folder / TRAIN_CONFIG_FILE).is_file():
         return "Zero-shot: no adapter, no projector training.", 0.0
     config = json.loads((folder / TRAIN_CONFIG_FILE).read_text())
@@ -92,7 +107,8 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         f"split `{report['protocol']['split']}`, {report['users']} users (seeded sample"
         f" of {args.max_users or 'all'}), {report['retrieved_users']} with the test item in the"
         " retriever's top-20. Retriever ranks all items with the history masked; the ranker",
-        "re-orders the top-20 (retriever order in the prompt) by one-pass letter scoring; a user",
+        "re-orders the top-20 (retriever order in the prompt; one-pass letter scoring, or a head's"
+        " linear scores); a user",
         "whose item was not retrieved is a miss. Fusion = the gateway's formula with the weight",
         "tuned on validation users. Inputs: " + json.dumps(report.get("inputs", {})) + ".",
         f"Mean prompt length {report['mean_prompt_tokens']} tokens; ranker time "

@@ -2,7 +2,8 @@
 
 What the gateway's ``prompt`` and ``ranker`` stages do for one request, on real MovieLens-100K
 test users: the retriever's top-20 with scores and the user vector, the ranker run's prompt
-(soft tokens projected), one forward pass of the in-process transformers backend at batch 1.
+(soft tokens projected), one forward pass of the in-process transformers backend at batch 1
+(a head ranker: its signal rows and one matrix-vector product).
 The ranker is the one ``make run`` serves (``--run``, default ``models/ranker``) on the LLM it
 was trained on. The result is merged into ``benchmarks/results/ranker_speed.json`` as
 ``served_ranker_ms_p50`` (and a ``served_ranker`` block), so it sits beside the one-pass vs
@@ -31,6 +32,7 @@ import torch  # noqa: E402
 
 from ranker.core import Ranker  # noqa: E402
 from ranker.evaluation import retrieve, user_input  # noqa: E402
+from ranker.head import HeadRanker  # noqa: E402
 from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
@@ -70,12 +72,15 @@ def main() -> None:
         render_ms.append((t1 - t0) * 1000)
         forward_ms.append((t2 - t1) * 1000)
         total_ms.append((t2 - t0) * 1000)
-    tokens = len(ranker.layout(inputs[0]).token_ids)
+    head = isinstance(ranker, HeadRanker)  # a linear head on signal rows: no LLM
     block = {
         "run": str(args.run),
-        "llm": str(args.llm),
-        "llm_layers": json.loads((args.llm / "config.json").read_text())["num_hidden_layers"],
-        "prompt_tokens": tokens,
+        "kind": "head" if head else "llm",
+        "llm": None if head else str(args.llm),
+        "llm_layers": None
+        if head
+        else json.loads((args.llm / "config.json").read_text())["num_hidden_layers"],
+        "prompt_tokens": len(ranker.render_all(inputs[0])[0][0].token_ids),  # head: 1 per item
         "requests": args.requests,
         "threads": args.threads,
         "render_ms_p50": round(statistics.median(render_ms), 2),
