@@ -137,3 +137,24 @@ def test_a_head_ships_without_an_adapter_or_llm(head_run: Path, tmp_path: Path):
     assert (out / HEAD_FILE).is_file() and is_head_run(out)
     assert manifest.config["llm"] is None and llm_layers(manifest) is None
     assert isinstance(Ranker.load(out, Path("no-llm-needed")), HeadRanker)
+
+
+def test_quickstart_serves_a_shipped_head_that_passed_validation_without_an_llm(
+    head_run: Path, tmp_path: Path, monkeypatch
+):
+    from tandem.commands.quickstart import _pick_ranker
+
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path / "artifacts"))  # no local run
+    monkeypatch.setenv("TANDEM_MODELS_DIR", str(tmp_path / "models"))
+    fingerprint = Manifest.read(head_run).data_fingerprint
+    data = type("Data", (), {"summary": type("Summary", (), {"fingerprint": fingerprint})})
+    fused = {"weight": 0.4, "served_weight": 0.4, "valid_gain_ci95": [0.01, 0.05],
+             "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
+    results = {"fused": fused, "retriever": {"ndcg@10": 0.11}, "users": 943}
+    export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
+               results=results)  # fmt: skip
+    assert _pick_ranker(data) == (tmp_path / "models" / "ranker", None, None)
+    results["fused"]["served_weight"] = 0.0  # its validation gain was not real: not served
+    export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
+               results=results)  # fmt: skip
+    assert _pick_ranker(data) == (None, None, None)
