@@ -107,14 +107,25 @@ def ranker_note(configured: float | None, tuned: float | None, run: Path | None)
     if run is None:
         return "off: no trained ranker run; answers keep the retriever's order"
     if tuned is None:
-        return f"off: ranker run {run.name} has no validation-tuned weight; retriever order"
+        return f"off: ranker run {run_id(run)} has no validation-tuned weight; retriever order"
+    name = run_id(run)
     if tuned == 0.0:
-        return f"off: ranker run {run.name} did not beat retriever order on validation (weight 0)"
-    return f"ranker run {run.name} at weight {tuned}, tuned on validation"
+        return f"off: ranker run {name} did not beat retriever order on validation (weight 0)"
+    return f"ranker run {name} at weight {tuned}, tuned on validation"
+
+
+def run_id(run: Path) -> str:
+    """A ranker run's id from its manifest (a shipped copy lives in models/ranker but keeps the
+    id it was trained as); the folder name when there is no manifest."""
+    from tandem.artifacts import Manifest
+
+    if (run / "manifest.json").is_file():
+        return Manifest.read(run).run_id
+    return run.name
 
 
 def _name(run: Path | None) -> str:
-    return run.name if run is not None else "none (zero-shot LLM)"
+    return run_id(run) if run is not None else "none (zero-shot LLM)"
 
 
 def load_artifacts(settings: GatewaySettings) -> Artifacts:
@@ -237,7 +248,7 @@ def load_ranker(
     if ranker.config.prompt.reads_retriever_space and not table.matches(
         retriever.catalog.item_ids, np.asarray(retriever.item_embeddings())
     ):
-        note = f"off: ranker run {run.name} was trained with another retriever run's vectors"
+        note = f"off: ranker run {run_id(run)} was trained with another retriever run's vectors"
         log.warning("ranker %s: it is not served; train one on this retriever", note)
         return RankerArtifacts(None, run, tuned, note)
     return RankerArtifacts(ranker, run, tuned, note)
@@ -382,7 +393,7 @@ def build_variants(
                     RankerStage(ranker.backend, settings.ranker_retry_s),
                 ),
             )
-        run = loaded.ranker_run.name if loaded.ranker_run is not None else None
+        run = run_id(loaded.ranker_run) if loaded.ranker_run is not None else None
         return Variant(
             name=name,
             prompt=pair[0] if pair else None,

@@ -43,3 +43,18 @@ def test_a_changed_file_or_other_data_is_refused(run, tmp_path):
     (out / CONFIG_FILE).write_text('{"tampered": true}')
     with pytest.raises(ShippedRankerError, match="files changed"):
         check_shipped(out, "abc")
+
+
+def test_the_repository_ships_a_ranker_whose_files_match_its_manifest():
+    """What `make run` serves on a fresh clone: unchanged since export, within the size cap."""
+    from pathlib import Path
+
+    from ranker.core import Ranker
+    from ranker.shipping import MAX_BYTES
+
+    folder = Path(__file__).resolve().parents[2] / "models" / "ranker"
+    manifest = Manifest.read(folder)
+    assert manifest.verify(folder) == []
+    assert sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) <= MAX_BYTES
+    llm = Path("artifacts") / "llm-never-read"  # a head ranker loads no LLM
+    assert manifest.config["llm"] is not None or Ranker.load(folder, llm).backend.name == "head"
