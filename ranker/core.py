@@ -207,6 +207,11 @@ class Ranker:
 
             run_dir = resolve_run(run_dir)
             if is_head_run(run_dir):
+                if config is not None:
+                    raise ValueError(
+                        f"{run_dir} is a head ranker: its rows are fixed by its training, so a "
+                        "prompt override (a variant's `prompt`) does not apply to it"
+                    )
                 return HeadRanker.load(run_dir)
         tokenizer = load_tokenizer(llm_dir)
         projectors: dict[str, Projector] = {}

@@ -106,9 +106,9 @@ def ranker_note(configured: float | None, tuned: float | None, run: Path | None)
         return f"TANDEM_RANK_WEIGHT={configured} (configured), ranker run {_name(run)}"
     if run is None:
         return "off: no trained ranker run; answers keep the retriever's order"
-    if tuned is None:
-        return f"off: ranker run {run_id(run)} has no validation-tuned weight; retriever order"
     name = run_id(run)
+    if tuned is None:
+        return f"off: ranker run {name} has no validation-tuned weight; retriever order"
     if tuned == 0.0:
         return f"off: ranker run {name} did not beat retriever order on validation (weight 0)"
     return f"ranker run {name} at weight {tuned}, tuned on validation"
