@@ -10,7 +10,6 @@ import pytest
 import redis
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("retriever.core", reason="the retriever (retriever.core) has not landed yet")
 
 
 @pytest.fixture
