@@ -158,3 +158,31 @@ def test_quickstart_serves_a_shipped_head_that_passed_validation_without_an_llm(
     export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
                results=results)  # fmt: skip
     assert _pick_ranker(data) == (None, None, None)
+
+
+def test_the_cli_trains_from_a_teacher_and_refuses_one_without_a_held_out_tail(
+    tiny_retriever_run: Path, tiny_llm_dir: Path, tmp_path: Path, monkeypatch
+):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    root = tmp_path / "artifacts"
+    shutil.copytree(tiny_retriever_run.parent.parent.parent, root)
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(root))
+    served = root / "synthetic" / "retriever" / tiny_retriever_run.name
+    args = ["ranker", "train-head", "--dataset", "synthetic", "--retriever-run", str(served),
+            "--llm", str(tiny_llm_dir), "--epochs", "2", "--threads", "1"]  # fmt: skip
+    refused = CliRunner().invoke(app, [*args, "--teacher-run", str(served)])
+    assert refused.exit_code == 2 and "--holdout-last" in refused.output
+    teacher = served.with_name("teacher")  # as if trained with --holdout-last 3
+    shutil.copytree(served, teacher)
+    manifest = Manifest.read(teacher)
+    manifest.config["train"]["holdout_last"] = 3
+    manifest.write(teacher)
+    result = CliRunner().invoke(app, [*args, "--teacher-run", str(teacher)])
+    assert result.exit_code == 0, result.output
+    (run,) = (root / "synthetic" / "ranker").glob("head-*")
+    assert Manifest.read(run).parents["teachers"] == str(teacher) and is_head_run(run)
