@@ -183,7 +183,9 @@ def train_head(
     valid = maker.validation_set()
     if not valid.layouts:
         raise ValueError("no validation user has its item in the served retriever's top-20")
-    logits = np.stack([head.scores(candidate_rows(layout)) for layout in valid.layouts])
+    rows_valid = np.stack([candidate_rows(layout) for layout in valid.layouts])
+    logits = np.stack([head.scores(r) for r in rows_valid])
+    losses = validation_losses(module, rows_valid, valid)
     chosen = served_weight(logits, valid.labels, valid.retriever_scores, seed=config.seed)
     say(f"validation ({len(valid.labels)} users with their item retrieved): {chosen}")
 
@@ -207,6 +209,7 @@ def train_head(
             "retriever_scale": round(head.scale, 4),
             "valid_users": len(valid.labels),
             "valid_retriever_order_ndcg@10": _ndcg_at_weight(logits, valid, 0.0),
+            **losses,
             **chosen,
             "train_seconds": round(time.perf_counter() - started, 1),
         },
@@ -215,6 +218,17 @@ def train_head(
     manifest.write(run_dir)
     mark_latest(run_dir)
     return manifest
+
+
+def validation_losses(module: ListwiseHead, rows: np.ndarray, valid) -> dict[str, float]:
+    """Listwise cross-entropy of the true candidate on validation (chance: ln 20 = 3.00), the
+    trained head's and the retriever's alone: the LLM ranker's learning curves use the same."""
+    base = retriever_log_softmax(valid.retriever_scores)
+    labels = torch.as_tensor(valid.labels)
+    with torch.no_grad():
+        head = nn.functional.cross_entropy(module(torch.as_tensor(rows), base), labels)
+        alone = nn.functional.cross_entropy(base, labels)
+    return {"valid_loss": round(float(head), 4), "valid_retriever_loss": round(float(alone), 4)}
 
 
 def _ndcg_at_weight(logits: np.ndarray, valid, weight: float) -> float:

@@ -84,7 +84,7 @@ def test_training_writes_a_servable_run_with_its_validation(head_run: Path):
     manifest = Manifest.read(head_run)
     assert is_head_run(head_run) and not (head_run / ADAPTER_DIR).exists()
     metrics = manifest.metrics
-    assert metrics["examples"] > 0 and metrics["valid_users"] > 0
+    assert metrics["examples"] > 0 and metrics["valid_users"] > 0 and metrics["valid_loss"] > 0
     assert "rank_weight" in metrics and len(metrics["valid_gain_ci95"]) == 2
     assert manifest.config["llm_dir"] is None
     ranker = Ranker.load(head_run, Path("no-llm-needed"))  # a head loads no LLM
