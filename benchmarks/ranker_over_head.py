@@ -35,7 +35,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ranker.head import HeadRanker  # noqa: E402
-from ranker.head_train import PROMPT, HeadTrainConfig, candidate_rows, example_config  # noqa: E402
+from ranker.head_train import (  # noqa: E402
+    PROMPT,
+    HeadTrainConfig,
+    candidate_rows,
+    example_config,
+    full_lists,
+)
 from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
 from ranker.llm import load_model, load_tokenizer  # noqa: E402
 from ranker.prompts import PromptTokenizer  # noqa: E402
@@ -81,15 +87,11 @@ class ListSource:
 
 def lists_of(maker: ExampleMaker, head) -> tuple[list, list[int], list[np.ndarray]]:
     """Every 20-candidate list of one teacher (one pass), with the head's base per list."""
-    layouts, labels, bases, cursor = [], [], [], 0
-    while cursor < len(maker.pool):
-        got = maker.batch(cursor, 256)
-        cursor += got.consumed
-        for layout, label, scores in zip(got.layouts, got.labels, got.teacher, strict=True):
-            if len(layout.letter_token_ids) == 20:
-                layouts.append(layout)
-                labels.append(label)
-                bases.append(head_base(head, layout, scores))
+    layouts, labels, bases = [], [], []
+    for layout, label, scores in full_lists(maker):
+        layouts.append(layout)
+        labels.append(label)
+        bases.append(head_base(head, layout, scores))
     return layouts, labels, bases
 
 

@@ -69,23 +69,31 @@ def candidate_rows(layout: PromptLayout) -> np.ndarray:
     return np.stack(layout.soft_inputs[-n:])
 
 
-def collect(maker: ExampleMaker, wanted: int, batch: int = 256):
-    """Up to ``wanted`` training lists of 20, one pass at most: rows ``[n, 20, F]``, the
-    retriever's log-softmax ``[n, 20]`` and the true candidate ``[n]``."""
-    rows, base, labels, cursor = [], [], [], 0
-    while len(labels) < wanted and cursor < len(maker.pool):
+def full_lists(maker: ExampleMaker, batch: int = 256):
+    """The maker's training lists with all 20 candidates, one pass over its pool: (layout,
+    true candidate, retriever scores) each."""
+    cursor = 0
+    while cursor < len(maker.pool):
         got = maker.batch(cursor, batch)
         cursor += got.consumed
         for layout, label, teacher in zip(got.layouts, got.labels, got.teacher, strict=True):
-            if len(layout.letter_token_ids) != 20:
-                continue
-            rows.append(candidate_rows(layout))
-            base.append(teacher)
-            labels.append(label)
+            if len(layout.letter_token_ids) == 20:
+                yield layout, label, teacher
+
+
+def collect(maker: ExampleMaker, wanted: int):
+    """Up to ``wanted`` training lists of 20, one pass at most: rows ``[n, 20, F]``, the
+    retriever's log-softmax ``[n, 20]`` and the true candidate ``[n]``."""
+    rows, base, labels = [], [], []
+    for layout, label, teacher in full_lists(maker):
+        rows.append(candidate_rows(layout))
+        base.append(teacher)
+        labels.append(label)
+        if len(labels) == wanted:
+            break
     if not labels:
         raise ValueError("no training list has its target among the teacher's top-20")
-    base = retriever_log_softmax(base[:wanted]).numpy()
-    return np.stack(rows[:wanted]), base, np.asarray(labels[:wanted])
+    return np.stack(rows), retriever_log_softmax(base).numpy(), np.asarray(labels)
 
 
 class ListwiseHead(nn.Module):
