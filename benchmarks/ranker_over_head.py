@@ -106,8 +106,21 @@ def main() -> None:
     parser.add_argument("--projector-hidden", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--titles",
+        action="store_true",
+        help="Each candidate's title (10 tokens at most) before its signal token: text, what "
+        "the head cannot read. Writes ranker_over_head_titles.{json,md}.",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    prompt = replace(PROMPT, item_titles=True, max_title_tokens=10) if args.titles else PROMPT
+
+    def examples(steps_per_user: int, valid_users: int):
+        return replace(
+            example_config(HeadTrainConfig(), steps_per_user, valid_users), prompt=prompt
+        )
+
     started = time.perf_counter()
     head = HeadRanker.load(args.head).backend.head
     data = Dataset.load(dataset_dir("ml-100k"))
@@ -119,16 +132,13 @@ def main() -> None:
         holdout = Manifest.read(teacher).config["train"]["holdout_last"]
         inputs = load_inputs(data, resolve_inputs(artifacts_root(), "ml-100k", retriever=teacher,
                                                   **none))  # fmt: skip
-        maker = ExampleMaker(
-            with_side_features(inputs), example_config(HeadTrainConfig(), holdout, 0), tokens
-        )
+        maker = ExampleMaker(with_side_features(inputs), examples(holdout, 0), tokens)
         more = lists_of(maker, head)
         for whole, part in zip((layouts, labels, bases), more, strict=True):
             whole.extend(part)
     served_runs = resolve_inputs(artifacts_root(), "ml-100k", retriever=args.retriever_run, **none)
     served = with_side_features(load_inputs(data, served_runs))
-    maker = ExampleMaker(served, example_config(HeadTrainConfig(), 0, data.split().num_users),
-                         tokens)  # fmt: skip
+    maker = ExampleMaker(served, examples(0, data.split().num_users), tokens)
     valid = maker.validation_set()
     pairs = zip(valid.layouts, valid.retriever_scores, strict=True)
     valid_bases = np.stack([head_base(head, layout, scores) for layout, scores in pairs])
@@ -136,7 +146,7 @@ def main() -> None:
     made_s = time.perf_counter() - started
 
     config = TrainConfig(
-        prompt=PROMPT, candidates="retrieved", residual=True, distill_weight=0.0,
+        prompt=prompt, candidates="retrieved", residual=True, distill_weight=0.0,
         aux_weight=1.0, side_features=True, trends=True, covisit=True,
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), stage1_steps=10**9,
         projector_lr=args.projector_lr, projector_hidden=args.projector_hidden, lr=1e-3,
@@ -159,6 +169,7 @@ def main() -> None:
         "command": "python " + " ".join(sys.argv),
         "head": str(args.head),
         "teachers": [str(t) for t in args.teacher_run],
+        "titles": args.titles,
         "train_lists": len(labels),
         "valid_users": len(valid.labels),
         "head_valid_loss": round(base_loss, 4),
@@ -169,8 +180,9 @@ def main() -> None:
         "validations": state.validations,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ranker_over_head.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "ranker_over_head.md").write_text(markdown(report))
+    stem = "ranker_over_head" + ("_titles" if args.titles else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
 
 
 def markdown(report: dict) -> str:
@@ -180,7 +192,8 @@ def markdown(report: dict) -> str:
         "# The LLM as a residual on the head ranker",
         "",
         f"Command: `{report['command']}`. {report['train_lists']} honest training lists from "
-        f"{len(report['teachers'])} teacher retrievers; the LLM's logits are added to the head's "
+        f"{len(report['teachers'])} teacher retrievers; candidate titles shown: "
+        f"{report.get('titles', False)}; the LLM's logits are added to the head's "
         f"fused log-scores (projectors only, LoRA frozen); validation: {report['valid_users']} "
         "users whose item the served retriever retrieves, with the head's score as the base. "
         f"{report['examples']} examples at {report['examples_per_second']} examples/s "
