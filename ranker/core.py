@@ -45,6 +45,7 @@ from ranker.trends import TREND_FILE, TrendTable, with_trends
 from ranker.verbalizer import candidate_key, permutations, to_candidate_order
 
 if TYPE_CHECKING:
+    from ranker.examples import ItemFeatures
     from ranker.head import HeadRanker
 
 CONFIG_FILE = "ranker.json"
@@ -128,6 +129,43 @@ class ItemTable:
             history=[self._filled(i) for i in inp.history],
             candidates=[self._filled(i) for i in inp.candidates],
         )
+
+
+def with_run_features(
+    inp: PromptInput,
+    item_table: ItemTable | None,
+    trends: TrendTable | None,
+    covisit: CovisitTable | None,
+) -> PromptInput:
+    """``inp`` with a run's own item rows, recent popularity and co-visitation: what both the
+    LLM ranker and the head ranker read at serving time (trends and co-visits need the table)."""
+    if item_table is not None:
+        inp = item_table.fill(inp)
+    if trends is not None:
+        inp = with_trends(inp, trends, item_table.index)
+    if covisit is not None:
+        inp = with_covisit(inp, covisit, item_table.index)
+    return inp
+
+
+def write_run_tables(
+    run_dir: Path,
+    features: ItemFeatures | None,
+    trends: TrendTable | None,
+    covisit: CovisitTable | None,
+) -> None:
+    """The files ``ItemTable.load`` and the trend / co-visitation loaders read back: the item
+    rows training used (with their ids) when given, and the trend and co-visitation tables."""
+    if features is not None:
+        from safetensors.numpy import save_file
+
+        table = np.ascontiguousarray(features.embeddings, dtype=np.float32)
+        save_file({"embeddings": table}, str(run_dir / ITEM_EMBEDDINGS))
+        (run_dir / ITEM_IDS).write_text(json.dumps(features.ids[1:]))
+    if trends is not None:
+        trends.save(run_dir / TREND_FILE)
+    if covisit is not None:
+        covisit.save(run_dir / COVISIT_FILE)
 
 
 @dataclass(frozen=True)
@@ -254,12 +292,7 @@ class Ranker:
     # -- rendering -----------------------------------------------------------------------
 
     def layout(self, inp: PromptInput) -> PromptLayout:
-        if self.item_table is not None:
-            inp = self.item_table.fill(inp)
-        if self.trends is not None:
-            inp = with_trends(inp, self.trends, self.item_table.index)
-        if self.covisit is not None:
-            inp = with_covisit(inp, self.covisit, self.item_table.index)
+        inp = with_run_features(inp, self.item_table, self.trends, self.covisit)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def project(self, layout: PromptLayout) -> np.ndarray | None:

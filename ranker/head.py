@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from ranker.backends.base import RenderedPrompt
-from ranker.core import CONFIG_FILE, ITEM_IDS, ItemTable, RankerConfig
-from ranker.covisit import COVISIT_FILE, CovisitTable, with_covisit
+from ranker.core import CONFIG_FILE, ITEM_IDS, ItemTable, RankerConfig, with_run_features
+from ranker.covisit import COVISIT_FILE, CovisitTable
 from ranker.fusion import log_softmax
 from ranker.prompts import PromptInput, signal_rows
-from ranker.trends import TREND_FILE, TrendTable, with_trends
+from ranker.trends import TREND_FILE, TrendTable
 
 HEAD_FILE = "head.safetensors"
 
@@ -127,12 +127,9 @@ class HeadRanker:
         self.item_table = item_table
         self.trends = trends
         self.covisit = covisit
-        self.projectors: dict = {}
 
     @classmethod
     def load(cls, run_dir: Path) -> HeadRanker:
-        from ranker.core import ItemTable
-
         if not (run_dir / ITEM_IDS).is_file():
             raise FileNotFoundError(f"{run_dir} has a head but no item table ({ITEM_IDS})")
         return cls(
@@ -147,11 +144,7 @@ class HeadRanker:
 
     def rows(self, inp: PromptInput) -> np.ndarray:
         """The candidates' signal rows, from the run's own item table, trends and co-visits."""
-        inp = self.item_table.fill(inp)
-        if self.trends is not None:
-            inp = with_trends(inp, self.trends, self.item_table.index)
-        if self.covisit is not None:
-            inp = with_covisit(inp, self.covisit, self.item_table.index)
+        inp = with_run_features(inp, self.item_table, self.trends, self.covisit)
         return signal_rows(inp, self.config.prompt)
 
     def render_all(self, inp: PromptInput) -> tuple[list[RenderedPrompt], np.ndarray]:

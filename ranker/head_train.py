@@ -17,7 +17,6 @@ scale = 1); AdamW with weight decay keeps ``w`` small where the lists say little
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -27,14 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ranker.core import CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, RankerConfig
-from ranker.covisit import COVISIT_FILE
+from ranker.core import CONFIG_FILE, RankerConfig, write_run_tables
 from ranker.head import HEAD_FILE, LinearHead
 from ranker.prompts import PromptConfig, PromptLayout, PromptTokenizer
 from ranker.train_data import ExampleConfig, ExampleMaker, TrainInputs, with_side_features
 from ranker.train_objective import retriever_log_softmax
-from ranker.train_validate import fused_ranks, served_weight
-from ranker.trends import TREND_FILE
+from ranker.train_validate import served_weight
 from tandem.artifacts import Manifest, mark_latest
 from tandem.metrics import ndcg_at_k
 
@@ -200,11 +197,7 @@ def train_head(
     run_dir.mkdir(parents=True, exist_ok=True)
     head.save(run_dir / HEAD_FILE)
     (run_dir / CONFIG_FILE).write_text(RankerConfig(prompt=PROMPT, seed=config.seed).to_json())
-    _write_item_table(served, run_dir)
-    if maker.trends is not None:
-        maker.trends.save(run_dir / TREND_FILE)
-    if maker.covisit is not None:
-        maker.covisit.save(run_dir / COVISIT_FILE)
+    write_run_tables(run_dir, served.features, maker.trends, maker.covisit)  # the served rows
     manifest = Manifest(
         kind="ranker",
         run_id=run_dir.name,
@@ -216,7 +209,7 @@ def train_head(
             "lists_per_teacher": per_teacher,
             "retriever_scale": round(head.scale, 4),
             "valid_users": len(valid.labels),
-            "valid_retriever_order_ndcg@10": _ndcg_at_weight(logits, valid, 0.0),
+            "valid_retriever_order_ndcg@10": round(ndcg_at_k(valid.retriever_ranks, 10), 4),
             **losses,
             **chosen,
             "train_seconds": round(time.perf_counter() - started, 1),
@@ -237,17 +230,3 @@ def validation_losses(module: ListwiseHead, rows: np.ndarray, valid) -> dict[str
         head = nn.functional.cross_entropy(module(torch.as_tensor(rows), base), labels)
         alone = nn.functional.cross_entropy(base, labels)
     return {"valid_loss": round(float(head), 4), "valid_retriever_loss": round(float(alone), 4)}
-
-
-def _ndcg_at_weight(logits: np.ndarray, valid, weight: float) -> float:
-    ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, weight)
-    return round(float(ndcg_at_k(ranks, 10)), 4)
-
-
-def _write_item_table(inputs: TrainInputs, run_dir: Path) -> None:
-    """The served retriever's item rows with side features: cosines and side columns read them."""
-    from safetensors.numpy import save_file
-
-    table = np.ascontiguousarray(inputs.features.embeddings, dtype=np.float32)
-    save_file({"embeddings": table}, str(run_dir / ITEM_EMBEDDINGS))
-    (run_dir / ITEM_IDS).write_text(json.dumps(inputs.features.ids[1:]))

@@ -25,8 +25,7 @@ from typing import IO
 import numpy as np
 import torch
 
-from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, RankerConfig
-from ranker.covisit import COVISIT_FILE
+from ranker.core import ADAPTER_DIR, CONFIG_FILE, RankerConfig, write_run_tables
 from ranker.llm import load_model, load_tokenizer
 from ranker.prompts import PromptConfig, PromptTokenizer
 from ranker.train_data import (
@@ -49,7 +48,6 @@ from ranker.train_model import (
 )
 from ranker.train_objective import lr_factor, ranker_loss
 from ranker.train_validate import validate
-from ranker.trends import TREND_FILE
 from ranker.verbalizer import MAX_CANDIDATES
 from tandem.artifacts import Manifest, mark_latest
 
@@ -378,16 +376,8 @@ def train_ranker(
     save_checkpoint(run_dir, model, optimizer, state)
     shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
     write_weights(model, run_dir)
-    if prompt.item_soft_tokens or prompt.candidate_signals:
-        from safetensors.numpy import save_file as save_numpy
-
-        table = np.ascontiguousarray(inputs.features.embeddings, dtype=np.float32)
-        save_numpy({"embeddings": table}, str(run_dir / ITEM_EMBEDDINGS))
-        (run_dir / ITEM_IDS).write_text(json.dumps(inputs.features.ids[1:]))
-    if maker.trends is not None:
-        maker.trends.save(run_dir / TREND_FILE)
-    if maker.covisit is not None:
-        maker.covisit.save(run_dir / COVISIT_FILE)
+    uses_items = prompt.item_soft_tokens or prompt.candidate_signals
+    write_run_tables(run_dir, inputs.features if uses_items else None, maker.trends, maker.covisit)
     final = state.validations[-1] if state.validations else {}
     metrics = {
         "steps": state.step,
