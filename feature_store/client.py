@@ -4,9 +4,10 @@ The user stage pipelines ``GET alias`` with ``HGETALL`` of the user under the ve
 client last saw and ``LRANGE`` of the user's live tail (events accepted by ``POST /events``,
 joined to the snapshot by ``feature_store.live.merge_history``); only when the alias moved does
 it read again (the user under the new version, its schema and its events watermark). The
-items stage reads every candidate with one pipelined ``HGETALL`` each (plus the schema if this
-client has not cached it). Versions are never reused, so a cached
-schema stays true for as long as its version exists.
+items stage reads every candidate it has not read before under the same version with one
+pipelined ``HGETALL`` each (plus the schema if this client has not cached it); the ones it has
+come from ``feature_store.item_cache``. Versions are never reused and their items never
+rewritten, so a cached schema or item record stays true for as long as its version exists.
 
 Failures split in two: an unreachable or slow Redis raises :class:`FeatureStoreUnavailable`
 within ``deadline`` (so the gateway can degrade), while a missing key is a miss and a corrupt
@@ -28,6 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from redis.exceptions import ClusterError, RedisClusterException
 
 from feature_store.connection import async_client
+from feature_store.item_cache import ItemRecordCache
 from feature_store.live import ZERO_ID, EventKeys, merge_history, newer_items
 from feature_store.metrics import metrics_for
 from feature_store.schema import (
@@ -98,6 +100,7 @@ class FeatureStoreClient:
         cluster: bool = False,
         deadline: float | None = None,
         max_connections: int = 64,
+        item_cache_size: int = 0,
         registry: CollectorRegistry = REGISTRY,
     ):
         self.keys = Keys(namespace)
@@ -116,6 +119,7 @@ class FeatureStoreClient:
         self._through: dict[int, str] = {}  # version -> last stream id its snapshot includes
         self.events = EventKeys(namespace)
         self._logged: OrderedDict[str, float] = OrderedDict()
+        self._items = ItemRecordCache(item_cache_size) if item_cache_size else None
 
     async def read_user(self, user_id: str) -> UserRead:
         """The serving version and this user's record: one round trip (two if the alias moved)."""
@@ -129,7 +133,15 @@ class FeatureStoreClient:
         unique = list(dict.fromkeys(item_ids))
         if not unique:
             return {}
-        items = await self._timed("items", self._read_items(version, unique))
+        cached: dict[str, ItemRecord] = {}
+        missing = unique
+        if self._items is not None:
+            cached, missing = self._items.get_many(version, unique)
+            self._metrics.observe_item_cache(hits=len(cached), misses=len(missing))
+        read = await self._timed("items", self._read_items(version, missing)) if missing else {}
+        if self._items is not None:
+            self._items.put_many(version, read)
+        items = {i: r for i in unique if (r := cached.get(i) or read.get(i)) is not None}
         self._metrics.observe_lookups("items", hits=len(items), misses=len(unique) - len(items))
         return items
 

@@ -24,6 +24,7 @@ class FeatureStoreMetrics:
     read_seconds: Histogram
     errors: Counter
     lookups: Counter
+    item_cache: Counter
     version: Gauge
 
     def observe_error(self, stage: str, error_type: str, count: int = 1) -> None:
@@ -34,6 +35,12 @@ class FeatureStoreMetrics:
             self.lookups.labels(stage=stage, result="hit").inc(hits)
         if misses:
             self.lookups.labels(stage=stage, result="miss").inc(misses)
+
+    def observe_item_cache(self, hits: int, misses: int) -> None:
+        if hits:
+            self.item_cache.labels(result="hit").inc(hits)
+        if misses:
+            self.item_cache.labels(result="miss").inc(misses)
 
 
 @per_registry
@@ -59,6 +66,13 @@ def metrics_for(registry: CollectorRegistry) -> FeatureStoreMetrics:
             ["stage", "result"],
             registry=registry,
         ),
+        item_cache=Counter(
+            "tandem_feature_store_item_cache_lookups_total",
+            "Item records looked up in the in-process item cache, by result (a miss is read "
+            "from Redis).",
+            ["result"],
+            registry=registry,
+        ),
         version=Gauge(
             "tandem_feature_store_version",
             "Feature version the client last resolved from the alias (0 = none published).",
@@ -71,4 +85,6 @@ def metrics_for(registry: CollectorRegistry) -> FeatureStoreMetrics:
             metrics.errors.labels(stage=stage, error_type=error_type)
         for result in ("hit", "miss"):
             metrics.lookups.labels(stage=stage, result=result)
+    for result in ("hit", "miss"):
+        metrics.item_cache.labels(result=result)
     return metrics

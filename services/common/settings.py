@@ -97,6 +97,10 @@ class GatewaySettings(ServiceSettings):
     # Records older than the TTL are not served; 0 users turns the near-cache off.
     near_cache_users: int = Field(10_000, ge=0)
     near_cache_ttl_s: float = Field(600.0, gt=0)
+    # Decoded item records kept in-process by (version, item id) (feature_store.item_cache):
+    # a version's items never change, so a request whose candidates were all read before skips
+    # the items round trip. 0 turns it off.
+    item_cache_items: int = Field(100_000, ge=0)
     # Ranker: inprocess (transformers), vllm (HTTP), or none (retriever order only).
     ranker_backend: Literal["inprocess", "vllm", "none"] = "inprocess"
     ranker_run: Path | None = None  # None = <dataset>/ranker/latest if any, else zero-shot

@@ -8,11 +8,12 @@ same way whichever is deployed.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import httpx
+import aiohttp
 import numpy as np
 
 from services.common.context import REQUEST_ID_HEADER, current_request_id
@@ -73,7 +74,13 @@ class LocalCandidates:
 
 
 class RemoteCandidates:
-    """The retrieval service over HTTP; passes the request id and the API key along."""
+    """The retrieval service over HTTP; passes the request id and the API key along.
+
+    aiohttp, not httpx: on this path the client's own CPU time is part of every request, and
+    httpx's async stack cost about 2.6 ms of event-loop time per call where aiohttp's costs a
+    fraction of that (``benchmarks/results/gateway_load.md``). No client timeout: the
+    retrieval stage's deadline is the only one.
+    """
 
     name = "http"
 
@@ -81,25 +88,21 @@ class RemoteCandidates:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.max_connections = max_connections
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
+        self._session = aiohttp.ClientSession(
             headers=headers,
-            limits=httpx.Limits(
-                max_connections=self.max_connections,
-                max_keepalive_connections=self.max_connections,
-            ),
-            timeout=httpx.Timeout(5.0, connect=1.0),
+            connector=aiohttp.TCPConnector(limit=self.max_connections),
+            timeout=aiohttp.ClientTimeout(total=None),
         )
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise RetrievalUnavailable("retrieval client not started")
-        return self._client
+        return self._session
 
     async def retrieve(self, history: Sequence[str], k: int, exclude: Sequence[str]) -> Retrieved:
         body = {
@@ -111,17 +114,18 @@ class RemoteCandidates:
         request_id = current_request_id()
         headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
         try:
-            response = await self.client.post("/retrieve", json=body, headers=headers)
-        except httpx.HTTPError as exc:
+            async with self.session.post(
+                f"{self.base_url}/retrieve", json=body, headers=headers
+            ) as response:
+                status, raw = response.status, await response.read()
+        except (aiohttp.ClientError, OSError) as exc:
             raise RetrievalUnavailable(
                 f"retrieval service at {self.base_url} unreachable: {type(exc).__name__}"
             ) from exc
-        if response.status_code != 200:
-            raise RetrievalUnavailable(
-                f"retrieval service answered {response.status_code}: {_detail(response)}"
-            )
+        if status != 200:
+            raise RetrievalUnavailable(f"retrieval service answered {status}: {_detail(raw)}")
         try:
-            payload = response.json()
+            payload = json.loads(raw)
             candidates = [(str(c["item_id"]), float(c["score"])) for c in payload["candidates"]]
             embedding = payload.get("user_embedding")
         except (ValueError, KeyError, TypeError) as exc:
@@ -131,19 +135,21 @@ class RemoteCandidates:
 
     async def ready(self) -> bool:
         try:
-            response = await self.client.get("/readyz", timeout=1.0)
-        except (httpx.HTTPError, RetrievalUnavailable):
+            async with self.session.get(
+                f"{self.base_url}/readyz", timeout=aiohttp.ClientTimeout(total=1.0)
+            ) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError, TimeoutError, RetrievalUnavailable):
             return False
-        return response.status_code == 200
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(raw: bytes) -> str:
     try:
-        return str(response.json().get("detail", ""))[:200]
-    except ValueError:
-        return response.text[:200]
+        return str(json.loads(raw).get("detail", ""))[:200]
+    except (ValueError, AttributeError):
+        return raw.decode("utf-8", "replace")[:200]

@@ -320,6 +320,7 @@ def feature_store(settings: GatewaySettings) -> FeatureStore:
         connect_timeout=deadline / 2,
         deadline=deadline,
         cluster=settings.redis_cluster,
+        item_cache_size=settings.item_cache_items,
     )
     if not settings.near_cache_users:
         return client

@@ -162,3 +162,31 @@ async def test_latency_is_observed_per_stage(client, redis_url, namespace, regis
     assert metric(registry, count, stage="items") == 1
     assert metric(registry, "tandem_feature_store_version") == version
     assert await client.ping()
+
+
+async def test_item_cache_serves_a_version_read_before_without_a_round_trip(
+    redis_url, namespace, registry
+):
+    first = publish(redis_url, namespace, "a")
+    store = FeatureStoreClient(
+        redis_url, namespace, socket_timeout=1, connect_timeout=1, item_cache_size=5,
+        registry=registry,
+    )  # fmt: skip
+    try:
+        trips = count_round_trips(store)
+        cold = await store.read_items(first, ["i1", "i2", "nope"])
+        warm = await store.read_items(first, ["i2", "i1"])
+        assert trips[0] == 1  # the second read came from the cache
+        assert warm == {"i1": cold["i1"], "i2": cold["i2"]} and "nope" not in cold
+        mixed = await store.read_items(first, ["i1", "i3"])  # only i3 (and "nope") go to Redis
+        assert trips[0] == 2 and mixed["i3"].title == "a 3"
+        second = publish(redis_url, namespace, "b")  # a new version: its own records
+        assert (await store.read_items(second, ["i1"]))["i1"].title == "b 1"
+        await store.read_items(first, [f"i{n}" for n in range(4, 11)])  # over the bound
+        trips[0] = 0
+        await store.read_items(first, ["i1"])  # evicted, so read again
+        assert trips[0] == 1
+    finally:
+        await store.close()
+    assert metric(registry, "tandem_feature_store_item_cache_lookups_total", result="hit") == 3
+    assert metric(registry, "tandem_feature_store_item_cache_lookups_total", result="miss") == 13

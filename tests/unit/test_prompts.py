@@ -96,6 +96,15 @@ def test_hybrid_prompt_matches_golden_and_marks_soft_slots(tok):
         np.testing.assert_array_equal(raw, item.embedding)
 
 
+def test_token_ids_are_the_tokenizers_own(tok):
+    """The cached encode (the fast tokenizer's core, no Python wrapper) gives exactly the ids
+    the tokenizer's ``encode`` gives, so prompts match what the model saw in training."""
+    for text in [
+        GOLDEN_CHAT, GOLDEN_HYBRID, "\nB. Toy Story (1995) ", "  two  spaces\t", "é ünï 日本 ",
+    ]:
+        assert tok.encode(text) == tuple(tok.tokenizer.encode(text, add_special_tokens=False))
+
+
 def test_items_without_titles_are_shown_by_their_soft_token_only(tok):
     config = PromptConfig(item_soft_tokens=True, item_titles=False, chat_template=False)
     layout = render_prompt(_input(preference=None), config, tok)

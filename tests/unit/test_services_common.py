@@ -235,3 +235,12 @@ async def test_readiness_gates_limit_which_checks_cause_503():
 def test_readiness_gates_come_from_settings(monkeypatch):
     monkeypatch.setenv("TANDEM_READINESS_GATES", "artifacts, retrieval")
     assert RetrievalSettings(_env_file=None).readiness_gates == ["artifacts", "retrieval"]
+
+
+async def test_start_up_objects_are_frozen_out_of_the_collector_while_serving():
+    import gc
+
+    app = shell()
+    async with app.router.lifespan_context(app):
+        assert gc.get_freeze_count() > 0  # collections during requests skip start-up objects
+    assert gc.get_freeze_count() == 0
