@@ -8,6 +8,8 @@ the previous answer arrives) drives ``POST /recommend`` for known users at rando
 Profiles:
 - ``none``: no ranker (retriever order): the pipeline's own cost.
 - ``tiny``: the tiny random Llama (+ LoRA, item and user soft tokens) in the gateway process.
+- ``tiny-embedded``: the same, with the retriever in the gateway's process too (no retrieval
+  service: the topology ``make run`` serves).
 - ``tiny-vllm``: the same model and adapter behind a vLLM CPU server (prompt embeddings); the
   ranker is out of the gateway's process, so overhead = end-to-end minus the ranker stage is
   the gateway's own cost (target p99 <= 15 ms).
@@ -65,7 +67,9 @@ from tandem.testing.processes import (  # noqa: E402
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-PROFILES = ("none", "tiny", "tiny-vllm", "soak", "soak-vllm", "smollm2", "smollm2-vllm")
+PROFILES = (
+    "none", "tiny", "tiny-embedded", "tiny-vllm", "soak", "soak-vllm", "smollm2", "smollm2-vllm",
+)  # fmt: skip
 NAMESPACE = "bench"
 API_KEY = "bench-key"
 STAGES = ("feature_user", "retrieval", "feature_items", "prompt", "ranker", "total")
@@ -242,12 +246,13 @@ def find_or_train_retriever(work: Path, dataset_name: str) -> Assets:
 @dataclass
 class Stack:
     redis: ServerProcess
-    retrieval: ServerProcess
+    retrieval: ServerProcess | None  # None: the retriever runs in the gateway
     gateway: ServerProcess
 
     def stop(self) -> None:
         for part in (self.gateway, self.retrieval, self.redis):
-            part.stop()
+            if part is not None:
+                part.stop()
 
 
 def start_stack(
@@ -257,8 +262,10 @@ def start_stack(
     *,
     extra: dict[str, str] | None = None,
     source: Path = REPO,
+    embedded_retrieval: bool = False,
 ) -> Stack:
-    """Redis with the dataset published, then retrieval and gateway running ``source``'s code."""
+    """Redis with the dataset published, then retrieval and gateway running ``source``'s code
+    (``embedded_retrieval``: no retrieval service, the gateway loads the retriever itself)."""
     from retriever.core import Retriever
 
     redis = redis_server(work / "redis").start()
@@ -275,12 +282,14 @@ def start_stack(
         "TANDEM_RETRIEVER_RUN": str(assets.retriever_run),
         "TANDEM_LOG_LEVEL": "WARNING",
     }
-    retrieval = tandem_server(
-        "retrieval", free_port(), work / "retrieval.log", common, source=source
-    ).start()
+    retrieval = None
+    if not embedded_retrieval:
+        retrieval = tandem_server(
+            "retrieval", free_port(), work / "retrieval.log", common, source=source
+        ).start()
     gateway_env = {
         **common,
-        "TANDEM_RETRIEVAL_URL": retrieval.url,
+        **({"TANDEM_RETRIEVAL_URL": retrieval.url} if retrieval is not None else {}),
         "TANDEM_REDIS_URL": redis_url,
         "TANDEM_NAMESPACE": NAMESPACE,
         "TANDEM_API_KEYS": API_KEY,
@@ -421,10 +430,10 @@ def run_profile(
     slow_plan = [(1, 10), (8, 24)] if quick else [(1, 60), (8, 160)]
     folder = work / (name if source == REPO else f"{name}-baseline")
     servers: list[ServerProcess] = []
-    info: dict = {}
+    info: dict = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " (aiohttp)"}
     if name == "none":
         env, plan = {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES}, fast_plan
-    elif name in ("tiny", "soak", "tiny-vllm", "soak-vllm"):
+    elif name in ("tiny", "tiny-embedded", "soak", "tiny-vllm", "soak-vllm"):
         tiny = tiny_models(work, assets, source)
         env = {
             "TANDEM_LLM_DIR": str(tiny.llm),
@@ -469,7 +478,9 @@ def run_profile(
     for server in servers:
         server.start(timeout_s=600)
         env["TANDEM_VLLM_URL"] = server.url
-    stack = start_stack(folder, assets, env, source=source)
+    stack = start_stack(
+        folder, assets, env, source=source, embedded_retrieval=name == "tiny-embedded"
+    )
     try:
         if name in ("soak", "soak-vllm"):
             return {**info, **soak(stack, users, 20.0 if quick else soak_s)}
@@ -552,7 +563,7 @@ def report(results: dict) -> str:
         "Latencies in ms; overhead = end-to-end minus the ranker stage.",
         "",
     ]
-    for name in ("none", "tiny", "tiny-vllm", "smollm2", "smollm2-vllm"):
+    for name in ("none", "tiny", "tiny-embedded", "tiny-vllm", "smollm2", "smollm2-vllm"):
         profile = results.get(name)
         if not profile:
             continue
@@ -560,6 +571,8 @@ def report(results: dict) -> str:
         if "skipped" in profile:
             lines += [f"skipped: {profile['skipped']}", ""]
             continue
+        measured = profile.get("measured", "an earlier run (load generator: httpx)")
+        lines += [f"measured: {measured}", ""]
         if "ranker_run" in profile:
             lines += [f"ranker run: `{profile['ranker_run']}`", ""]
         lines += [
@@ -610,10 +623,18 @@ def comparison_report(results: dict) -> list[str]:
     """Baseline revision vs this one, per profile and concurrency, and the issue's bounds."""
     baseline = results.get("baseline")
     lines = ["## Bounds", ""]
-    tiny = results.get("tiny", {}).get("1", {}).get("overhead_ms", {}).get("p99")
+
+    def overhead(profile: str) -> float | None:
+        return results.get(profile, {}).get("1", {}).get("overhead_ms", {}).get("p99")
+
     lag = results.get("event_loop_lag_ms_p99")
     for label, value, bound in (
-        ("overhead p99, c=1, tiny in-process ranker", tiny, OVERHEAD_BOUND_MS),
+        ("overhead p99, c=1, tiny in-process ranker", overhead("tiny"), OVERHEAD_BOUND_MS),
+        (
+            "overhead p99, c=1, tiny in-process ranker, retriever in the gateway",
+            overhead("tiny-embedded"),
+            OVERHEAD_BOUND_MS,
+        ),
         ("event-loop lag p99, c=8, SmolLM2 in-process", lag, LAG_BOUND_MS),
     ):
         verdict = "not measured" if value is None else ("met" if value <= bound else "NOT met")
