@@ -100,7 +100,11 @@ def test_token_ids_are_the_tokenizers_own(tok):
     """The cached encode (the fast tokenizer's core, no Python wrapper) gives exactly the ids
     the tokenizer's ``encode`` gives, so prompts match what the model saw in training."""
     for text in [
-        GOLDEN_CHAT, GOLDEN_HYBRID, "\nB. Toy Story (1995) ", "  two  spaces\t", "é ünï 日本 ",
+        GOLDEN_CHAT,
+        GOLDEN_HYBRID,
+        "\nB. Toy Story (1995) ",
+        "  two  spaces\t",
+        "é ünï 日本 ",
     ]:
         assert tok.encode(text) == tuple(tok.tokenizer.encode(text, add_special_tokens=False))
 
