@@ -13,6 +13,7 @@ vLLM server). A trained run folder holds everything except the base LLM:
                                  [num_items + 1, d]): publish these to the feature store
     trends.safetensors           recent popularity per item and day (ranker.trends), when used
     covisit.safetensors          other people's item-to-item co-visitation (ranker.covisit)
+    demographics.safetensors     item popularity by user group (ranker.demographics), when used
     item_ids.json                the table's row ids (row i + 1 is item_ids[i]); when present the
                                  ranker reads item rows from its own table, so what it serves is
                                  exactly what it was trained on, whatever the feature store holds
@@ -31,6 +32,7 @@ import numpy as np
 
 from ranker.backends.base import RankerBackend, RenderedPrompt
 from ranker.covisit import COVISIT_FILE, CovisitTable, with_covisit
+from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable, with_demographics
 from ranker.projector import Projector
 from ranker.prompts import (
     PromptConfig,
@@ -136,15 +138,19 @@ def with_run_features(
     item_table: ItemTable | None,
     trends: TrendTable | None,
     covisit: CovisitTable | None,
+    demographics: DemographicTable | None = None,
 ) -> PromptInput:
-    """``inp`` with a run's own item rows, recent popularity and co-visitation: what both the
-    LLM ranker and the head ranker read at serving time (trends and co-visits need the table)."""
+    """``inp`` with a run's own item rows, recent popularity, co-visitation and group lifts:
+    what both the LLM ranker and the head ranker read at serving time (the tables need the
+    item table), in the order training appended them."""
     if item_table is not None:
         inp = item_table.fill(inp)
     if trends is not None:
         inp = with_trends(inp, trends, item_table.index)
     if covisit is not None:
         inp = with_covisit(inp, covisit, item_table.index)
+    if demographics is not None:
+        inp = with_demographics(inp, demographics, item_table.index)
     return inp
 
 
@@ -153,9 +159,10 @@ def write_run_tables(
     features: ItemFeatures | None,
     trends: TrendTable | None,
     covisit: CovisitTable | None,
+    demographics: DemographicTable | None = None,
 ) -> None:
-    """The files ``ItemTable.load`` and the trend / co-visitation loaders read back: the item
-    rows training used (with their ids) when given, and the trend and co-visitation tables."""
+    """The files ``ItemTable.load`` and the table loaders read back: the item rows training
+    used (with their ids) when given, and the trend, co-visitation and demographic tables."""
     if features is not None:
         from safetensors.numpy import save_file
 
@@ -166,6 +173,8 @@ def write_run_tables(
         trends.save(run_dir / TREND_FILE)
     if covisit is not None:
         covisit.save(run_dir / COVISIT_FILE)
+    if demographics is not None:
+        demographics.save(run_dir / DEMOGRAPHICS_FILE)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ranker.core import Ranker, RankerConfig, base_llm_dir
+from ranker.demographics import attributes_of
 from ranker.examples import prompt_input, sample_candidates
 from ranker.fusion import fuse, tune_weight
 from ranker.head import HeadRanker
@@ -144,6 +145,7 @@ def user_input(inputs: TrainInputs, users: UserSet, r: int, candidates: np.ndarr
         vector,
         scores,
         float(users.times[r]),
+        attributes_of(inputs.dataset.profile(ids[users.users[r]])),
     )
 
 

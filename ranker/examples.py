@@ -136,6 +136,7 @@ def prompt_input(
     user_vector: np.ndarray | None = None,
     retriever_scores: np.ndarray | None = None,
     timestamp: float | None = None,
+    user_attributes: Mapping[str, object] | None = None,
 ) -> PromptInput:
     """A ``PromptInput`` for catalog indices (history oldest first, candidates in shown order)."""
     return PromptInput(
@@ -145,4 +146,5 @@ def prompt_input(
         user_embedding=user_vector,
         retriever_scores=retriever_scores,
         timestamp=timestamp,
+        user_attributes=user_attributes,
     )

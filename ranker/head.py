@@ -29,6 +29,7 @@ import numpy as np
 from ranker.backends.base import RenderedPrompt
 from ranker.core import CONFIG_FILE, ITEM_IDS, ItemTable, RankerConfig, with_run_features
 from ranker.covisit import COVISIT_FILE, CovisitTable
+from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
 from ranker.fusion import log_softmax
 from ranker.prompts import PromptInput, signal_rows
 from ranker.trends import TREND_FILE, TrendTable
@@ -119,6 +120,7 @@ class HeadRanker:
         item_table: ItemTable,
         trends: TrendTable | None = None,
         covisit: CovisitTable | None = None,
+        demographics: DemographicTable | None = None,
     ):
         if not config.prompt.candidate_signals:
             raise ValueError("a head ranker reads candidate signal rows: use the pointer prompt")
@@ -127,6 +129,7 @@ class HeadRanker:
         self.item_table = item_table
         self.trends = trends
         self.covisit = covisit
+        self.demographics = demographics
 
     @classmethod
     def load(cls, run_dir: Path) -> HeadRanker:
@@ -140,11 +143,14 @@ class HeadRanker:
             CovisitTable.load(run_dir / COVISIT_FILE)
             if (run_dir / COVISIT_FILE).is_file()
             else None,
+            DemographicTable.load(run_dir / DEMOGRAPHICS_FILE)
+            if (run_dir / DEMOGRAPHICS_FILE).is_file()
+            else None,
         )
 
     def rows(self, inp: PromptInput) -> np.ndarray:
-        """The candidates' signal rows, from the run's own item table, trends and co-visits."""
-        inp = with_run_features(inp, self.item_table, self.trends, self.covisit)
+        """The candidates' signal rows, from the run's own item table and tables."""
+        inp = with_run_features(inp, self.item_table, self.trends, self.covisit, self.demographics)
         return signal_rows(inp, self.config.prompt)
 
     def render_all(self, inp: PromptInput) -> tuple[list[RenderedPrompt], np.ndarray]:

@@ -49,6 +49,7 @@ class HeadTrainConfig:
     max_lists: int = 30_000  # per teacher, at most
     trends: bool = True  # recent popularity columns (ranker.trends)
     covisit: bool = True  # co-visitation columns (ranker.covisit)
+    demographics: bool = False  # lift in the user's gender / age / occupation groups
     seed: int = 0
 
 
@@ -142,29 +143,33 @@ def fit_head(
 def example_config(config: HeadTrainConfig, steps_per_user: int, valid_users: int):
     return ExampleConfig(
         prompt=PROMPT, candidates="retrieved", trends=config.trends, covisit=config.covisit,
-        shuffle=True, valid_users=valid_users, steps_per_user=steps_per_user, seed=config.seed,
+        demographics=config.demographics, shuffle=True, valid_users=valid_users,
+        steps_per_user=steps_per_user, seed=config.seed,
     )  # fmt: skip
 
 
-def train_head(
-    served: TrainInputs,
+@dataclass
+class HeadValidation:
+    """A head on the served retriever's validation lists (every user whose item it retrieves)."""
+
+    maker: ExampleMaker  # holds the tables the served rows are computed from
+    rows: np.ndarray  # [users, 20, F]
+    logits: np.ndarray  # the head's scores, [users, 20]
+    labels: np.ndarray
+    retriever_scores: np.ndarray
+    retriever_ranks: np.ndarray
+    metrics: dict  # tuned weight, its gain interval, fused NDCG@10, losses
+
+
+def fit_on_teachers(
     teachers: Sequence[Teacher],
     tokens: PromptTokenizer,
-    run_dir: Path,
-    config: HeadTrainConfig = HeadTrainConfig(),
-    *,
-    parents: Mapping[str, str] | None = None,
-    on_log: Callable[[str], None] | None = None,
-) -> Manifest:
-    """Fit on the teachers' lists, validate on ``served``'s (every validation user whose item
-    it retrieves), write the run folder and its manifest; the manifest's ``rank_weight`` is the
-    tuned fusion weight when its validation gain's interval excludes 0, else 0."""
-    say = on_log or (lambda _message: None)
+    config: HeadTrainConfig,
+    say: Callable[[str], None] = lambda _message: None,
+) -> tuple[ListwiseHead, list[int]]:
+    """The head fitted on every teacher's held-out lists, and how many lists each gave."""
     if not teachers:
         raise ValueError("a head trains on at least one teacher's lists (--teacher-run)")
-    started = time.perf_counter()
-    served = with_side_features(served)
-    num_users = served.dataset.split().num_users
     parts, per_teacher = [], []
     for teacher in teachers:
         if teacher.holdout_last < 1:
@@ -181,23 +186,57 @@ def train_head(
         per_teacher.append(len(parts[-1][2]))
         say(f"teacher with the last {teacher.holdout_last} held out: {per_teacher[-1]} lists")
     rows, base, labels = (np.concatenate(p) for p in zip(*parts, strict=True))
-    module = fit_head(ListwiseHead(rows.shape[-1]), rows, base, labels, config)
-    head = module.linear()
+    return fit_head(ListwiseHead(rows.shape[-1]), rows, base, labels, config), per_teacher
 
+
+def validate_head(
+    module: ListwiseHead, served: TrainInputs, tokens: PromptTokenizer, config: HeadTrainConfig
+) -> HeadValidation:
+    """``module`` on ``served``'s validation lists: the fusion weight tuned there, its gain's
+    interval, and the listwise losses."""
+    served = with_side_features(served)
+    num_users = served.dataset.split().num_users
     maker = ExampleMaker(served, example_config(config, 0, num_users), tokens)
     valid = maker.validation_set()
     if not valid.layouts:
         raise ValueError("no validation user has its item in the served retriever's top-20")
-    rows_valid = np.stack([candidate_rows(layout) for layout in valid.layouts])
-    logits = np.stack([head.scores(r) for r in rows_valid])
-    losses = validation_losses(module, rows_valid, valid)
+    head = module.linear()
+    rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
+    logits = np.stack([head.scores(r) for r in rows])
     chosen = served_weight(logits, valid.labels, valid.retriever_scores, seed=config.seed)
-    say(f"validation ({len(valid.labels)} users with their item retrieved): {chosen}")
+    metrics = {**chosen, **validation_losses(module, rows, valid)}
+    return HeadValidation(
+        maker, rows, logits, valid.labels, valid.retriever_scores, valid.retriever_ranks, metrics
+    )
+
+
+def train_head(
+    served: TrainInputs,
+    teachers: Sequence[Teacher],
+    tokens: PromptTokenizer,
+    run_dir: Path,
+    config: HeadTrainConfig = HeadTrainConfig(),
+    *,
+    parents: Mapping[str, str] | None = None,
+    on_log: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Fit on the teachers' lists, validate on ``served``'s (every validation user whose item
+    it retrieves), write the run folder and its manifest; the manifest's ``rank_weight`` is the
+    tuned fusion weight when its validation gain's interval excludes 0, else 0."""
+    say = on_log or (lambda _message: None)
+    started = time.perf_counter()
+    module, per_teacher = fit_on_teachers(teachers, tokens, config, say)
+    head = module.linear()
+    valid = validate_head(module, served, tokens, config)
+    say(f"validation ({len(valid.labels)} users with their item retrieved): {valid.metrics}")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     head.save(run_dir / HEAD_FILE)
     (run_dir / CONFIG_FILE).write_text(RankerConfig(prompt=PROMPT, seed=config.seed).to_json())
-    write_run_tables(run_dir, served.features, maker.trends, maker.covisit)  # the served rows
+    maker = valid.maker
+    write_run_tables(  # the tables the served rows are computed from
+        run_dir, maker.inputs.features, maker.trends, maker.covisit, maker.demographics
+    )
     manifest = Manifest(
         kind="ranker",
         run_id=run_dir.name,
@@ -205,13 +244,12 @@ def train_head(
         config={"head": asdict(config), "prompt": asdict(PROMPT), "llm_dir": None},
         data_fingerprint=served.dataset.summary.fingerprint,
         metrics={
-            "examples": len(labels),
+            "examples": sum(per_teacher),
             "lists_per_teacher": per_teacher,
             "retriever_scale": round(head.scale, 4),
             "valid_users": len(valid.labels),
             "valid_retriever_order_ndcg@10": round(ndcg_at_k(valid.retriever_ranks, 10), 4),
-            **losses,
-            **chosen,
+            **valid.metrics,
             "train_seconds": round(time.perf_counter() - started, 1),
         },
         parents=dict(parents or {}),

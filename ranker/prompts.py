@@ -10,7 +10,7 @@ through them (``ranker.train``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
@@ -52,6 +52,8 @@ class PromptInput:
     timestamp: float | None = None  # decision time (epoch s): what "recent" means (ranker.trends)
     candidate_context: np.ndarray | None = field(default=None, compare=False)  # [n, k] extra
     # per-candidate evidence the ranker computed for this decision (e.g. recent popularity)
+    user_attributes: Mapping[str, object] | None = field(default=None, compare=False)
+    # who the user is (gender, age, occupation), for ranker.demographics; None = unknown
 
 
 @dataclass(frozen=True)

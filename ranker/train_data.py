@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ranker.covisit import CovisitTable, with_covisit
+from ranker.demographics import DemographicTable, attributes_of, with_demographics
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
 from ranker.trends import TrendTable, with_trends
@@ -60,6 +61,7 @@ class ExampleConfig:
     valid_users: int = 64
     trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
     covisit: bool = False  # candidates carry other people's co-visitation (ranker.covisit)
+    demographics: bool = False  # candidates carry their lift in the user's groups
     shuffle: bool = True  # retrieved mode: show the top-20 in a random order (see below)
     seed: int = 0
 
@@ -159,6 +161,12 @@ class ExampleMaker:
         self.covisit = None
         if config.covisit:
             self.covisit = CovisitTable.build(self.split.train, self.num_items)
+        self.attributes = [attributes_of(inputs.dataset.profile(u)) for u in self.user_ids]
+        self.demographics = None
+        if config.demographics:
+            self.demographics = DemographicTable.build(
+                self.attributes, self.split.train, self.num_items
+            )
         self.index_of = {item_id: n for n, item_id in enumerate(inputs.features.ids or [])}
 
     @lru_cache(maxsize=2)  # noqa: B019 - one maker per run; the cache holds two permutations
@@ -204,6 +212,8 @@ class ExampleMaker:
             inp = with_trends(inp, self.trends, self.index_of)
         if self.covisit is not None:
             inp = with_covisit(inp, self.covisit, self.index_of, own)
+        if self.demographics is not None:
+            inp = with_demographics(inp, self.demographics, self.index_of, own)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def batch(self, cursor: int, size: int, num_candidates: int = MAX_CANDIDATES) -> TrainBatch:
@@ -249,6 +259,7 @@ class ExampleMaker:
                     vectors[row],
                     scores,
                     float(self.times[user][position - 1]),  # decided after the last history item
+                    self.attributes[user],
                 )
                 layouts.append(self._render(inp, rng, self.split.train[user]))
                 labels.append(label)
@@ -310,6 +321,7 @@ class ExampleMaker:
                 vector,
                 self._scores(vector, candidates),
                 float(self.times[user][len(history) - 1]),
+                self.attributes[user],
             )
             layouts.append(self._render(inp))
             labels.append(int(np.flatnonzero(candidates == target)[0]))

@@ -21,6 +21,7 @@ import numpy as np
 
 from feature_store.near_cache import StaleUserRead
 from ranker.backends.base import RankerError, RankerTimeout
+from ranker.demographics import attributes_of
 from ranker.fusion import fuse, order
 from ranker.prompts import PromptError, PromptInput, PromptItem
 from services.common.fallbacks import Fallback
@@ -74,6 +75,7 @@ class Candidates:
     recent: list[str]  # history items shown in the prompt
     version: int | None  # feature version the user record came from
     preference: str | None
+    attributes: dict[str, object] | None  # gender / age / occupation (ranker.demographics)
     user_embedding: np.ndarray | None
     store_down: bool
     decided_at: float = field(default_factory=time.time)
@@ -174,6 +176,7 @@ class RecommendPipeline:
                     recent=history[-s.prompt_history :] if s.prompt_history else [],
                     version=user_read.version if user_read is not None else None,
                     preference=user.preference if user is not None else None,
+                    attributes=attributes_of(user),
                     user_embedding=retrieved.user_embedding,
                     store_down=store_down,
                 )
@@ -281,6 +284,7 @@ class RecommendPipeline:
             history=[self._prompt_item(i, records) for i in c.recent],
             candidates=[self._prompt_item(i, records) for i in c.ids],
             preference=c.preference,
+            user_attributes=c.attributes,
             user_embedding=c.user_embedding,
             retriever_scores=c.base,
             timestamp=c.decided_at,

@@ -35,6 +35,13 @@ def train_head(
     max_lists: Annotated[int, typer.Option(min=1, help="Lists per teacher, at most.")] = 30_000,
     trends: Annotated[bool, typer.Option(help="Recent popularity columns.")] = True,
     covisit: Annotated[bool, typer.Option(help="Co-visitation columns.")] = True,
+    demographics: Annotated[
+        bool,
+        typer.Option(
+            help="Columns of each candidate's lift among users of the user's gender, age band "
+            "and occupation (needs the dataset's users file)."
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the list order and the optimiser.")] = 0,
 ) -> None:
@@ -59,7 +66,7 @@ def train_head(
     root = artifacts_root()
     config = HeadTrainConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, max_lists=max_lists, trends=trends,
-        covisit=covisit, seed=seed,
+        covisit=covisit, demographics=demographics, seed=seed,
     )  # fmt: skip
     try:
         data = Dataset.load(dataset_dir(dataset))

@@ -245,9 +245,11 @@ class RecordingBackend(SlowBackend):
     def __init__(self, inner):
         super().__init__(inner, 0.0)
         self.answers: list[np.ndarray] = []
+        self.prompts: list = []
 
     async def score(self, prompts, *, request_id=None, deadline_s=None):
         answers = await super().score(prompts, request_id=request_id, deadline_s=deadline_s)
+        self.prompts.extend(prompts)
         self.answers.extend(answers)
         return answers
 
@@ -283,6 +285,44 @@ async def test_a_head_ranker_run_is_served_in_process_without_an_llm(
     by_head = np.argsort(-scores, kind="stable") + 1  # retrieval ranks, best first
     assert by_head.tolist() != list(range(1, 21))  # the head did re-order
     assert [item["retrieval_rank"] for item in out["items"]] == by_head.tolist()
+
+
+async def test_a_demographic_head_reads_the_users_attributes_from_the_store(
+    served_dataset, redis_url, namespace, tiny_retriever_run, tiny_llm_dir, tmp_path
+):
+    """A head trained with ``demographics`` gets the user's gender / age / occupation from the
+    feature store's user record: its group-lift columns are not the zeros of an unknown user."""
+    from ranker.demographics import WIDTH
+    from ranker.head_train import HeadTrainConfig, Teacher, train_head
+    from ranker.inputs import InputRuns, load_inputs
+    from ranker.llm import load_tokenizer
+    from ranker.prompts import PromptTokenizer
+    from tandem.data.users import UserProfile, UserProfiles
+
+    ids = served_dataset.interactions.user_ids
+    dataset = dataclasses.replace(
+        served_dataset,
+        users=UserProfiles.from_profiles(
+            UserProfile(u, age=18 + 9 * (n % 5), gender="MF"[n % 2], occupation=f"job{n % 3}")
+            for n, u in enumerate(ids)
+        ),
+    )
+    publish_dataset(redis_url, namespace, dataset)
+    inputs = load_inputs(dataset, InputRuns(retriever=tiny_retriever_run))
+    run = tmp_path / "head-d"
+    train_head(inputs, [Teacher(inputs, 3)], PromptTokenizer(load_tokenizer(tiny_llm_dir)), run,
+               HeadTrainConfig(epochs=2, demographics=True))  # fmt: skip
+    settings = GatewaySettings(
+        _env_file=None, retriever_run=tiny_retriever_run, ranker_run=run,
+        llm_dir=tmp_path / "no-llm-here", rank_weight=1.0,
+    )  # fmt: skip
+    recorder = RecordingBackend(load_artifacts(settings).ranker.backend)
+    artifacts = with_backend(load_artifacts(settings), recorder)
+    async with gateway(artifacts, redis_url, namespace, rank_weight=1.0) as client:
+        out = await recommend(client, user_id=ids[0], k=20)
+    assert out["degraded"] == []
+    (prompt,) = recorder.prompts
+    assert np.abs(prompt.soft_vectors[:, -WIDTH:]).sum() > 0
 
 
 async def test_given_history_replaces_the_stored_one_and_unknown_ids_are_reported(

@@ -14,6 +14,8 @@ from ranker.head_train import (
     HeadTrainConfig,
     ListwiseHead,
     Teacher,
+    candidate_rows,
+    example_config,
     fit_head,
     train_head,
 )
@@ -21,6 +23,7 @@ from ranker.inputs import InputRuns, load_inputs
 from ranker.llm import load_tokenizer
 from ranker.prompts import PromptTokenizer
 from ranker.shipping import check_shipped, export_run, llm_layers
+from ranker.train_data import ExampleMaker, with_side_features
 from tandem.artifacts import Manifest
 from tandem.data import Dataset
 
@@ -94,28 +97,65 @@ def test_training_writes_a_servable_run_with_its_validation(head_run: Path):
 def test_served_rows_are_the_rows_it_was_validated_on(head_run: Path, served, tiny_llm_dir):
     """The gateway's rendering (the run's own item table, trends, co-visits) gives the rows the
     training code gave for the same list."""
-    from ranker.head_train import candidate_rows, example_config
-    from ranker.train_data import ExampleMaker, with_side_features
+    served_rows, trained_rows = _rows_both_ways(head_run, served, tiny_llm_dir, HeadTrainConfig())
+    assert np.allclose(served_rows, trained_rows, atol=1e-5)
+
+
+def test_demographic_columns_travel_with_the_run(served, tiny_llm_dir, tmp_path: Path):
+    """With ``demographics`` the run carries its group table, and the served rows (the user's
+    attributes from the request) are again the rows training validated on."""
+    from dataclasses import replace
+
+    from ranker.demographics import DEMOGRAPHICS_FILE, WIDTH
+    from tandem.data.users import UserProfile, UserProfiles
+
+    ids = served.dataset.interactions.user_ids
+    profiles = UserProfiles.from_profiles(
+        UserProfile(u, age=20 + 7 * (n % 6), gender="MF"[n % 2], occupation=f"job{n % 3}")
+        for n, u in enumerate(ids)
+    )
+    served = replace(served, dataset=replace(served.dataset, users=profiles))
+    config = HeadTrainConfig(epochs=3, demographics=True)
+    run_dir = tmp_path / "head-d"
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    train_head(served, [Teacher(served, holdout_last=3)], tokens, run_dir, config)
+    assert (run_dir / DEMOGRAPHICS_FILE).is_file()
+    served_rows, trained_rows = _rows_both_ways(run_dir, served, tiny_llm_dir, config)
+    assert np.allclose(served_rows, trained_rows, atol=1e-5)
+    plain = ExampleMaker(
+        with_side_features(served), example_config(HeadTrainConfig(), 0, 8), tokens
+    )
+    assert (
+        trained_rows.shape[-1]
+        == candidate_rows(plain.validation_set().layouts[0]).shape[-1] + WIDTH
+    )
+
+
+def _rows_both_ways(run_dir: Path, served, tiny_llm_dir, config: HeadTrainConfig):
+    """The first validation list's rows as the served ``HeadRanker`` renders them from a
+    request's fields, and as training rendered them."""
+    from ranker.demographics import attributes_of
+    from ranker.examples import prompt_input
 
     maker = ExampleMaker(
-        with_side_features(served), example_config(HeadTrainConfig(), 0, 8),
+        with_side_features(served), example_config(config, 0, 8),
         PromptTokenizer(load_tokenizer(tiny_llm_dir)),
     )  # fmt: skip
     layouts = maker.validation_set().layouts
-    ranker = HeadRanker.load(head_run)
+    ranker = HeadRanker.load(run_dir)
     split = served.dataset.split()
-    from ranker.examples import prompt_input
-
     order = np.random.default_rng(1).permutation(split.num_users)
     user = next(u for u in order if int(split.valid_target[u]) in _top(served, split, u))
     history = split.valid_inputs()[user]
     vector = served.source.user_vectors([history])[0]
     top, _ = served.source.top_k([history], 20, vector[None, :])
+    user_id = served.dataset.interactions.user_ids[user]
     inp = prompt_input(
         served.features, history, top[0], None, vector, served.source.scores(vector, top[0]),
         float(served.dataset.interactions.timestamps()[user][len(history) - 1]),
+        attributes_of(served.dataset.profile(user_id)),
     )  # fmt: skip
-    assert np.allclose(ranker.rows(inp), candidate_rows(layouts[0]), atol=1e-5)
+    return ranker.rows(inp), candidate_rows(layouts[0])
 
 
 def _top(served, split, user) -> set[int]:

@@ -1,0 +1,142 @@
+"""Do the user's demographics help the head ranker? Heads with and without three extra columns.
+
+The columns (``ranker.demographics``, issue 13's "features the ID retriever never sees"): for
+the user's gender, age band and occupation, each candidate's share of the group's training
+interactions over its share of all of them (log lift, add-one smoothed), with the user's own
+interactions left out, so a training list never sees its own target counted.
+
+Both heads are fitted exactly as ``tandem ranker train-head`` fits them (same teachers, lists,
+epochs, seed) and validated on the served retriever's lists; the table reports each one's
+tuned validation NDCG@10 and listwise loss, and the paired bootstrap interval of the
+difference (with minus without) over the validation users. The head with them is
+``tandem ranker train-head --demographics``.
+
+    python benchmarks/ranker_head_demographics.py --teacher-run T10 --teacher-run T15 \
+        --teacher-run T5 [--retriever-run SERVED] [--llm artifacts/llm-2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ranker.head_train import (  # noqa: E402
+    HeadTrainConfig,
+    Teacher,
+    fit_on_teachers,
+    validate_head,
+)
+from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
+from ranker.llm import load_tokenizer  # noqa: E402
+from ranker.prompts import PromptTokenizer  # noqa: E402
+from ranker.train_validate import fused_ranks  # noqa: E402
+from tandem.artifacts import Manifest, resolve_run  # noqa: E402
+from tandem.data import Dataset  # noqa: E402
+from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
+from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def fit_and_validate(served, teachers, tokens, demographics: bool) -> dict:
+    """A head fitted as ``tandem ranker train-head`` fits it, validated on ``served``'s lists."""
+    config = HeadTrainConfig(demographics=demographics)
+    module, per_teacher = fit_on_teachers(teachers, tokens, config)
+    valid = validate_head(module, served, tokens, config)
+    weight = valid.metrics["rank_weight_best"]
+    ranks = fused_ranks(valid.logits, valid.labels, valid.retriever_scores, weight)
+    return {
+        "lists": sum(per_teacher),
+        "columns": int(valid.rows.shape[-1]),
+        **valid.metrics,
+        "per_user": ndcg_per_user(ranks, 10),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
+    parser.add_argument("--retriever-run", type=Path, default=None)
+    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    root = artifacts_root()
+    data = Dataset.load(dataset_dir("ml-100k"))
+
+    def inputs(run: Path | None):
+        runs = resolve_inputs(
+            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
+        )
+        return load_inputs(data, runs), runs.retriever
+
+    served, served_run = inputs(args.retriever_run)
+    teachers = []
+    for run in args.teacher_run:
+        run = resolve_run(run)
+        holdout = Manifest.read(run).config["train"]["holdout_last"]
+        teachers.append(Teacher(inputs(run)[0], holdout))
+    tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
+    arms = {
+        name: fit_and_validate(served, teachers, tokens, demographics)
+        for name, demographics in (("without", False), ("with demographics", True))
+    }
+    with_, without = arms["with demographics"]["per_user"], arms["without"]["per_user"]
+    lo, hi = paired_bootstrap_ci(with_, without)
+    results = {
+        "teachers": [str(t) for t in args.teacher_run],
+        "served_retriever": str(served_run),
+        "arms": {k: {m: v for m, v in a.items() if m != "per_user"} for k, a in arms.items()},
+        "valid_users": len(with_),
+        "ndcg10_diff": round(float(with_.mean() - without.mean()), 5),
+        "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ranker_head_demographics.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "ranker_head_demographics.md").write_text(report(results))
+    print(report(results))
+
+
+def report(results: dict) -> str:
+    command = "python benchmarks/ranker_head_demographics.py " + " ".join(
+        f"--teacher-run {t}" for t in results["teachers"]
+    )
+    lines = [
+        "# Head ranker: do the user's demographics help?",
+        "",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        f"Command: `{command}`; served retriever `{results['served_retriever']}`. Validation: "
+        f"the {results['valid_users']} validation users whose item the served retriever puts "
+        "in its top-20, NDCG@10 of that item at each head's tuned fusion weight.",
+        "",
+        "| head | columns | lists | tuned weight | valid NDCG@10 | gain over retriever, 95% "
+        "interval | valid loss (retriever) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in results["arms"].items():
+        lo, hi = arm["valid_gain_ci95"]
+        lines.append(
+            f"| {name} | {arm['columns']} | {arm['lists']:,} | {arm['rank_weight_best']} "
+            f"| {arm['valid_fused_ndcg@10']:.4f} | [{lo:+.4f}, {hi:+.4f}] "
+            f"| {arm['valid_loss']:.3f} ({arm['valid_retriever_loss']:.3f}) |"
+        )
+    lo, hi = results["ndcg10_diff_ci95"]
+    lines += [
+        "",
+        f"With minus without: {results['ndcg10_diff']:+.4f} valid NDCG@10, paired bootstrap 95% "
+        f"interval [{lo:+.4f}, {hi:+.4f}].",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
