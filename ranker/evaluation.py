@@ -444,9 +444,10 @@ def evaluate_two_stage(
     ``run`` is a ranker run (or its kind folder); ``zero_shot`` evaluates the bare LLM with the
     newest retriever instead. ``retriever_run`` serves another retriever than the one the run
     trained on (a ranker whose prompt reads no retriever-space vectors, trained on a teacher's
-    lists). The report goes into the run's manifest (``report["stored_in"]``)
-    and to ``json_out``. FileNotFoundError / ValueError when a run, its inputs or the LLM is
-    missing or does not fit.
+    lists). The report goes to ``json_out`` and, when the run was served with its own
+    retriever, into the run's manifest (``report["stored_in"]``): an evaluation beside another
+    retriever is not the run's own record. FileNotFoundError / ValueError when a run, its
+    inputs or the LLM is missing or does not fit.
     """
     import json
     from pathlib import Path
@@ -503,9 +504,10 @@ def evaluate_two_stage(
         trained = Manifest.read(run_dir)
         report["examples_seen"] = trained.metrics.get("examples")
         report["recipe"] = trained.config.get("train") or trained.config.get("head")
-        trained.metrics[f"two_stage_{split}"] = report
-        trained.write(run_dir)
-        report["stored_in"] = str(run_dir / "manifest.json")
+        if retriever_run is None:
+            trained.metrics[f"two_stage_{split}"] = report
+            trained.write(run_dir)
+            report["stored_in"] = str(run_dir / "manifest.json")
     if json_out is not None:
         json_out = Path(json_out)
         json_out.parent.mkdir(parents=True, exist_ok=True)

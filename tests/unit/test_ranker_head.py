@@ -226,3 +226,24 @@ def test_the_cli_trains_from_a_teacher_and_refuses_one_without_a_held_out_tail(
     assert result.exit_code == 0, result.output
     (run,) = (root / "synthetic" / "ranker").glob("head-*")
     assert Manifest.read(run).parents["teachers"] == str(teacher) and is_head_run(run)
+
+
+def test_an_evaluation_beside_another_retriever_is_not_stored_in_the_run(
+    head_run: Path, tiny_retriever_run: Path, tmp_path: Path, monkeypatch
+):
+    """The run's manifest keeps its own evaluation: a report made with another retriever goes
+    to its JSON file only."""
+    import json
+
+    from ranker.evaluation import evaluate_two_stage
+    from retriever.core import Retriever
+
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tiny_retriever_run.resolve().parents[2]))
+    before = (head_run / "manifest.json").read_text()
+    report = evaluate_two_stage(
+        head_run, Retriever.load(tiny_retriever_run).manifest.dataset, "valid",
+        tmp_path / "report.json", ablations=False, mapb_users=0, fusion_users=8,
+        retriever_run=tiny_retriever_run,
+    )  # fmt: skip
+    assert (head_run / "manifest.json").read_text() == before and "stored_in" not in report
+    assert json.loads((tmp_path / "report.json").read_text())["fused"]["ndcg@10"] >= 0
