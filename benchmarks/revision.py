@@ -23,10 +23,12 @@ PREPARE_SCRIPT = """
 import json, sys
 from pathlib import Path
 from tandem.data import Dataset
-try:
+# Chosen by what the tree has, not by trying the import: the editable install of the current
+# checkout would lend an older tree its own tandem.testing, written for the newer code.
+if Path("tandem/testing/stack.py").is_file():
     from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
     from tandem.testing.tiny_llm import make_tiny_llm, make_tiny_lora
-except ImportError:  # revisions before tandem.testing kept these under tests/fixtures
+else:  # revisions before tandem.testing kept these under tests/fixtures
     from tests.fixtures.services import ITEM_DIM, make_tiny_ranker_run, publish_dataset
     from tests.fixtures.tiny_llm import make_tiny_llm, make_tiny_lora
 args = json.loads(sys.argv[1])
