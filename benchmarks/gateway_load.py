@@ -457,11 +457,15 @@ def run_profile(
         }
         threads = str(os.cpu_count() or 1)  # a real LLM in-process uses every core
         env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        from ranker.head import is_head_run
         from tandem.artifacts import resolve_run
 
         run = None
         with contextlib.suppress(FileNotFoundError):  # no trained run: the base LLM zero-shot
             run = resolve_run(assets.artifacts / assets.dataset.name / "ranker")  # type: ignore[attr-defined]
+        if is_head_run(run):  # a head ranker runs no LLM: this profile measures SmolLM2
+            run = None
+        if run is not None:
             env["TANDEM_RANKER_RUN"] = str(run)
         info["ranker_run"] = str(run) if run else "zero-shot (no trained ranker run)"
         plan = slow_plan
