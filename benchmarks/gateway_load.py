@@ -532,6 +532,8 @@ def main() -> None:
             earlier = kept if kept.get("commit") == commit else {}
             baseline = results["baseline"] = {**earlier, "rev": args.baseline, "commit": commit}
             old_assets = baseline_assets(tree, assets)
+        elif kept:  # no baseline arm this time: the earlier one's figures stay as they were
+            results["baseline"] = kept
         for name in args.profiles.split(","):
             arms = [("baseline", tree, old_assets)] if baseline is not None else []
             for arm, source, arm_assets in [*arms, ("this", REPO, assets)]:
