@@ -15,6 +15,8 @@ Profiles:
   the gateway's own cost (target p99 <= 15 ms).
 - ``soak`` / ``soak-vllm``: ``tiny`` / ``tiny-vllm`` at concurrency 8 for 5 minutes: errors
   and the gateway's RSS growth (with the ranker in its process, and without).
+- ``soak-head``: the same with the shipped head ranker (``models/ranker``, what ``make run``
+  serves; this revision only: older ones cannot load a head run).
 - ``smollm2``/``smollm2-vllm``: SmolLM2-135M (``artifacts/llm``, from ``tandem llm prepare``)
   with the trained ranker run if one exists, in-process and behind a vLLM CPU server.
 Concurrency 1, 8 and 32 for the fast profiles, 1 and 8 for SmolLM2.
@@ -68,7 +70,8 @@ from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
 
 RESULTS = REPO / "benchmarks" / "results"
 PROFILES = (
-    "none", "tiny", "tiny-embedded", "tiny-vllm", "soak", "soak-vllm", "smollm2", "smollm2-vllm",
+    "none", "tiny", "tiny-embedded", "tiny-vllm", "soak", "soak-vllm", "soak-head", "smollm2",
+    "smollm2-vllm",
 )  # fmt: skip
 NAMESPACE = "bench"
 API_KEY = "bench-key"
@@ -433,6 +436,12 @@ def run_profile(
     info: dict = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " (aiohttp)"}
     if name == "none":
         env, plan = {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES}, fast_plan
+    elif name == "soak-head":
+        if source != REPO:
+            raise Skip("an older revision cannot load a head ranker run")
+        shipped = REPO / "models" / "ranker"
+        env, plan = {"TANDEM_RANKER_RUN": str(shipped), **FAST_DEADLINES}, fast_plan
+        info["ranker_run"] = str(shipped)
     elif name in ("tiny", "tiny-embedded", "soak", "tiny-vllm", "soak-vllm"):
         tiny = tiny_models(work, assets, source)
         env = {
@@ -486,7 +495,7 @@ def run_profile(
         folder, assets, env, source=source, embedded_retrieval=name == "tiny-embedded"
     )
     try:
-        if name in ("soak", "soak-vllm"):
+        if name in ("soak", "soak-vllm", "soak-head"):
             return {**info, **soak(stack, users, 20.0 if quick else soak_s)}
         return {**info, **measure(stack, users, plan, warmup=8 if plan is slow_plan else 50)}
     finally:
@@ -608,7 +617,7 @@ def report(results: dict) -> str:
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += comparison_report(results)
-    for soak_name in ("soak", "soak-vllm"):
+    for soak_name in ("soak", "soak-vllm", "soak-head"):
         soak_result = results.get(soak_name)
         if not soak_result or "skipped" in soak_result:
             continue
