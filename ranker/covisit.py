@@ -18,10 +18,12 @@ Saved sparse as safetensors with the run, so serving reads exactly what training
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ranker.prompts import with_candidate_context
 
 WINDOW = 5  # b counts for a when it follows within this many positions
 RECENT = 5  # history items a candidate is compared with
@@ -108,6 +110,4 @@ def with_covisit(inp, table: CovisitTable, index_of: dict[str, int], own=None):
     history = np.array([index_of.get(h.item_id, 0) for h in inp.history], dtype=np.int64)
     items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
     extra = table.features(history, items, own)
-    context = inp.candidate_context
-    merged = extra if context is None else np.concatenate([np.asarray(context), extra], axis=1)
-    return replace(inp, candidate_context=merged)
+    return with_candidate_context(inp, extra)

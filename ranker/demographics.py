@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ranker.prompts import with_candidate_context
 
 ATTRIBUTES = ("gender", "age", "occupation")
 AGE_BANDS = (18, 25, 35, 45, 50, 56)  # ages are grouped at these bounds (MovieLens-1M's)
@@ -122,6 +124,4 @@ def with_demographics(inp, table: DemographicTable, index_of: dict[str, int], ow
         own = np.array([index_of.get(h.item_id, 0) for h in inp.history], dtype=np.int64)
     items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
     extra = table.features(inp.user_attributes, items, own)
-    context = inp.candidate_context
-    merged = extra if context is None else np.concatenate([np.asarray(context), extra], axis=1)
-    return replace(inp, candidate_context=merged)
+    return with_candidate_context(inp, extra)

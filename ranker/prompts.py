@@ -56,6 +56,13 @@ class PromptInput:
     # who the user is (gender, age, occupation), for ranker.demographics; None = unknown
 
 
+def with_candidate_context(inp: PromptInput, extra: np.ndarray) -> PromptInput:
+    """``inp`` with ``extra`` (``[n, k]``) appended to its candidates' context columns."""
+    context = inp.candidate_context
+    merged = extra if context is None else np.concatenate([np.asarray(context), extra], axis=1)
+    return replace(inp, candidate_context=merged)
+
+
 @dataclass(frozen=True)
 class Domain:
     persona: str  # MLLM4Rec role-play opening
