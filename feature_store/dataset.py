@@ -30,6 +30,7 @@ from feature_store.schema import FORMAT, ItemRecord, UserRecord
 from feature_store.writer import DEFAULT_HISTORY_CAP, FeatureWriter
 from tandem.artifacts import MANIFEST
 from tandem.data import DataFormatError, Dataset
+from tandem.data.users import UserProfile
 
 EMBEDDINGS_TENSOR = "embeddings"
 T = TypeVar("T")
@@ -65,6 +66,16 @@ class FeatureSources:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+def profile_fields(profile: UserProfile | None) -> dict[str, object]:
+    """A dataset user's side features as ``UserRecord`` fields (None where unknown)."""
+    return {
+        "age": profile.age if profile else None,
+        "gender": profile.gender if profile else None,
+        "occupation": profile.occupation if profile else None,
+        "zip_code": profile.zip_code if profile else None,
+    }
+
+
 def records_from_dataset(
     dataset: Dataset,
     *,
@@ -90,17 +101,13 @@ def records_from_dataset(
         sequences = dataset.interactions.sequences()
         for user_id, sequence in zip(user_ids, sequences, strict=True):
             pref = prefs.get(user_id)
-            profile = dataset.profile(user_id)
             yield UserRecord(
                 user_id=user_id,
                 history=tuple(item_ids[sequence[-history_cap:] - 1]),
                 preference=pref.text if pref else None,
                 watermark=pref.watermark if pref else 0,
                 updated_at=built_at,
-                age=profile.age if profile else None,
-                gender=profile.gender if profile else None,
-                occupation=profile.occupation if profile else None,
-                zip_code=profile.zip_code if profile else None,
+                **profile_fields(dataset.profile(user_id)),
             )
 
     def items() -> Iterator[ItemRecord]:

@@ -19,6 +19,7 @@ def item_embeddings(item_ids: Sequence[str], dim: int = ITEM_DIM, seed: int = 0)
 def publish_dataset(url: str, namespace: str, dataset, *, manifest_id: str = "test") -> int:
     """Publish every user (full history, a preference for even users, the dataset's profile
     when it has one) and item (+embedding)."""
+    from feature_store.dataset import profile_fields
     from feature_store.schema import ItemRecord, UserRecord
     from feature_store.writer import FeatureWriter
 
@@ -29,22 +30,18 @@ def publish_dataset(url: str, namespace: str, dataset, *, manifest_id: str = "te
         ItemRecord(item_id, catalog.title_of(n + 1), caption=f"caption {n}", embedding=vectors[n])
         for n, item_id in enumerate(ids)
     ]
-    users = []
-    for n, (user_id, sequence) in enumerate(
-        zip(dataset.interactions.user_ids, dataset.interactions.sequences(), strict=True)
-    ):
-        profile = dataset.profile(user_id)
-        users.append(
-            UserRecord(
-                user_id,
-                tuple(catalog.id_of(sequence.tolist())),
-                preference="Enjoys long dramas." if n % 2 == 0 else None,
-                watermark=len(sequence),
-                age=profile.age if profile else None,
-                gender=profile.gender if profile else None,
-                occupation=profile.occupation if profile else None,
-            )
+    users = [
+        UserRecord(
+            user_id,
+            tuple(catalog.id_of(sequence.tolist())),
+            preference="Enjoys long dramas." if n % 2 == 0 else None,
+            watermark=len(sequence),
+            **profile_fields(dataset.profile(user_id)),
         )
+        for n, (user_id, sequence) in enumerate(
+            zip(dataset.interactions.user_ids, dataset.interactions.sequences(), strict=True)
+        )
+    ]
     writer = FeatureWriter(url, namespace)
     try:
         return writer.publish(users, items, manifest_id=manifest_id, embedding_dim=ITEM_DIM,
