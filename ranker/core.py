@@ -14,6 +14,7 @@ vLLM server). A trained run folder holds everything except the base LLM:
     trends.safetensors           recent popularity per item and day (ranker.trends), when used
     covisit.safetensors          other people's item-to-item co-visitation (ranker.covisit)
     demographics.safetensors     item popularity by user group (ranker.demographics), when used
+    ease.safetensors             item-item co-occurrence for the history's EASE score (ranker.ease)
     item_ids.json                the table's row ids (row i + 1 is item_ids[i]); when present the
                                  ranker reads item rows from its own table, so what it serves is
                                  exactly what it was trained on, whatever the feature store holds
@@ -31,8 +32,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ranker.backends.base import RankerBackend, RenderedPrompt
-from ranker.covisit import COVISIT_FILE, CovisitTable, with_covisit
-from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable, with_demographics
 from ranker.projector import Projector
 from ranker.prompts import (
     PromptConfig,
@@ -43,7 +42,7 @@ from ranker.prompts import (
     render_prompt,
     reorder,
 )
-from ranker.trends import TREND_FILE, TrendTable, with_trends
+from ranker.run_tables import RunTables
 from ranker.verbalizer import candidate_key, permutations, to_candidate_order
 
 if TYPE_CHECKING:
@@ -134,47 +133,27 @@ class ItemTable:
 
 
 def with_run_features(
-    inp: PromptInput,
-    item_table: ItemTable | None,
-    trends: TrendTable | None,
-    covisit: CovisitTable | None,
-    demographics: DemographicTable | None = None,
+    inp: PromptInput, item_table: ItemTable | None, tables: RunTables
 ) -> PromptInput:
-    """``inp`` with a run's own item rows, recent popularity, co-visitation and group lifts:
-    what both the LLM ranker and the head ranker read at serving time (the tables need the
-    item table), in the order training appended them."""
+    """``inp`` with a run's own item rows and its tables' columns: what both the LLM ranker and
+    the head ranker read at serving time (the tables need the item table's ids)."""
     if item_table is not None:
         inp = item_table.fill(inp)
-    if trends is not None:
-        inp = with_trends(inp, trends, item_table.index)
-    if covisit is not None:
-        inp = with_covisit(inp, covisit, item_table.index)
-    if demographics is not None:
-        inp = with_demographics(inp, demographics, item_table.index)
+    if not tables.empty:
+        inp = tables.apply(inp, item_table.index)
     return inp
 
 
-def write_run_tables(
-    run_dir: Path,
-    features: ItemFeatures | None,
-    trends: TrendTable | None,
-    covisit: CovisitTable | None,
-    demographics: DemographicTable | None = None,
-) -> None:
-    """The files ``ItemTable.load`` and the table loaders read back: the item rows training
-    used (with their ids) when given, and the trend, co-visitation and demographic tables."""
+def write_run_tables(run_dir: Path, features: ItemFeatures | None, tables: RunTables) -> None:
+    """The files ``ItemTable.load`` and ``RunTables.load`` read back: the item rows training
+    used (with their ids) when given, and the run's tables."""
     if features is not None:
         from safetensors.numpy import save_file
 
         table = np.ascontiguousarray(features.embeddings, dtype=np.float32)
         save_file({"embeddings": table}, str(run_dir / ITEM_EMBEDDINGS))
         (run_dir / ITEM_IDS).write_text(json.dumps(features.ids[1:]))
-    if trends is not None:
-        trends.save(run_dir / TREND_FILE)
-    if covisit is not None:
-        covisit.save(run_dir / COVISIT_FILE)
-    if demographics is not None:
-        demographics.save(run_dir / DEMOGRAPHICS_FILE)
+    tables.save(run_dir)
 
 
 @dataclass(frozen=True)
@@ -205,8 +184,7 @@ class Ranker:
         user_projector: Projector | None = None,
         candidate_projector: Projector | None = None,
         item_table: ItemTable | None = None,
-        trends: TrendTable | None = None,
-        covisit: CovisitTable | None = None,
+        tables: RunTables = RunTables(),
     ):
         if config.prompt.item_soft_tokens and item_projector is None:
             raise ValueError("item soft tokens are on but no item projector was given")
@@ -225,10 +203,9 @@ class Ranker:
             "candidate": candidate_projector,
         }
         self.item_table = item_table
-        self.trends = trends
-        self.covisit = covisit
-        if (trends is not None or covisit is not None) and item_table is None:
-            raise ValueError("trend and co-visitation features need the run's item table (ids)")
+        self.tables = tables
+        if not tables.empty and item_table is None:
+            raise ValueError("a run's tables (trends, co-visitation...) need its item table (ids)")
 
     @classmethod
     def load(
@@ -262,7 +239,8 @@ class Ranker:
                 return HeadRanker.load(run_dir)
         tokenizer = load_tokenizer(llm_dir)
         projectors: dict[str, Projector] = {}
-        adapter = table = trends = covisit = None
+        adapter = table = None
+        tables = RunTables()
         if run_dir is not None:
             check_llm_layers(run_dir, llm_dir)
             config = config or RankerConfig.from_json((run_dir / CONFIG_FILE).read_text())
@@ -273,10 +251,7 @@ class Ranker:
                 adapter = run_dir / ADAPTER_DIR
             if (run_dir / ITEM_IDS).is_file():
                 table = ItemTable.load(run_dir)
-            if (run_dir / TREND_FILE).is_file():
-                trends = TrendTable.load(run_dir / TREND_FILE)
-            if (run_dir / COVISIT_FILE).is_file():
-                covisit = CovisitTable.load(run_dir / COVISIT_FILE)
+            tables = RunTables.load(run_dir)
         config = config or RankerConfig()
         if isinstance(backend, str):
             if backend != "transformers":
@@ -294,14 +269,13 @@ class Ranker:
             projectors.get("user"),
             projectors.get("candidate"),
             table,
-            trends,
-            covisit,
+            tables,
         )
 
     # -- rendering -----------------------------------------------------------------------
 
     def layout(self, inp: PromptInput) -> PromptLayout:
-        inp = with_run_features(inp, self.item_table, self.trends, self.covisit)
+        inp = with_run_features(inp, self.item_table, self.tables)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def project(self, layout: PromptLayout) -> np.ndarray | None:

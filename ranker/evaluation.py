@@ -255,8 +255,7 @@ def _with_config(ranker: Ranker, config: RankerConfig, backend=None) -> Ranker:
         ranker.projectors.get("user") if config.prompt.user_soft_token else None,
         ranker.projectors.get("candidate") if config.prompt.candidate_signals else None,
         ranker.item_table,
-        ranker.trends,
-        ranker.covisit,
+        ranker.tables,
     )
 
 

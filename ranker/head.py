@@ -15,7 +15,7 @@ ranker stage scores it through ``HeadBackend`` like any other backend. The head'
 ``scale * log_softmax(retriever) + rows @ weight`` up to a constant.
 
 A run folder holds ``head.safetensors`` instead of an adapter and projectors, beside the usual
-``ranker.json``, item table, trends and co-visitation files (``ranker.core``).
+``ranker.json``, item table and run tables (``ranker.core``, ``ranker.run_tables``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import numpy as np
 
 from ranker.backends.base import RenderedPrompt
 from ranker.core import CONFIG_FILE, ITEM_IDS, ItemTable, RankerConfig, with_run_features
-from ranker.covisit import COVISIT_FILE, CovisitTable
-from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
 from ranker.fusion import log_softmax
 from ranker.prompts import PromptInput, signal_rows
-from ranker.trends import TREND_FILE, TrendTable
+from ranker.run_tables import RunTables
 
 HEAD_FILE = "head.safetensors"
 
@@ -118,18 +116,14 @@ class HeadRanker:
         config: RankerConfig,
         head: LinearHead,
         item_table: ItemTable,
-        trends: TrendTable | None = None,
-        covisit: CovisitTable | None = None,
-        demographics: DemographicTable | None = None,
+        tables: RunTables = RunTables(),
     ):
         if not config.prompt.candidate_signals:
             raise ValueError("a head ranker reads candidate signal rows: use the pointer prompt")
         self.config = config
         self.backend = HeadBackend(head)
         self.item_table = item_table
-        self.trends = trends
-        self.covisit = covisit
-        self.demographics = demographics
+        self.tables = tables
 
     @classmethod
     def load(cls, run_dir: Path) -> HeadRanker:
@@ -139,18 +133,12 @@ class HeadRanker:
             RankerConfig.from_json((run_dir / CONFIG_FILE).read_text()),
             LinearHead.load(run_dir / HEAD_FILE),
             ItemTable.load(run_dir),
-            TrendTable.load(run_dir / TREND_FILE) if (run_dir / TREND_FILE).is_file() else None,
-            CovisitTable.load(run_dir / COVISIT_FILE)
-            if (run_dir / COVISIT_FILE).is_file()
-            else None,
-            DemographicTable.load(run_dir / DEMOGRAPHICS_FILE)
-            if (run_dir / DEMOGRAPHICS_FILE).is_file()
-            else None,
+            RunTables.load(run_dir),
         )
 
     def rows(self, inp: PromptInput) -> np.ndarray:
         """The candidates' signal rows, from the run's own item table and tables."""
-        inp = with_run_features(inp, self.item_table, self.trends, self.covisit, self.demographics)
+        inp = with_run_features(inp, self.item_table, self.tables)
         return signal_rows(inp, self.config.prompt)
 
     def render_all(self, inp: PromptInput) -> tuple[list[RenderedPrompt], np.ndarray]:

@@ -50,6 +50,7 @@ class HeadTrainConfig:
     trends: bool = True  # recent popularity columns (ranker.trends)
     covisit: bool = True  # co-visitation columns (ranker.covisit)
     demographics: bool = False  # lift in the user's gender / age / occupation groups
+    ease: bool = False  # the history's EASE score, the user's own row left out (ranker.ease)
     seed: int = 0
 
 
@@ -143,7 +144,7 @@ def fit_head(
 def example_config(config: HeadTrainConfig, steps_per_user: int, valid_users: int):
     return ExampleConfig(
         prompt=PROMPT, candidates="retrieved", trends=config.trends, covisit=config.covisit,
-        demographics=config.demographics, shuffle=True, valid_users=valid_users,
+        demographics=config.demographics, ease=config.ease, shuffle=True, valid_users=valid_users,
         steps_per_user=steps_per_user, seed=config.seed,
     )  # fmt: skip
 
@@ -234,9 +235,7 @@ def train_head(
     head.save(run_dir / HEAD_FILE)
     (run_dir / CONFIG_FILE).write_text(RankerConfig(prompt=PROMPT, seed=config.seed).to_json())
     maker = valid.maker
-    write_run_tables(  # the tables the served rows are computed from
-        run_dir, maker.inputs.features, maker.trends, maker.covisit, maker.demographics
-    )
+    write_run_tables(run_dir, maker.inputs.features, maker.tables)  # what the served rows read
     manifest = Manifest(
         kind="ranker",
         run_id=run_dir.name,

@@ -15,14 +15,13 @@ import shutil
 from pathlib import Path
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
-from ranker.covisit import COVISIT_FILE
 from ranker.head import HEAD_FILE
-from ranker.trends import TREND_FILE
+from ranker.run_tables import FILES as TABLE_FILES
 from tandem.artifacts import Manifest
 
 SERVING_FILES = (
-    CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, TREND_FILE, COVISIT_FILE, HEAD_FILE,
-    *PROJECTOR_FILES.values(),
+    CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, HEAD_FILE, *PROJECTOR_FILES.values(),
+    *(file for file, _ in TABLE_FILES.values()),
 )  # fmt: skip
 MAX_BYTES = 20 * 2**20  # everything under models/ stays this small
 

@@ -377,7 +377,7 @@ def train_ranker(
     shutil.rmtree(run_dir / ADAPTER_DIR, ignore_errors=True)
     write_weights(model, run_dir)
     uses_items = prompt.item_soft_tokens or prompt.candidate_signals
-    write_run_tables(run_dir, inputs.features if uses_items else None, maker.trends, maker.covisit)
+    write_run_tables(run_dir, inputs.features if uses_items else None, maker.tables)
     final = state.validations[-1] if state.validations else {}
     metrics = {
         "steps": state.step,

@@ -26,11 +26,13 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from ranker.covisit import CovisitTable, with_covisit
-from ranker.demographics import DemographicTable, attributes_of, with_demographics
+from ranker.covisit import CovisitTable
+from ranker.demographics import DemographicTable, attributes_of
+from ranker.ease import EaseTable
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
-from ranker.trends import TrendTable, with_trends
+from ranker.run_tables import RunTables
+from ranker.trends import TrendTable
 from ranker.verbalizer import MAX_CANDIDATES
 from tandem.data import Dataset
 
@@ -62,6 +64,7 @@ class ExampleConfig:
     trends: bool = False  # candidates carry recent popularity at decision time (ranker.trends)
     covisit: bool = False  # candidates carry other people's co-visitation (ranker.covisit)
     demographics: bool = False  # candidates carry their lift in the user's groups
+    ease: bool = False  # candidates carry the history's EASE score (ranker.ease)
     shuffle: bool = True  # retrieved mode: show the top-20 in a random order (see below)
     seed: int = 0
 
@@ -150,24 +153,24 @@ class ExampleMaker:
         self.num_items = inputs.dataset.catalog.num_items
         self.pool = example_pool(self.split.train, config.steps_per_user, config.min_history)
         self.times = inputs.dataset.interactions.timestamps()
-        self.trends = None
-        if config.trends:
-            train_times = np.concatenate(
-                [t[: len(s)] for t, s in zip(self.times, self.split.train, strict=True)]
-            )
-            self.trends = TrendTable.build(
-                train_times, np.concatenate(self.split.train), self.num_items
-            )
-        self.covisit = None
-        if config.covisit:
-            self.covisit = CovisitTable.build(self.split.train, self.num_items)
         self.attributes = [attributes_of(inputs.dataset.profile(u)) for u in self.user_ids]
-        self.demographics = None
-        if config.demographics:
-            self.demographics = DemographicTable.build(
-                self.attributes, self.split.train, self.num_items
-            )
+        self.tables = self._build_tables(config)
         self.index_of = {item_id: n for n, item_id in enumerate(inputs.features.ids or [])}
+
+    def _build_tables(self, config: ExampleConfig) -> RunTables:
+        """The run tables ``config`` asks for, from training interactions only."""
+        train = self.split.train
+        trends = covisit = demographics = ease = None
+        if config.trends:
+            times = np.concatenate([t[: len(s)] for t, s in zip(self.times, train, strict=True)])
+            trends = TrendTable.build(times, np.concatenate(train), self.num_items)
+        if config.covisit:
+            covisit = CovisitTable.build(train, self.num_items)
+        if config.demographics:
+            demographics = DemographicTable.build(self.attributes, train, self.num_items)
+        if config.ease:
+            ease = EaseTable.build(train, self.num_items)
+        return RunTables(trends, covisit, demographics, ease)
 
     @lru_cache(maxsize=2)  # noqa: B019 - one maker per run; the cache holds two permutations
     def _epoch(self, epoch: int) -> np.ndarray:
@@ -208,12 +211,7 @@ class ExampleMaker:
         """``own``: the user's training sequence, whose co-visitation pairs are left out."""
         if rng is not None:
             inp = drop_parts(inp, rng, self.config.part_dropout)
-        if self.trends is not None:
-            inp = with_trends(inp, self.trends, self.index_of)
-        if self.covisit is not None:
-            inp = with_covisit(inp, self.covisit, self.index_of, own)
-        if self.demographics is not None:
-            inp = with_demographics(inp, self.demographics, self.index_of, own)
+        inp = self.tables.apply(inp, self.index_of, own)
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def batch(self, cursor: int, size: int, num_candidates: int = MAX_CANDIDATES) -> TrainBatch:

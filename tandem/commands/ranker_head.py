@@ -42,6 +42,13 @@ def train_head(
             "and occupation (needs the dataset's users file)."
         ),
     ] = False,
+    ease: Annotated[
+        bool,
+        typer.Option(
+            help="A column of each candidate's EASE score from the whole history, the user's "
+            "own row left out of the model."
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the list order and the optimiser.")] = 0,
 ) -> None:
@@ -66,7 +73,7 @@ def train_head(
     root = artifacts_root()
     config = HeadTrainConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, max_lists=max_lists, trends=trends,
-        covisit=covisit, demographics=demographics, seed=seed,
+        covisit=covisit, demographics=demographics, ease=ease, seed=seed,
     )  # fmt: skip
     try:
         data = Dataset.load(dataset_dir(dataset))

@@ -1,18 +1,19 @@
-"""Do the user's demographics help the head ranker? Heads with and without three extra columns.
+"""Do extra candidate columns help the head ranker? Heads with and without them, one run.
 
-The columns (``ranker.demographics``, issue 13's "features the ID retriever never sees"): for
-the user's gender, age band and occupation, each candidate's share of the group's training
-interactions over its share of all of them (log lift, add-one smoothed), with the user's own
-interactions left out, so a training list never sees its own target counted.
+The column sets (``HeadTrainConfig`` switches, issue 13's "features the ID retriever never
+sees"): ``demographics`` (``ranker.demographics``: each candidate's log lift among users of the
+user's gender, age band and occupation) and ``ease`` (``ranker.ease``: the EASE score of the
+whole history); each leaves the user's own interactions out, so a training list never sees
+its own target counted.
 
 Both heads are fitted exactly as ``tandem ranker train-head`` fits them (same teachers, lists,
 epochs, seed) and validated on the served retriever's lists; the table reports each one's
 tuned validation NDCG@10 and listwise loss, and the paired bootstrap interval of the
 difference (with minus without) over the validation users. The head with them is
-``tandem ranker train-head --demographics``.
+``tandem ranker train-head --demographics`` / ``--ease``.
 
-    python benchmarks/ranker_head_demographics.py --teacher-run T10 --teacher-run T15 \
-        --teacher-run T5 [--retriever-run SERVED] [--llm artifacts/llm-2]
+    python benchmarks/ranker_head_columns.py --columns ease --teacher-run T10 \
+        --teacher-run T15 --teacher-run T5 [--retriever-run SERVED] [--llm artifacts/llm-2]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -43,11 +45,12 @@ from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+COLUMNS = ("demographics", "ease")  # HeadTrainConfig switches, off by default
 
 
-def fit_and_validate(served, teachers, tokens, demographics: bool) -> dict:
+def fit_and_validate(served, teachers, tokens, columns: Sequence[str]) -> dict:
     """A head fitted as ``tandem ranker train-head`` fits it, validated on ``served``'s lists."""
-    config = HeadTrainConfig(demographics=demographics)
+    config = HeadTrainConfig(**{name: True for name in columns})
     module, per_teacher = fit_on_teachers(teachers, tokens, config)
     valid = validate_head(module, served, tokens, config)
     weight = valid.metrics["rank_weight_best"]
@@ -62,6 +65,7 @@ def fit_and_validate(served, teachers, tokens, demographics: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--columns", action="append", choices=COLUMNS, required=True)
     parser.add_argument("--teacher-run", type=Path, action="append", required=True)
     parser.add_argument("--retriever-run", type=Path, default=None)
     parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
@@ -84,13 +88,15 @@ def main() -> None:
         holdout = Manifest.read(run).config["train"]["holdout_last"]
         teachers.append(Teacher(inputs(run)[0], holdout))
     tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
+    added = "with " + " + ".join(args.columns)
     arms = {
-        name: fit_and_validate(served, teachers, tokens, demographics)
-        for name, demographics in (("without", False), ("with demographics", True))
+        name: fit_and_validate(served, teachers, tokens, columns)
+        for name, columns in (("without", ()), (added, args.columns))
     }
-    with_, without = arms["with demographics"]["per_user"], arms["without"]["per_user"]
+    with_, without = arms[added]["per_user"], arms["without"]["per_user"]
     lo, hi = paired_bootstrap_ci(with_, without)
     results = {
+        "columns": args.columns,
         "teachers": [str(t) for t in args.teacher_run],
         "served_retriever": str(served_run),
         "arms": {k: {m: v for m, v in a.items() if m != "per_user"} for k, a in arms.items()},
@@ -99,17 +105,19 @@ def main() -> None:
         "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "ranker_head_demographics.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "ranker_head_demographics.md").write_text(report(results))
+    stem = "ranker_head_" + "_".join(args.columns)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / f"{stem}.md").write_text(report(results))
     print(report(results))
 
 
 def report(results: dict) -> str:
-    command = "python benchmarks/ranker_head_demographics.py " + " ".join(
-        f"--teacher-run {t}" for t in results["teachers"]
+    command = "python benchmarks/ranker_head_columns.py " + " ".join(
+        [f"--columns {c}" for c in results["columns"]]
+        + [f"--teacher-run {t}" for t in results["teachers"]]
     )
     lines = [
-        "# Head ranker: do the user's demographics help?",
+        f"# Head ranker: do the {' + '.join(results['columns'])} columns help?",
         "",
         __doc__.split("\n\n")[1].replace("\n", " "),
         "",
