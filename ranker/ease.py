@@ -39,7 +39,9 @@ import numpy as np
 from ranker.prompts import with_candidate_context
 
 EASE_FILE = "ease.safetensors"
-LAMBDA = 300.0  # the ridge: MovieLens-100K's EASE is best around a few hundred
+# the ridge: EASE alone on ML-100K validation (NDCG@10, history masked) scores 0.0858 at 50,
+# 0.0875 at 150, 0.0826 at 300, 0.0767 at 600
+LAMBDA = 150.0
 WIDTH = 1
 
 

@@ -12,7 +12,7 @@ from ranker.prompts import PromptInput, PromptItem
 from ranker.run_tables import RunTables
 
 NUM_ITEMS = 30
-LAM = 5.0
+LAM = 5.0  # small: the 40 toy users must move the scores
 
 
 def sequences(seed: int = 0) -> list[np.ndarray]:

@@ -131,6 +131,26 @@ def test_demographic_columns_travel_with_the_run(served, tiny_llm_dir, tmp_path:
     )
 
 
+def test_ease_columns_travel_with_the_run_and_its_shipped_copy(
+    head_run: Path, served, tiny_llm_dir, tmp_path: Path
+):
+    """With ``ease`` the run carries its co-occurrence table; the copy ``tandem ranker export``
+    ships carries it too (an exported run once lost a table), and serves the validated rows."""
+    from ranker.ease import EASE_FILE
+
+    config = HeadTrainConfig(epochs=3, ease=True)
+    run_dir = tmp_path / "head-e"
+    tokens = PromptTokenizer(load_tokenizer(tiny_llm_dir))
+    train_head(served, [Teacher(served, holdout_last=3)], tokens, run_dir, config)
+    shipped = tmp_path / "models" / "ranker"
+    export_run(run_dir, shipped, reproduce="tandem ranker train-head --ease ...", llm_layers=None)
+    assert (shipped / EASE_FILE).is_file()
+    served_rows, trained_rows = _rows_both_ways(shipped, served, tiny_llm_dir, config)
+    assert np.allclose(served_rows, trained_rows, atol=1e-5)
+    narrower, _ = _rows_both_ways(head_run, served, tiny_llm_dir, HeadTrainConfig())
+    assert trained_rows.shape[-1] == narrower.shape[-1] + 1  # the same run without EASE
+
+
 def _rows_both_ways(run_dir: Path, served, tiny_llm_dir, config: HeadTrainConfig):
     """The first validation list's rows as the served ``HeadRanker`` renders them from a
     request's fields, and as training rendered them."""
