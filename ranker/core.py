@@ -202,6 +202,11 @@ class Ranker:
             "user": user_projector,
             "candidate": candidate_projector,
         }
+        self._serving_projectors = {
+            kind: projector.arrays()
+            for kind, projector in self.projectors.items()
+            if projector is not None
+        }
         self.item_table = item_table
         self.tables = tables
         if not tables.empty and item_table is None:
@@ -279,15 +284,19 @@ class Ranker:
         return render_prompt(inp, self.config.prompt, self.tokens)
 
     def project(self, layout: PromptLayout) -> np.ndarray | None:
-        """Soft rows of ``layout`` through the matching projectors (float32, no grad)."""
+        """Soft rows of ``layout`` through the matching projectors (float32), in numpy: the
+        projectors' ``ProjectorArrays``, the same function as training's modules."""
         if not layout.soft_positions:
             return None
-        import torch
+        from ranker.forward import soft_groups
 
-        from ranker.forward import project_soft_rows
-
-        with torch.inference_mode():
-            return project_soft_rows([layout], self.projectors, 0).numpy()
+        out = None
+        for projector, rows, inputs, slots in soft_groups([layout], self._serving_projectors):
+            projected = projector(inputs, slots if projector.anchor is not None else None)
+            if out is None:
+                out = np.empty((len(layout.soft_kinds), projected.shape[1]), dtype=np.float32)
+            out[rows] = projected
+        return out
 
     def render(self, inp: PromptInput) -> RenderedPrompt:
         """The prompt with candidates in the given order."""

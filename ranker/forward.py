@@ -133,34 +133,47 @@ def letter_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def project_soft_rows(layouts, projectors: dict, hidden: int) -> torch.Tensor:
-    """Soft rows of ``layouts`` (``PromptLayout``) in batch order, each through its projector.
-
-    Rows of one kind go through their projector together; gradients flow when enabled.
-    """
+def soft_groups(layouts, projectors: dict):
+    """The soft rows of ``layouts`` (``PromptLayout``) grouped by kind, each group checked
+    against its projector: ``(projector, row numbers in batch order, inputs [n, in_dim]
+    float32, slots [n])`` per kind. ``projectors`` maps a kind to anything with a ``config``
+    (a ``Projector``, or its ``ProjectorArrays`` when serving)."""
     kinds = [kind for layout in layouts for kind in layout.soft_kinds]
     raws = [raw for layout in layouts for raw in layout.soft_inputs]
     slots = [
         slot for layout in layouts for slot in (layout.soft_slots or (-1,) * len(layout.soft_kinds))
     ]
-    if not kinds:
-        return torch.zeros((0, hidden))
-    parts, index = [], []
+    groups = []
     for kind in sorted(set(kinds)):
         projector = projectors.get(kind)
         if projector is None:
             raise ValueError(f"a {kind} soft slot but no {kind} projector")
         rows = [n for n, k in enumerate(kinds) if k == kind]
-        inputs = torch.from_numpy(np.stack([raws[n] for n in rows]).astype(np.float32))
+        inputs = np.stack([raws[n] for n in rows]).astype(np.float32)
         if inputs.shape[1] != projector.config.in_dim:
             raise ValueError(
                 f"{kind} embeddings have size {inputs.shape[1]}, the projector expects "
                 f"{projector.config.in_dim}"
             )
+        groups.append((projector, rows, inputs, np.asarray([slots[n] for n in rows])))
+    return groups
+
+
+def project_soft_rows(layouts, projectors: dict, hidden: int) -> torch.Tensor:
+    """Soft rows of ``layouts`` (``PromptLayout``) in batch order, each through its projector.
+
+    Rows of one kind go through their projector together; gradients flow when enabled.
+    """
+    groups = soft_groups(layouts, projectors)
+    if not groups:
+        return torch.zeros((0, hidden))
+    parts, index = [], []
+    for projector, rows, inputs, slots in groups:
+        x = torch.from_numpy(inputs)
         if projector.config.anchors:
-            parts.append(projector(inputs, torch.as_tensor([slots[n] for n in rows])).float())
+            parts.append(projector(x, torch.as_tensor(slots)).float())
         else:
-            parts.append(projector(inputs).float())
+            parts.append(projector(x).float())
         index.extend(rows)
     stacked = torch.cat(parts)
     inverse = torch.empty(len(index), dtype=torch.long)

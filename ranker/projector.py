@@ -16,8 +16,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, safe_open, save_file
+from scipy.special import erf
 from torch import nn
 
 
@@ -67,6 +69,15 @@ class Projector(nn.Module):
             out = out + self.anchor[slots]
         return out
 
+    def arrays(self) -> ProjectorArrays:
+        """The same function as numpy arrays, for serving (see ``ProjectorArrays``)."""
+        weights = {k: v.detach().float().numpy().copy() for k, v in self.state_dict().items()}
+        return ProjectorArrays(
+            self.config, weights["fc1.weight"].T.copy(), weights["fc1.bias"],
+            weights["fc2.weight"].T.copy(), weights["fc2.bias"], float(weights["scale"]),
+            weights.get("anchor"),
+        )  # fmt: skip
+
     def save(self, path: Path) -> None:
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config))})
@@ -82,3 +93,36 @@ class Projector(nn.Module):
         projector = cls(ProjectorConfig(**json.loads(metadata["config"])))
         projector.load_state_dict(load_file(str(path)))
         return projector.eval()
+
+
+@dataclass(frozen=True)
+class ProjectorArrays:
+    """A trained projector in numpy: what serving runs per request.
+
+    A request projects a few dozen rows through two small layers; torch spends more on
+    dispatching its dozen operators than on the arithmetic (``benchmarks/results``'s gateway
+    load: the prompt stage), so serving evaluates the same function (layer norm, exact GELU,
+    scale, anchors) with numpy. Training keeps the ``Projector`` module and its gradients.
+    """
+
+    config: ProjectorConfig
+    w1: np.ndarray  # [in_dim, hidden]
+    b1: np.ndarray
+    w2: np.ndarray  # [hidden, out_dim]
+    b2: np.ndarray
+    scale: float
+    anchor: np.ndarray | None  # [anchors, out_dim]
+
+    def __call__(self, x: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if self.config.row_norm:
+            centred = x - x.mean(axis=-1, keepdims=True)
+            x = centred / np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True) + 1e-5)
+        h = x @ self.w1 + self.b1
+        h = 0.5 * h * (1.0 + erf(h / np.float32(np.sqrt(2.0))))
+        out = self.scale * (h @ self.w2 + self.b2)
+        if self.anchor is not None:
+            if slots is None:
+                raise ValueError("this projector has slot anchors: pass each row's slot")
+            out = out + self.anchor[np.asarray(slots)]
+        return out.astype(np.float32, copy=False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ranker.core import Ranker, RankerConfig
+from ranker.forward import project_soft_rows
 from ranker.llm import load_tokenizer, prepare_llm
 from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import PromptConfig, PromptInput, PromptItem, reorder
@@ -65,6 +66,28 @@ def test_hybrid_render_fills_soft_slots_with_projected_embeddings(tiny_llm_dir):
     with torch.no_grad():
         expected = user(torch.from_numpy(_input().user_embedding)).numpy()
     np.testing.assert_allclose(rendered.soft_vectors[0], expected, atol=1e-6)
+    with torch.no_grad():  # every row, as training's torch modules project them
+        layout = ranker.layout(_input())
+        trained = project_soft_rows([layout], ranker.projectors, 128).numpy()
+    np.testing.assert_allclose(rendered.soft_vectors, trained, atol=1e-6)
+
+
+@pytest.mark.parametrize("row_norm", [True, False])
+def test_serving_projection_in_numpy_is_the_trained_module(row_norm: bool):
+    """``ProjectorArrays`` (serving) computes what the ``Projector`` module (training)
+    computes: layer norm, exact GELU, scale and per-slot anchors."""
+    torch.manual_seed(0)
+    module = Projector(ProjectorConfig(in_dim=7, out_dim=32, anchors=4, row_norm=row_norm))
+    with torch.no_grad():
+        module.anchor.normal_()
+        module.scale.fill_(1.3)
+    x = np.random.default_rng(0).normal(size=(9, 7)).astype(np.float32) * 3
+    slots = np.arange(9) % 4
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x), torch.as_tensor(slots)).numpy()
+    np.testing.assert_allclose(module.arrays()(x, slots), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="slot anchors"):
+        module.arrays()(x)
 
 
 def test_soft_tokens_without_projector_are_refused(tiny_llm_dir):
