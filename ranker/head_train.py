@@ -50,7 +50,7 @@ class HeadTrainConfig:
     trends: bool = True  # recent popularity columns (ranker.trends)
     covisit: bool = True  # co-visitation columns (ranker.covisit)
     demographics: bool = False  # lift in the user's gender / age / occupation groups
-    ease: bool = False  # the history's EASE score, the user's own row left out (ranker.ease)
+    ease: bool = True  # the history's EASE score, own row left out (ranker.ease; helped on valid)
     seed: int = 0
 
 

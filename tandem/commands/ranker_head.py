@@ -46,9 +46,10 @@ def train_head(
         bool,
         typer.Option(
             help="A column of each candidate's EASE score from the whole history, the user's "
-            "own row left out of the model."
+            "own row left out of the model (on: it helped on validation, "
+            "benchmarks/results/ranker_head_ease.md)."
         ),
-    ] = False,
+    ] = True,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the list order and the optimiser.")] = 0,
 ) -> None:
