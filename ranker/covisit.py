@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.prompts import with_candidate_context
-
 WINDOW = 5  # b counts for a when it follows within this many positions
 RECENT = 5  # history items a candidate is compared with
 COVISIT_FILE = "covisit.safetensors"
@@ -102,12 +100,3 @@ def _own_pairs(own: np.ndarray, recent: np.ndarray, candidates: np.ndarray) -> n
             for k in columns.get(item, ()):
                 out[rows, k] += 1
     return out
-
-
-def with_covisit(inp, table: CovisitTable, index_of: dict[str, int], own=None):
-    """``inp`` (a ``PromptInput``) with co-visitation columns appended to its candidates'
-    context. ``own``: the item indices whose pairs are left out (default: the history's)."""
-    history = np.array([index_of.get(h.item_id, 0) for h in inp.history], dtype=np.int64)
-    items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
-    extra = table.features(history, items, own)
-    return with_candidate_context(inp, extra)

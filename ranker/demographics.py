@@ -26,8 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.prompts import with_candidate_context
-
 ATTRIBUTES = ("gender", "age", "occupation")
 AGE_BANDS = (18, 25, 35, 45, 50, 56)  # ages are grouped at these bounds (MovieLens-1M's)
 DEMOGRAPHICS_FILE = "demographics.safetensors"
@@ -115,13 +113,3 @@ class DemographicTable:
             counts = {a: handle.get_tensor(f"counts.{a}").astype(np.float64) for a in ATTRIBUTES}
             total = handle.get_tensor("total").astype(np.float64)
         return cls(total, {a: tuple(names[a]) for a in ATTRIBUTES}, counts)
-
-
-def with_demographics(inp, table: DemographicTable, index_of: dict[str, int], own=None):
-    """``inp`` (a ``PromptInput``) with the lift columns appended to its candidates' context.
-    ``own``: the item indices left out of the counts (default: the history's)."""
-    if own is None:
-        own = np.array([index_of.get(h.item_id, 0) for h in inp.history], dtype=np.int64)
-    items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
-    extra = table.features(inp.user_attributes, items, own)
-    return with_candidate_context(inp, extra)

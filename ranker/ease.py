@@ -36,8 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.prompts import with_candidate_context
-
 EASE_FILE = "ease.safetensors"
 # the ridge: EASE alone on ML-100K validation (NDCG@10, history masked) scores 0.0858 at 50,
 # 0.0875 at 150, 0.0826 at 300, 0.0767 at 600
@@ -72,11 +70,13 @@ class EaseTable:
         items = np.asarray(items, dtype=np.int64)
         h = _known(history)
         o = _known(own)
-        p = self.inverse
-        w = p[h][:, items].sum(axis=0)
-        v = p[o][:, items].sum(axis=0)
-        c = max(1.0 - float(p[np.ix_(o, o)].sum()), 1e-6)
-        a = float(p[np.ix_(h, o)].sum())
+        p = self.inverse  # only the few rows and columns needed are read (np.ix_)
+        w = p[np.ix_(h, items)].sum(axis=0)
+        same = np.array_equal(h, o)  # serving: the history is the row left out
+        v = w if same else p[np.ix_(o, items)].sum(axis=0)
+        xpx = float(p[np.ix_(o, o)].sum())
+        c = max(1.0 - xpx, 1e-6)
+        a = xpx if same else float(p[np.ix_(h, o)].sum())
         numerator = w + v * a / c
         denominator = p[items, items] + v * v / c
         out = -numerator / denominator + np.isin(items, h)
@@ -110,11 +110,3 @@ class EaseTable:
 def _known(items: np.ndarray) -> np.ndarray:
     items = np.unique(np.asarray(items, dtype=np.int64))
     return items[items > 0]
-
-
-def with_ease(inp, table: EaseTable, index_of: dict[str, int], own=None):
-    """``inp`` (a ``PromptInput``) with the EASE column appended to its candidates' context.
-    ``own``: the item indices whose row is left out (default: the history's)."""
-    history = np.array([index_of.get(h.item_id, 0) for h in inp.history], dtype=np.int64)
-    items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
-    return with_candidate_context(inp, table.features(history, items, own))

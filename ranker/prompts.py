@@ -54,6 +54,9 @@ class PromptInput:
     # per-candidate evidence the ranker computed for this decision (e.g. recent popularity)
     user_attributes: Mapping[str, object] | None = field(default=None, compare=False)
     # who the user is (gender, age, occupation), for ranker.demographics; None = unknown
+    history_ids: Sequence[str] | None = field(default=None, compare=False)
+    # the user's whole known history (ids, oldest first) for the run tables (ranker.run_tables),
+    # when it is longer than ``history``; None = the ids of ``history``
 
 
 def with_candidate_context(inp: PromptInput, extra: np.ndarray) -> PromptInput:

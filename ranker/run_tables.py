@@ -7,6 +7,13 @@ what other people watched next (``ranker.covisit``), lift in the user's groups
 evaluation and serving append them through this one ``apply``, in this one order, so the rows
 a ranker serves are the rows it was trained on; ``save``/``load`` keep each table in its own
 safetensors file in the run folder.
+
+The history they read is the user's *known* history (``PromptInput.history_ids``: the gateway
+passes every item the feature store holds), not the few items a prompt shows, cut to the
+newest ``TABLE_HISTORY``: the feature store keeps that many per user, so training, evaluation
+and serving all read the same window. The items left out of the counts (``own``, "other
+people" in each table) default to that window; training passes the user's whole training
+sequence, which is what the tables counted.
 """
 
 from __future__ import annotations
@@ -16,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.covisit import COVISIT_FILE, CovisitTable, with_covisit
-from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable, with_demographics
-from ranker.ease import EASE_FILE, EaseTable, with_ease
-from ranker.prompts import PromptInput
+from ranker.covisit import COVISIT_FILE, CovisitTable
+from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
+from ranker.ease import EASE_FILE, EaseTable
+from ranker.prompts import PromptInput, with_candidate_context
 from ranker.trends import TREND_FILE, TrendTable, with_trends
 
+TABLE_HISTORY = 200  # newest history items the tables read: the feature store's history cap
 FILES = {
     "trends": (TREND_FILE, TrendTable),
     "covisit": (COVISIT_FILE, CovisitTable),
@@ -45,16 +53,21 @@ class RunTables:
         self, inp: PromptInput, index_of: dict[str, int], own: np.ndarray | None = None
     ) -> PromptInput:
         """``inp`` with every present table's columns appended, in field order. ``own``: the
-        user's item indices left out of the counts (default: the request's history)."""
+        user's item indices left out of the counts (default: the history window)."""
         if self.trends is not None:
             inp = with_trends(inp, self.trends, index_of)
+        ids = inp.history_ids if inp.history_ids is not None else [h.item_id for h in inp.history]
+        history = np.array([index_of.get(i, 0) for i in ids][-TABLE_HISTORY:], dtype=np.int64)
+        items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
+        own = history if own is None else np.asarray(own, dtype=np.int64)
+        columns = []
         if self.covisit is not None:
-            inp = with_covisit(inp, self.covisit, index_of, own)
+            columns.append(self.covisit.features(history, items, own))
         if self.demographics is not None:
-            inp = with_demographics(inp, self.demographics, index_of, own)
+            columns.append(self.demographics.features(inp.user_attributes, items, own))
         if self.ease is not None:
-            inp = with_ease(inp, self.ease, index_of, own)
-        return inp
+            columns.append(self.ease.features(history, items, own))
+        return with_candidate_context(inp, np.concatenate(columns, axis=1)) if columns else inp
 
     def save(self, run_dir: Path) -> None:
         for name, (file, _) in FILES.items():

@@ -73,6 +73,7 @@ class Candidates:
     ids: list[str]
     base: np.ndarray  # retriever scores, candidate order
     recent: list[str]  # history items shown in the prompt
+    history: list[str]  # every known history item: what the ranker's run tables read
     version: int | None  # feature version the user record came from
     preference: str | None
     attributes: dict[str, object] | None  # gender / age / occupation (ranker.demographics)
@@ -174,6 +175,7 @@ class RecommendPipeline:
                     ids=[item_id for item_id, _ in retrieved.candidates],
                     base=np.array([score for _, score in retrieved.candidates], dtype=np.float64),
                     recent=history[-s.prompt_history :] if s.prompt_history else [],
+                    history=history,
                     version=user_read.version if user_read is not None else None,
                     preference=user.preference if user is not None else None,
                     attributes=attributes_of(user),
@@ -285,6 +287,7 @@ class RecommendPipeline:
             candidates=[self._prompt_item(i, records) for i in c.ids],
             preference=c.preference,
             user_attributes=c.attributes,
+            history_ids=c.history,
             user_embedding=c.user_embedding,
             retriever_scores=c.base,
             timestamp=c.decided_at,

@@ -285,6 +285,16 @@ async def test_a_head_ranker_run_is_served_in_process_without_an_llm(
     by_head = np.argsort(-scores, kind="stable") + 1  # retrieval ranks, best first
     assert by_head.tolist() != list(range(1, 21))  # the head did re-order
     assert [item["retrieval_rank"] for item in out["items"]] == by_head.tolist()
+    # The run's tables (co-visitation and EASE: the rows' last 3 columns) read the user's
+    # whole stored history, however few items the prompt shows.
+    async with gateway(
+        with_backend(artifacts, recorder), redis_url, namespace, rank_weight=1.0,
+        prompt_history=2,
+    ) as client:  # fmt: skip
+        await recommend(client, user_id=user, k=20)
+    shown_20, shown_2 = (p.soft_vectors[:, -3:] for p in recorder.prompts)
+    assert len(first_user(served_dataset)[1]) > 5
+    np.testing.assert_allclose(shown_2, shown_20, atol=1e-5)
 
 
 async def test_a_demographic_head_reads_the_users_attributes_from_the_store(

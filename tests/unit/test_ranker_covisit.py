@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ranker.covisit import WINDOW, CovisitTable, with_covisit
+from ranker.covisit import WINDOW, CovisitTable
 from ranker.prompts import PromptInput, PromptItem
+from ranker.run_tables import RunTables
 
 
 def test_pairs_are_counted_within_the_window_in_order():
@@ -48,7 +49,7 @@ def test_covisit_columns_follow_the_existing_context():
         candidates=[PromptItem("c", item_id="c"), PromptItem("x", item_id="unknown")],
         candidate_context=np.array([[7.0], [8.0]]),
     )
-    out = with_covisit(inp, table, index, own=np.zeros(0, np.int64)).candidate_context
+    out = RunTables(covisit=table).apply(inp, index, own=np.zeros(0, np.int64)).candidate_context
     assert out.shape == (2, 3)
     np.testing.assert_allclose(out[:, 0], [7.0, 8.0])
     np.testing.assert_allclose(out[0, 1:], np.log1p([1.0, 1.0]))  # a -> c, once

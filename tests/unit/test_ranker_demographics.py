@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.demographics import DemographicTable, attributes_of, group_of, with_demographics
+from ranker.demographics import DemographicTable, attributes_of, group_of
 from ranker.prompts import PromptInput, PromptItem
+from ranker.run_tables import RunTables
 from tandem.data.users import UserProfile
 
 # Items 1..4. Women watch 1, men 2; everyone watches 3; item 4 only the first woman.
@@ -64,7 +65,7 @@ def test_it_round_trips_and_appends_to_the_candidates_context(tmp_path: Path):
         candidate_context=np.ones((2, 1), np.float32),
         user_attributes=ATTRIBUTES[2],
     )
-    out = with_demographics(inp, back, index)
+    out = RunTables(demographics=back).apply(inp, index)
     assert out.candidate_context.shape == (2, 4) and (out.candidate_context[:, 0] == 1).all()
     expected = t.features(ATTRIBUTES[2], np.array([1, 2]), own=np.array([3]))
     assert np.allclose(out.candidate_context[:, 1:], expected)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ranker.ease import EaseTable, with_ease
+from ranker.ease import EaseTable
 from ranker.prompts import PromptInput, PromptItem
-from ranker.run_tables import RunTables
+from ranker.run_tables import TABLE_HISTORY, RunTables
 
 NUM_ITEMS = 30
 LAM = 5.0  # small: the 40 toy users must move the scores
@@ -97,5 +97,43 @@ def test_run_tables_round_trip_and_append_in_one_order(tmp_path: Path):
     )
     out = back.apply(inp, index)
     assert out.candidate_context.shape == (3, 2) and (out.candidate_context[:, 0] == 1).all()
-    expected = with_ease(inp, table, index).candidate_context
-    np.testing.assert_allclose(out.candidate_context, expected, atol=1e-6)
+    expected = table.features(np.array([1, 2]), np.array([3, 4, 5]))
+    np.testing.assert_allclose(out.candidate_context[:, 1:], expected, atol=1e-6)
+
+
+def test_the_tables_read_the_whole_known_history_not_the_shown_items():
+    """The gateway shows the ranker a few recent items but passes every known one
+    (``history_ids``); the tables read those, cut to the feature store's window, so a served
+    request gets the columns training computed from the same history."""
+    from feature_store.writer import DEFAULT_HISTORY_CAP
+
+    assert TABLE_HISTORY == DEFAULT_HISTORY_CAP  # the store keeps what the tables read
+    table = EaseTable.build(sequences(), NUM_ITEMS, LAM)
+    index = {str(k): k for k in range(1, NUM_ITEMS + 1)}
+    known = [str(k) for k in range(1, 11)]
+    candidates = [PromptItem(str(k), item_id=str(k)) for k in (20, 21, 22, 23)]
+    shown = PromptInput(
+        history=[PromptItem("h", item_id=i) for i in known[-2:]],
+        candidates=candidates,
+        history_ids=known,
+    )
+    full = PromptInput(history=[PromptItem("h", item_id=i) for i in known], candidates=candidates)
+    tables = RunTables(ease=table)
+    np.testing.assert_allclose(
+        tables.apply(shown, index).candidate_context, tables.apply(full, index).candidate_context
+    )
+    assert not np.allclose(
+        tables.apply(shown, index).candidate_context,
+        tables.apply(
+            PromptInput(history=shown.history, candidates=candidates), index
+        ).candidate_context,
+    )
+    long = ["25"] * 50 + [str(1 + k % 10) for k in range(TABLE_HISTORY)]  # 25: out of the window
+    window = PromptInput(history=shown.history, candidates=candidates, history_ids=long)
+    cut = PromptInput(
+        history=shown.history, candidates=candidates, history_ids=long[-TABLE_HISTORY:]
+    )
+    served = tables.apply(window, index).candidate_context
+    np.testing.assert_allclose(served, tables.apply(cut, index).candidate_context)
+    items = np.array([20, 21, 22, 23])
+    assert not np.allclose(served, table.features(np.array([25, *range(1, 11)]), items))
