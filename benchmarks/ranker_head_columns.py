@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -48,9 +47,10 @@ RESULTS = REPO / "benchmarks" / "results"
 COLUMNS = ("demographics", "ease")  # HeadTrainConfig switches, off by default
 
 
-def fit_and_validate(served, teachers, tokens, columns: Sequence[str]) -> dict:
-    """A head fitted as ``tandem ranker train-head`` fits it, validated on ``served``'s lists."""
-    config = HeadTrainConfig(**{name: True for name in columns})
+def fit_and_validate(served, teachers, tokens, columns: dict[str, bool]) -> dict:
+    """A head fitted as ``tandem ranker train-head`` fits it (``columns`` switched on or off,
+    the rest its defaults), validated on ``served``'s lists."""
+    config = HeadTrainConfig(**columns)
     module, per_teacher = fit_on_teachers(teachers, tokens, config)
     valid = validate_head(module, served, tokens, config)
     weight = valid.metrics["rank_weight_best"]
@@ -60,6 +60,7 @@ def fit_and_validate(served, teachers, tokens, columns: Sequence[str]) -> dict:
         "columns": int(valid.rows.shape[-1]),
         **valid.metrics,
         "per_user": ndcg_per_user(ranks, 10),
+        "per_user_loss": valid.losses,
     }
 
 
@@ -90,19 +91,28 @@ def main() -> None:
     tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
     added = "with " + " + ".join(args.columns)
     arms = {
-        name: fit_and_validate(served, teachers, tokens, columns)
-        for name, columns in (("without", ()), (added, args.columns))
+        name: fit_and_validate(served, teachers, tokens, dict.fromkeys(args.columns, on))
+        for name, on in (("without", False), (added, True))
     }
     with_, without = arms[added]["per_user"], arms["without"]["per_user"]
     lo, hi = paired_bootstrap_ci(with_, without)
+    loss_lo, loss_hi = paired_bootstrap_ci(
+        arms[added]["per_user_loss"], arms["without"]["per_user_loss"]
+    )
     results = {
         "columns": args.columns,
         "teachers": [str(t) for t in args.teacher_run],
         "served_retriever": str(served_run),
-        "arms": {k: {m: v for m, v in a.items() if m != "per_user"} for k, a in arms.items()},
+        "arms": {
+            k: {m: v for m, v in a.items() if not m.startswith("per_user")} for k, a in arms.items()
+        },
         "valid_users": len(with_),
         "ndcg10_diff": round(float(with_.mean() - without.mean()), 5),
         "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
+        "loss_diff": round(
+            float(arms[added]["per_user_loss"].mean() - arms["without"]["per_user_loss"].mean()), 5
+        ),
+        "loss_diff_ci95": [round(loss_lo, 5), round(loss_hi, 5)],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "ranker_head_" + "_".join(args.columns)
@@ -140,7 +150,9 @@ def report(results: dict) -> str:
     lines += [
         "",
         f"With minus without: {results['ndcg10_diff']:+.4f} valid NDCG@10, paired bootstrap 95% "
-        f"interval [{lo:+.4f}, {hi:+.4f}].",
+        f"interval [{lo:+.4f}, {hi:+.4f}]; listwise validation loss {results['loss_diff']:+.4f}, "
+        f"interval [{results['loss_diff_ci95'][0]:+.4f}, {results['loss_diff_ci95'][1]:+.4f}] "
+        "(the same users, the training objective: below 0 is better).",
         "",
     ]
     return "\n".join(lines)

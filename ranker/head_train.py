@@ -159,6 +159,7 @@ class HeadValidation:
     labels: np.ndarray
     retriever_scores: np.ndarray
     retriever_ranks: np.ndarray
+    losses: np.ndarray  # the head's listwise cross-entropy per list
     metrics: dict  # tuned weight, its gain interval, fused NDCG@10, losses
 
 
@@ -205,10 +206,16 @@ def validate_head(
     rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
     logits = np.stack([head.scores(r) for r in rows])
     chosen = served_weight(logits, valid.labels, valid.retriever_scores, seed=config.seed)
-    metrics = {**chosen, **validation_losses(module, rows, valid)}
+    losses, alone = list_losses(module, rows, valid)
+    metrics = {  # mean listwise losses: the LLM ranker's learning curves report the same
+        **chosen,
+        "valid_loss": round(float(losses.mean()), 4),
+        "valid_retriever_loss": round(float(alone.mean()), 4),
+    }
     return HeadValidation(
-        maker, rows, logits, valid.labels, valid.retriever_scores, valid.retriever_ranks, metrics
-    )
+        maker, rows, logits, valid.labels, valid.retriever_scores, valid.retriever_ranks,
+        losses, metrics,
+    )  # fmt: skip
 
 
 def train_head(
@@ -258,12 +265,14 @@ def train_head(
     return manifest
 
 
-def validation_losses(module: ListwiseHead, rows: np.ndarray, valid) -> dict[str, float]:
-    """Listwise cross-entropy of the true candidate on validation (chance: ln 20 = 3.00), the
-    trained head's and the retriever's alone: the LLM ranker's learning curves use the same."""
+def list_losses(module: ListwiseHead, rows: np.ndarray, valid) -> tuple[np.ndarray, np.ndarray]:
+    """Per validation list, the cross-entropy of the true candidate (chance: ln 20 = 3.00):
+    the trained head's, and the retriever's alone."""
     base = retriever_log_softmax(valid.retriever_scores)
     labels = torch.as_tensor(valid.labels)
     with torch.no_grad():
-        head = nn.functional.cross_entropy(module(torch.as_tensor(rows), base), labels)
-        alone = nn.functional.cross_entropy(base, labels)
-    return {"valid_loss": round(float(head), 4), "valid_retriever_loss": round(float(alone), 4)}
+        head = nn.functional.cross_entropy(
+            module(torch.as_tensor(rows), base), labels, reduction="none"
+        )
+        alone = nn.functional.cross_entropy(base, labels, reduction="none")
+    return head.numpy(), alone.numpy()
