@@ -23,7 +23,7 @@ ridge ``lam`` well above a history's spread, ``c`` stays positive). The ranker r
 score standardised over the list (one column): only differences between candidates count.
 
 Dense over the catalogue: fine for MovieLens-sized item sets (1,682 items: the counts are
-5.7 MB as uint16, inverted at load in ~0.3 s); a catalogue of millions would restrict it to
+5.7 MB as uint16, inverted at load in under a second); a catalogue of millions would restrict it to
 its head items. Saved as the co-occurrence counts and ``lam``, so serving inverts exactly
 what training inverted.
 """
@@ -40,7 +40,6 @@ EASE_FILE = "ease.safetensors"
 # the ridge: EASE alone on ML-100K validation (NDCG@10, history masked) scores 0.0858 at 50,
 # 0.0875 at 150, 0.0826 at 300, 0.0767 at 600
 LAMBDA = 150.0
-WIDTH = 1
 
 
 @dataclass(frozen=True)
