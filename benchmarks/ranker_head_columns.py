@@ -44,7 +44,7 @@ from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-COLUMNS = ("demographics", "ease")  # HeadTrainConfig switches, off by default
+COLUMNS = ("demographics", "ease")  # HeadTrainConfig switches (each arm sets them explicitly)
 
 
 def fit_and_validate(served, teachers, tokens, columns: dict[str, bool]) -> dict:

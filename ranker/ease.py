@@ -23,8 +23,8 @@ ridge ``lam`` well above a history's spread, ``c`` stays positive). The ranker r
 score standardised over the list (one column): only differences between candidates count.
 
 Dense over the catalogue: fine for MovieLens-sized item sets (1,682 items: the counts are
-5.7 MB as uint16, inverted at load in under a second); a catalogue of millions would restrict it to
-its head items. Saved as the co-occurrence counts and ``lam``, so serving inverts exactly
+5.7 MB as uint16, inverted at load in under a second); a catalogue of millions would restrict
+it to its head items. Saved as the co-occurrence counts and ``lam``, so serving inverts exactly
 what training inverted.
 """
 

@@ -57,7 +57,8 @@ class RunTables:
         if self.trends is not None:
             inp = with_trends(inp, self.trends, index_of)
         ids = inp.history_ids if inp.history_ids is not None else [h.item_id for h in inp.history]
-        history = np.array([index_of.get(i, 0) for i in ids][-TABLE_HISTORY:], dtype=np.int64)
+        window = list(ids)[-TABLE_HISTORY:]  # cut before the lookups: a given history may be long
+        history = np.array([index_of.get(i, 0) for i in window], dtype=np.int64)
         items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
         own = history if own is None else np.asarray(own, dtype=np.int64)
         columns = []

@@ -208,7 +208,7 @@ class ExampleMaker:
         rng: np.random.Generator | None = None,
         own: np.ndarray | None = None,
     ) -> PromptLayout:
-        """``own``: the user's training sequence, whose co-visitation pairs are left out."""
+        """``own``: the user's training sequence, left out of every run table's counts."""
         if rng is not None:
             inp = drop_parts(inp, rng, self.config.part_dropout)
         inp = self.tables.apply(inp, self.index_of, own)
