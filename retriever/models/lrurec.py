@@ -59,6 +59,7 @@ class LRULayer(nn.Module):
         self.norm = nn.LayerNorm(hidden)
         self.matmul_scan = False  # the export switches to the matmul form (see scan_matmul)
         self.frozen: tuple[torch.Tensor, ...] = ()
+        self.frozen_last: tuple[torch.Tensor, ...] = ()
 
     def powers(self, count: int, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Re and Im of ``lambda^(stride * k)`` for k = 0..count-1, each ``[state, count]``."""
@@ -150,7 +151,29 @@ class LRULayer(nn.Module):
         """Precompute the scan matrices for inputs of ``length`` (after training)."""
         with torch.no_grad():
             self.frozen = tuple(t.detach().clone() for t in self.scan_matrices(length // CHUNK))
+            self.frozen_last = tuple(t.detach().clone() for t in self.last_weights(length))
         self.matmul_scan = True
+
+    def last_weights(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re, Im of ``lambda^(length - 1 - t)`` for t = 0..length-1, each ``[length, state]``:
+        what each step contributes to the final state."""
+        p_re, p_im = self.powers(length)
+        return p_re.flip(-1).T, p_im.flip(-1).T
+
+    def last(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The layer's output at the last position only, ``[B, d]``, from ``x [B, L, d]``.
+
+        The final state is one weighted sum over the steps, ``h_L = sum_t lambda^(L-1-t) u_t``
+        (no scan), which is all a user vector needs from the last block.
+        """
+        gamma = torch.exp(self.gamma_log).repeat_interleave(2)
+        u = self.in_proj(x) * gamma * real[..., None]
+        u_re, u_im = u[..., 0::2], u[..., 1::2]  # [B, L, state]
+        w_re, w_im = self.frozen_last if self.matmul_scan else self.last_weights(x.shape[1])
+        h_re = (u_re * w_re).sum(1) - (u_im * w_im).sum(1)
+        h_im = (u_im * w_re).sum(1) + (u_re * w_im).sum(1)
+        h = torch.stack([h_re, h_im], dim=-1).reshape(x.shape[0], 2 * self.state)
+        return self.norm(self.dropout(self.out_proj(h)) + x[:, -1])
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """``x [B, L, d]`` with L a multiple of CHUNK; ``real [B, L]`` is 0 at padding."""
@@ -169,6 +192,11 @@ class LRUBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         x = self.lru(x, real)
+        return self.ffn_norm(x + self.ffn(x))
+
+    def last(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``forward`` at the last position only: ``[B, d]``."""
+        x = self.lru.last(x, real)
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -191,16 +219,28 @@ class LRURec(SequenceEncoder):
         for block in self.blocks:
             block.lru.freeze(self.fixed_scan_length)
 
-    def hidden_states(self, seq: torch.Tensor) -> torch.Tensor:
-        length = seq.shape[1]
-        padded = self.fixed_scan_length or scan_length(length)
+    def embedded(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item embeddings of ``seq`` left-padded to the scan length, and its real-step mask."""
+        padded = self.fixed_scan_length or scan_length(seq.shape[1])
         # Left-pad to a multiple of CHUNK: padding feeds nothing into any state.
         seq = torch.cat([seq.new_zeros(seq.shape[0], padded), seq], dim=1)[:, -padded:]
         real = (seq != PADDING_INDEX).to(self.item_embedding.weight.dtype)
-        x = self.embed_norm(self.embed_dropout(self.item_embedding(seq)))
+        return self.embed_norm(self.embed_dropout(self.item_embedding(seq))), real
+
+    def hidden_states(self, seq: torch.Tensor) -> torch.Tensor:
+        x, real = self.embedded(seq)
         for block in self.blocks:
             x = block(x, real)
-        return x[:, -length:]
+        return x[:, -seq.shape[1] :]
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """The user vector: every block but the last over all steps, the last block at the
+        newest step only (``LRUBlock.last``): the same vector as ``hidden_states(seq)[:, -1]``
+        for a fraction of the last block's work, which serving pays per request."""
+        x, real = self.embedded(seq[:, -self.max_len :])
+        for block in self.blocks[:-1]:
+            x = block(x, real)
+        return self.blocks[-1].last(x, real)
 
 
 def scan_length(length: int) -> int:

@@ -101,6 +101,23 @@ def test_lru_export_preparation_keeps_outputs() -> None:
     torch.testing.assert_close(model.encode(seq), before, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("length", [5, 24, 60])
+def test_lru_user_vector_is_the_last_hidden_state(length: int) -> None:
+    """``encode`` runs the last block at the newest step only: the same vector as every
+    step's hidden state, read at the end (eager, and with the export's frozen matrices)."""
+    model = small_model("lrurec")
+    seq = torch.randint(1, 51, (3, length))
+    seq[0, : length // 2] = 0  # a left-padded history
+    with torch.no_grad():
+        expected = model.hidden_states(seq[:, -24:])[:, -1]
+        torch.testing.assert_close(model.encode(seq), expected, atol=1e-5, rtol=0)
+        model.prepare_export()
+        torch.testing.assert_close(model.encode(seq), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.hidden_states(seq[:, -24:])[:, -1], expected, atol=1e-5, rtol=0
+        )
+
+
 def test_lru_parameters_get_gradients() -> None:
     model = small_model("lrurec").train()
     model.scores(torch.randint(1, 51, (2, 20))).logsumexp(-1).sum().backward()
