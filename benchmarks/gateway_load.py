@@ -192,6 +192,19 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
     }
 
 
+RSS_EVERY_S = 15.0  # the soak's RSS trace interval
+
+
+def _second_half(soak_result: dict) -> str:
+    """The soak's growth over its second half, when it traced RSS (older runs did not)."""
+    if "rss_growth_second_half_pct" not in soak_result:
+        return ""
+    return (
+        f"; over the second half {soak_result['rss_growth_second_half_pct']:+.2f}% (RSS every "
+        f"{soak_result['rss_trace_every_s']:.0f} s: {soak_result['rss_trace_mb']} MB)"
+    )
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -341,12 +354,28 @@ def soak(stack: Stack, users: list[str], duration_s: float, concurrency: int = 8
     asyncio.run(run_load(stack.gateway.url, users, concurrency, requests=200, headers=headers))
     pid = stack.gateway.process.pid  # type: ignore[union-attr]
     rss_start = rss_mb(pid)
+    trace: list[float] = []  # RSS every RSS_EVERY_S: warm-up levels off, a leak keeps climbing
+
+    async def load_and_trace() -> list:
+        async def sample() -> None:
+            while True:
+                trace.append(round(rss_mb(pid), 1))
+                await asyncio.sleep(RSS_EVERY_S)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            return await run_load(
+                stack.gateway.url, users, concurrency, duration_s=duration_s, headers=headers
+            )
+        finally:
+            sampler.cancel()
+
     begin = time.perf_counter()
-    samples = asyncio.run(
-        run_load(stack.gateway.url, users, concurrency, duration_s=duration_s, headers=headers)
-    )
+    samples = asyncio.run(load_and_trace())
     wall = time.perf_counter() - begin
     rss_end = rss_mb(pid)
+    trace.append(round(rss_end, 1))
+    middle = trace[len(trace) // 2]
     summary = summarize(samples, wall)
     summary.update(
         {
@@ -355,6 +384,9 @@ def soak(stack: Stack, users: list[str], duration_s: float, concurrency: int = 8
             "rss_start_mb": round(rss_start, 1),
             "rss_end_mb": round(rss_end, 1),
             "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2),
+            "rss_trace_mb": trace,
+            "rss_trace_every_s": RSS_EVERY_S,
+            "rss_growth_second_half_pct": round(100 * (rss_end - middle) / middle, 2),
         }
     )
     return summary
@@ -628,7 +660,9 @@ def report(results: dict) -> str:
             f"{soak_result['requests']} requests, {soak_result['errors']} errors, "
             f"p99 {_fmt(soak_result['latency_ms'], 'p99')} ms, gateway RSS "
             f"{soak_result['rss_start_mb']} -> {soak_result['rss_end_mb']} MB "
-            f"({soak_result['rss_growth_pct']:+.2f}%; target < 10%).",
+            f"({soak_result['rss_growth_pct']:+.2f}%; target < 10%)"
+            + _second_half(soak_result)
+            + ".",
             "",
         ]
     return "\n".join(lines)
