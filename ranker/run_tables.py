@@ -27,7 +27,7 @@ from ranker.covisit import COVISIT_FILE, CovisitTable
 from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
 from ranker.ease import EASE_FILE, EaseTable
 from ranker.prompts import PromptInput, with_candidate_context
-from ranker.trends import TREND_FILE, TrendTable, with_trends
+from ranker.trends import TREND_FILE, TrendTable
 
 TABLE_HISTORY = 200  # newest history items the tables read: the feature store's history cap
 FILES = {
@@ -54,14 +54,15 @@ class RunTables:
     ) -> PromptInput:
         """``inp`` with every present table's columns appended, in field order. ``own``: the
         user's item indices left out of the counts (default: the history window)."""
-        if self.trends is not None:
-            inp = with_trends(inp, self.trends, index_of)
         ids = inp.history_ids if inp.history_ids is not None else [h.item_id for h in inp.history]
         window = list(ids)[-TABLE_HISTORY:]  # cut before the lookups: a given history may be long
         history = np.array([index_of.get(i, 0) for i in window], dtype=np.int64)
+        # unknown candidates (no id, or one outside the run's table) read index 0: zero counts
         items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
         own = history if own is None else np.asarray(own, dtype=np.int64)
         columns = []
+        if self.trends is not None:
+            columns.append(self.trends.features(inp.timestamp, items))
         if self.covisit is not None:
             columns.append(self.covisit.features(history, items, own))
         if self.demographics is not None:

@@ -75,14 +75,3 @@ class TrendTable:
         with safe_open(str(path), framework="numpy") as handle:
             start = int(handle.metadata()["start"])
         return cls(start, load_file(str(path))["cumulative"])
-
-
-def with_trends(inp, table: TrendTable, index_of: dict[str, int]):
-    """``inp`` (a ``PromptInput``) with its candidates' trend features at ``inp.timestamp``.
-
-    Candidates the table does not know (no id, or an id outside it) get zero counts.
-    """
-    from dataclasses import replace
-
-    items = np.array([index_of.get(c.item_id, 0) for c in inp.candidates], dtype=np.int64)
-    return replace(inp, candidate_context=table.features(inp.timestamp, items))

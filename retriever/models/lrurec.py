@@ -154,6 +154,12 @@ class LRULayer(nn.Module):
             self.frozen_last = tuple(t.detach().clone() for t in self.last_weights(length))
         self.matmul_scan = True
 
+    def drive(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """``gamma * (B x_t)`` per step as (Re, Im) pairs, ``[B, L, 2 * state]``; padding
+        steps (``real`` 0) feed nothing into the state."""
+        gamma = torch.exp(self.gamma_log).repeat_interleave(2)
+        return self.in_proj(x) * gamma * real[..., None]
+
     def last_weights(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Re, Im of ``lambda^(length - 1 - t)`` for t = 0..length-1, each ``[length, state]``:
         what each step contributes to the final state."""
@@ -166,8 +172,7 @@ class LRULayer(nn.Module):
         The final state is one weighted sum over the steps, ``h_L = sum_t lambda^(L-1-t) u_t``
         (no scan), which is all a user vector needs from the last block.
         """
-        gamma = torch.exp(self.gamma_log).repeat_interleave(2)
-        u = self.in_proj(x) * gamma * real[..., None]
+        u = self.drive(x, real)
         u_re, u_im = u[..., 0::2], u[..., 1::2]  # [B, L, state]
         w_re, w_im = self.frozen_last if self.matmul_scan else self.last_weights(x.shape[1])
         h_re = (u_re * w_re).sum(1) - (u_im * w_im).sum(1)
@@ -177,8 +182,7 @@ class LRULayer(nn.Module):
 
     def forward(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """``x [B, L, d]`` with L a multiple of CHUNK; ``real [B, L]`` is 0 at padding."""
-        gamma = torch.exp(self.gamma_log).repeat_interleave(2)
-        u = self.in_proj(x) * gamma * real[..., None]  # padding feeds nothing into the state
+        u = self.drive(x, real)
         h = self.scan_matmul(u) if self.matmul_scan else self.scan(u)
         return self.norm(self.dropout(self.out_proj(h)) + x)
 
