@@ -29,6 +29,17 @@ class Batch:
     letter_ids: torch.Tensor  # [B, C] letter token ids, padded with 0
     letter_mask: torch.Tensor  # [B, C] True on real letters
 
+    def to(self, device: str | torch.device) -> Batch:
+        """The same batch on ``device`` (collation runs on the CPU; a GPU run moves it once)."""
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            (self.soft_index[0].to(device), self.soft_index[1].to(device)),
+            self.letter_ids.to(device),
+            self.letter_mask.to(device),
+        )
+
 
 def collate(
     token_ids: Sequence[Sequence[int]],
@@ -86,19 +97,22 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> bf16 where the CPU has it, else fp32; ``bf16`` and ``fp32`` stay."""
+def resolve_precision(precision: str, device: str = "cpu") -> str:
+    """``auto`` -> bf16 where the device computes it natively, else fp32; ``bf16`` and ``fp32``
+    stay."""
     if precision == "auto":
+        if torch.device(device).type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if cpu_has_bf16() else "fp32"
     if precision in ("bf16", "fp32"):
         return precision
     raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
 
 
-def autocast(precision: str):
-    """bf16 autocast on CPU, or nothing for fp32 (``auto`` resolves by the CPU)."""
-    if resolve_precision(precision) == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def autocast(precision: str, device: str = "cpu"):
+    """bf16 autocast on ``device``, or nothing for fp32 (``auto`` resolves by the device)."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -159,23 +173,26 @@ def soft_groups(layouts, projectors: dict):
     return groups
 
 
-def project_soft_rows(layouts, projectors: dict, hidden: int) -> torch.Tensor:
-    """Soft rows of ``layouts`` (``PromptLayout``) in batch order, each through its projector.
+def project_soft_rows(
+    layouts, projectors: dict, hidden: int, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """Soft rows of ``layouts`` (``PromptLayout``) in batch order, each through its projector
+    (which lives on ``device``).
 
     Rows of one kind go through their projector together; gradients flow when enabled.
     """
     groups = soft_groups(layouts, projectors)
     if not groups:
-        return torch.zeros((0, hidden))
+        return torch.zeros((0, hidden), device=device)
     parts, index = [], []
     for projector, rows, inputs, slots in groups:
-        x = torch.from_numpy(inputs)
+        x = torch.from_numpy(inputs).to(device)
         if projector.config.anchors:
-            parts.append(projector(x, torch.as_tensor(slots)).float())
+            parts.append(projector(x, torch.as_tensor(slots, device=device)).float())
         else:
             parts.append(projector(x).float())
         index.extend(rows)
     stacked = torch.cat(parts)
-    inverse = torch.empty(len(index), dtype=torch.long)
-    inverse[torch.as_tensor(index)] = torch.arange(len(index))
+    inverse = torch.empty(len(index), dtype=torch.long, device=device)
+    inverse[torch.as_tensor(index, device=device)] = torch.arange(len(index), device=device)
     return stacked[inverse]

@@ -99,8 +99,9 @@ class TrainConfig:
     covisit: bool = False  # candidates carry other people's co-visitation (ranker.covisit)
     shuffle: bool = True  # retrieved candidates in a random order (ranker.train_data)
     letter_anchors: bool = True  # candidate signal tokens start as their letter's embedding
-    precision: str = "auto"  # bf16 autocast where the CPU has bf16 units, else fp32
+    precision: str = "auto"  # bf16 autocast where the device computes bf16 natively, else fp32
     threads: int = 1  # torch threads; 1 is fastest when other jobs share the CPU
+    device: str = "cpu"  # "cuda" trains on a GPU; the run (and its resume) stays the same
     valid_users: int = 64  # validation subset (the validation item, retriever top-20)
     eval_every: int = 100  # steps between validations (0 = only at the end)
     checkpoint_every: int = 25  # steps between checkpoints
@@ -211,6 +212,7 @@ def new_model(
         tokens.placeholder_id,
         config.precision,
         probe(llm, config),
+        config.device,
     )
 
 
@@ -342,6 +344,7 @@ def train_ranker(
             tokens.placeholder_id,
             config.precision,
             probe(llm, config),
+            config.device,
         )
     else:
         state = TrainState()

@@ -41,13 +41,15 @@ class RankerModel:
         pad_id: int,
         precision: str,
         aux: torch.nn.Linear | None = None,
+        device: str = "cpu",
     ):
-        self.llm = llm
-        self.projectors = projectors
+        self.llm = llm.to(device)
+        self.projectors = {kind: p.to(device) for kind, p in projectors.items()}
         self.pad_id = pad_id
         self.precision = precision
         self.hidden = llm.get_input_embeddings().weight.shape[1]
-        self.aux = aux
+        self.aux = aux.to(device) if aux is not None else None
+        self.device = device
 
     def logits(self, layouts: list[PromptLayout]) -> torch.Tensor:
         return self.scores(layouts)[0]
@@ -59,9 +61,9 @@ class RankerModel:
             [layout.soft_positions for layout in layouts],
             [layout.letter_token_ids for layout in layouts],
             self.pad_id,
-        )
-        with autocast(self.precision):
-            soft = project_soft_rows(layouts, self.projectors, self.hidden)
+        ).to(self.device)
+        with autocast(self.precision, self.device):
+            soft = project_soft_rows(layouts, self.projectors, self.hidden, self.device)
             letters = letter_logits(self.llm, batch, soft)
         if self.aux is None or not soft.numel():
             return letters, None
@@ -69,11 +71,14 @@ class RankerModel:
         rows = torch.as_tensor([n for n, k in enumerate(kinds) if k == "candidate"])
         if not len(rows):
             return letters, None
-        probe = self.aux(soft[rows].float()).squeeze(-1)
+        probe = self.aux(soft[rows.to(self.device)].float()).squeeze(-1)
         out = torch.full_like(letters, float("-inf"))
-        cols = torch.as_tensor([s for layout in layouts for s in layout.soft_slots if s >= 0])
+        cols = torch.as_tensor(
+            [s for layout in layouts for s in layout.soft_slots if s >= 0], device=self.device
+        )
         owners = torch.as_tensor(
-            [b for b, layout in enumerate(layouts) for s in layout.soft_slots if s >= 0]
+            [b for b, layout in enumerate(layouts) for s in layout.soft_slots if s >= 0],
+            device=self.device,
         )
         return letters, out.index_put((owners, cols), probe)
 
@@ -155,7 +160,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
     for index, values in state["state"].items():
         for name, value in values.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{name}"] = value.detach().contiguous()
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{index}.{name}"] = value
     meta = {"param_groups": state["param_groups"], "scalars": scalars}

@@ -36,18 +36,19 @@ def ranker_loss(
     """Cross-entropy on the true letter + ``weight`` * KL(softmax(teacher) || softmax(logits))
     + ``probe_weight`` * cross-entropy of the per-candidate probe. With ``residual`` the
     cross-entropies read ``log_softmax(teacher)`` plus the logits (``TrainConfig.residual``)."""
-    target = torch.as_tensor(labels)
+    target = torch.as_tensor(labels, device=logits.device)
     if residual:
         if teacher is None:
             raise ValueError("a residual ranker needs the retriever's scores of every prompt")
-        offset = retriever_log_softmax(teacher)
+        offset = retriever_log_softmax(teacher).to(logits.device)
         logits = logits + offset
         probe = None if probe is None else probe + offset
     loss = torch.nn.functional.cross_entropy(logits, target)
     if probe is not None and probe_weight > 0:
         loss = loss + probe_weight * torch.nn.functional.cross_entropy(probe, target)
     if weight > 0 and teacher is not None:
-        target = torch.softmax(torch.as_tensor(np.stack(teacher), dtype=torch.float32), dim=-1)
+        scores = torch.as_tensor(np.stack(teacher), dtype=torch.float32, device=logits.device)
+        target = torch.softmax(scores, dim=-1)
         log_p = torch.log_softmax(logits, dim=-1)
         loss = loss + weight * torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
     return loss

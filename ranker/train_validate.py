@@ -78,7 +78,7 @@ def validate(
     logits, losses = [], []
     with torch.no_grad():
         for start in range(0, len(valid.layouts), batch_size):
-            chunk = model.logits(valid.layouts[start : start + batch_size])
+            chunk = model.logits(valid.layouts[start : start + batch_size]).float().cpu()
             target = torch.as_tensor(valid.labels[start : start + batch_size])
             trained = chunk
             if residual:
@@ -86,7 +86,7 @@ def validate(
                 trained = chunk + retriever_log_softmax(scores)
             loss = torch.nn.functional.cross_entropy(trained, target, reduction="sum")
             losses.append(loss.item())
-            logits.append(chunk.float().numpy())
+            logits.append(chunk.numpy())
     model.train(True)
     logits_all = np.concatenate(logits)
     ranks = ranks_from_logits(logits_all, valid.labels)

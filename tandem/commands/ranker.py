@@ -34,8 +34,14 @@ class Precision(StrEnum):
     fp32 = "fp32"
 
 
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 LLM_PARENT = "llm"  # parents.json key of the base LLM a run trains on
-PRECISION_HELP = "bf16 autocast, fp32, or auto: bf16 only where the CPU has bf16 units."
+PRECISION_HELP = "bf16 autocast, fp32, or auto: bf16 only where the device has bf16 units."
+DEVICE_HELP = "Where training runs; a run started on one device resumes on either."
 RUN_HELP = "A run folder, 'none' to go without, or leave out for the newest run."
 
 
@@ -167,6 +173,7 @@ def train(
     ] = 0.0,
     precision: Annotated[Precision, typer.Option(help=PRECISION_HELP)] = Precision.auto,
     threads: Annotated[int, typer.Option(min=1, help="torch threads (1 on a shared CPU).")] = 1,
+    device: Annotated[Device, typer.Option(help=DEVICE_HELP)] = Device.cpu,
     valid_users: Annotated[int, typer.Option(min=0, help="Validation users.")] = 64,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between validations.")] = 100,
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 25,
@@ -182,6 +189,7 @@ def train(
     loss, side features and recent popularity. Train it on a pruned LLM:
     `tandem llm prepare --layers 2 --out artifacts/llm-2`, then `--llm artifacts/llm-2`.
     """
+    import torch
     import transformers
 
     from ranker.inputs import InputRuns, load_inputs, resolve_inputs
@@ -192,6 +200,8 @@ def train(
     from tandem.paths import artifacts_root, dataset_dir
 
     transformers.utils.logging.disable_progress_bar()
+    if device is Device.cuda and not torch.cuda.is_available():
+        fail("--device cuda: torch sees no CUDA device here (this torch may be a CPU build)")
     root = artifacts_root()
     llm_dir = llm or root / "llm"
     try:
@@ -199,7 +209,7 @@ def train(
         if resume is not None:
             run_dir = resume
             config = TrainConfig.from_json((run_dir / TRAIN_CONFIG_FILE).read_text())
-            config = _budgets(config, max_steps, max_minutes, threads)
+            config = _budgets(config, max_steps, max_minutes, threads, device.value)
             parents = _partial_parents(run_dir)
             runs = InputRuns.from_parents(parents)
             # the LLM the run started on (recorded since runs record it), unless --llm says
@@ -257,6 +267,7 @@ def train(
                 part_dropout=part_dropout,
                 precision=precision.value,
                 threads=threads,
+                device=device.value,
                 valid_users=valid_users,
                 eval_every=eval_every,
                 checkpoint_every=checkpoint_every,
@@ -318,10 +329,13 @@ def _partial_parents(run_dir: Path) -> dict[str, str]:
     return json.loads(path.read_text())
 
 
-def _budgets(config, max_steps: int, max_minutes: float, threads: int):
+def _budgets(config, max_steps: int, max_minutes: float, threads: int, device: str):
+    """What a resumed session may change: its budgets, threads and device."""
     from dataclasses import replace
 
-    return replace(config, max_steps=max_steps, max_minutes=max_minutes, threads=threads)
+    return replace(
+        config, max_steps=max_steps, max_minutes=max_minutes, threads=threads, device=device
+    )
 
 
 def _train_with_progress(train_fn, inputs, llm_dir, run_dir, config, runs, resume):

@@ -111,6 +111,20 @@ def test_resume_without_checkpoint_is_a_clear_error(inputs, tiny_llm_dir, tmp_pa
         train_ranker(inputs, tiny_llm_dir, tmp_path / "empty", CONFIG, resume=True)
 
 
+def test_training_on_cuda_without_a_gpu_is_a_clear_cli_error(tmp_path, monkeypatch):
+    import torch
+    from typer.testing import CliRunner
+
+    from tandem.cli import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["ranker", "train", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "torch sees no CUDA device" in result.output
+    assert not (tmp_path / "ml-100k").exists()  # refused before any run folder is made
+
+
 def test_examples_cover_each_step_of_history_or_the_most_recent_ones():
     train = [np.arange(1, 6), np.arange(1, 4)]
     assert example_pool(train, 0, 1).tolist() == [
