@@ -111,6 +111,8 @@ def save_lists(path: Path, layouts, labels, bases, ranks=None) -> None:
         "soft_kinds": [kinds.index(k) for lo in layouts for k in lo.soft_kinds],
     }
     tensors = {name: np.asarray(values, dtype=np.int32) for name, values in flat.items()}
+    if tensors["token_ids"].max(initial=0) < 2**16:  # half the bytes to carry
+        tensors["token_ids"] = tensors["token_ids"].astype(np.uint16)
     tensors["token_offsets"] = np.cumsum([0] + [len(lo.token_ids) for lo in layouts])
     tensors["soft_offsets"] = np.cumsum([0] + [len(lo.soft_positions) for lo in layouts])
     tensors["letter_ids"] = np.asarray([lo.letter_token_ids for lo in layouts], dtype=np.int32)
@@ -202,10 +204,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--save-lists", type=Path, default=None, help="Write the lists, stop.")
     parser.add_argument("--lists", type=Path, default=None, help="Train on saved lists.")
     parser.add_argument("--stem", default=None, help="Results' file name (default by options).")
+    parser.add_argument("--seed", type=int, default=0, help="List order and initialisation.")
     return parser.parse_args()
 
 
-def make_lists(args, prompt, tokens, head):
+def make_lists(args, prompt, tokens):
     """The teachers' training lists and the served retriever's validation lists, each with the
     head's base: ``(layouts, labels, bases)`` and a ``ValidationSet`` whose scores are bases."""
 
@@ -214,6 +217,7 @@ def make_lists(args, prompt, tokens, head):
             example_config(HeadTrainConfig(), steps_per_user, valid_users), prompt=prompt
         )
 
+    head = HeadRanker.load(args.head).backend.head
     data = Dataset.load(dataset_dir("ml-100k"))
     none = {"items": "none", "captions": "none", "preferences": "none"}
     layouts, labels, bases = [], [], []
@@ -264,14 +268,13 @@ def main() -> None:
         prompt = replace(PROMPT, item_titles=args.titles, max_title_tokens=10,
                          max_history=args.history, candidate_letters=True)  # fmt: skip
     started = time.perf_counter()
-    head = HeadRanker.load(args.head).backend.head
     tokens = PromptTokenizer(load_tokenizer(args.llm))
     if args.lists is not None:
         (layouts, labels, bases), valid = read_lists(args.lists, args.text_only)
     else:
         if not args.teacher_run:
             raise SystemExit("give --teacher-run (one or more), or --lists")
-        (layouts, labels, bases), valid = make_lists(args, prompt, tokens, head)
+        (layouts, labels, bases), valid = make_lists(args, prompt, tokens)
     if args.save_lists is not None:
         save_lists(args.save_lists / LIST_FILES["train"], layouts, labels, bases)
         save_lists(args.save_lists / LIST_FILES["valid"], valid.layouts, valid.labels,
@@ -289,9 +292,9 @@ def main() -> None:
         projector_hidden=args.projector_hidden, lr=args.lr, batch_size=args.batch_size,
         warmup_steps=10, decay_examples=int(len(labels) * 4), max_steps=10**6,
         max_minutes=args.max_minutes, precision=args.precision, threads=args.threads,
-        device=args.device, eval_every=args.eval_every, checkpoint_every=10**9,
+        device=args.device, eval_every=args.eval_every, checkpoint_every=10**9, seed=args.seed,
     )  # fmt: skip
-    source = ListSource(layouts, labels, bases)
+    source = ListSource(layouts, labels, bases, args.seed)
     model = new_model(load_model(args.llm), source, tokens, config)
     state = TrainState()
     stopped = fit(model, source, config, state, optimizer_for(model, config), valid=valid,
@@ -304,7 +307,7 @@ def main() -> None:
     )
     report = {
         "command": "python " + " ".join(sys.argv),
-        "head": str(args.head),
+        "head": str(args.head),  # the bases' source (read when the lists were made)
         "teachers": [str(t) for t in args.teacher_run],
         "lists": str(args.lists) if args.lists else None,
         "titles": args.titles,
