@@ -340,7 +340,12 @@ def markdown(report: dict) -> str:
         "# The LLM as a residual on the head ranker",
         "",
         f"Command: `{report['command']}`. {report['train_lists']} honest training lists from "
-        f"{len(report['teachers'])} teacher retrievers; candidate titles shown: "
+        + (
+            f"the saved lists in {report['lists']}"
+            if report.get("lists")
+            else f"{len(report['teachers'])} teacher retrievers"
+        )
+        + f"; candidate titles shown: "
         f"{report.get('titles', False)}; history titles: {report.get('history', 0)}; signal "
         f"tokens dropped: {report.get('text_only', False)}; "
         f"{report.get('llm_layers', 2)} decoder layers on {report.get('device', 'cpu')}; "
