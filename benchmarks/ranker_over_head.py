@@ -20,7 +20,7 @@ token, ``--history N`` the user's last N titles before the candidates, ``--text-
 signal tokens (the LLM then reads titles alone), ``--lora`` trains the LoRA as well. A deeper LLM
 and many passes want a GPU: ``--save-lists DIR`` writes the lists (safetensors) where the data
 and retrievers are, and ``--lists DIR --device cuda`` trains on them elsewhere, with nothing but
-the LLM folder and the head beside them.
+the LLM folder beside them. ``RESULTS_DIR`` (environment) says where the results go.
 """
 
 from __future__ import annotations
@@ -262,6 +262,8 @@ def stem_of(args) -> str:
 
 def main() -> None:
     args = arguments()
+    if args.text_only and not args.lora:
+        raise SystemExit("--text-only leaves no projector to train: add --lora")
     torch.set_num_threads(args.threads)
     prompt = PROMPT
     if args.titles or args.history:  # letters written too, so text alone still names them
@@ -345,7 +347,7 @@ def markdown(report: dict) -> str:
             if report.get("lists")
             else f"{len(report['teachers'])} teacher retrievers"
         )
-        + f"; candidate titles shown: "
+        + "; candidate titles shown: "
         f"{report.get('titles', False)}; history titles: {report.get('history', 0)}; signal "
         f"tokens dropped: {report.get('text_only', False)}; "
         f"{report.get('llm_layers', 2)} decoder layers on {report.get('device', 'cpu')}; "
