@@ -20,7 +20,9 @@ token, ``--history N`` the user's last N titles before the candidates, ``--text-
 signal tokens (the LLM then reads titles alone), ``--lora`` trains the LoRA as well. A deeper LLM
 and many passes want a GPU: ``--save-lists DIR`` writes the lists (safetensors) where the data
 and retrievers are, and ``--lists DIR --device cuda`` trains on them elsewhere, with nothing but
-the LLM folder beside them. ``RESULTS_DIR`` (environment) says where the results go.
+the LLM folder beside them. The best validation point (``BestPoint``) is scored once on the
+test users (``held_out``), the only look at them. ``RESULTS_DIR`` (environment) says where the
+results go.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.saved_lists import read_lists, write_lists  # noqa: E402
 from ranker.head import HeadRanker  # noqa: E402
 from ranker.head_train import (  # noqa: E402
     PROMPT,
@@ -51,7 +54,7 @@ from ranker.head_train import (  # noqa: E402
 )
 from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
 from ranker.llm import load_model, load_tokenizer  # noqa: E402
-from ranker.prompts import PromptLayout, PromptTokenizer  # noqa: E402
+from ranker.prompts import PromptTokenizer  # noqa: E402
 from ranker.train import TrainConfig, TrainState, fit, new_model, optimizer_for  # noqa: E402
 from ranker.train_data import (  # noqa: E402
     ExampleMaker,
@@ -59,13 +62,15 @@ from ranker.train_data import (  # noqa: E402
     ValidationSet,
     with_side_features,
 )
+from ranker.train_model import write_weights  # noqa: E402
 from ranker.train_objective import retriever_log_softmax  # noqa: E402
+from ranker.train_validate import fused_ranks  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
+from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-LIST_FILES = {"train": "train_lists.safetensors", "valid": "valid_lists.safetensors"}
 
 
 def head_base(head, layout, scores) -> np.ndarray:
@@ -96,75 +101,6 @@ class ListSource:
             [self.bases[i] for i in picked],
             size,
         )
-
-
-def save_lists(path: Path, layouts, labels, bases, ranks=None) -> None:
-    """Rendered lists as flat arrays (token ids, soft slots, soft inputs in fp16 per kind) plus
-    their labels and bases; the display text is not kept (training never reads it)."""
-    from safetensors.numpy import save_file
-
-    kinds = sorted({k for layout in layouts for k in layout.soft_kinds})
-    flat = {
-        "token_ids": [i for lo in layouts for i in lo.token_ids],
-        "soft_positions": [p for lo in layouts for p in lo.soft_positions],
-        "soft_slots": [s for lo in layouts for s in lo.soft_slots],
-        "soft_kinds": [kinds.index(k) for lo in layouts for k in lo.soft_kinds],
-    }
-    tensors = {name: np.asarray(values, dtype=np.int32) for name, values in flat.items()}
-    if tensors["token_ids"].max(initial=0) < 2**16:  # half the bytes to carry
-        tensors["token_ids"] = tensors["token_ids"].astype(np.uint16)
-    tensors["token_offsets"] = np.cumsum([0] + [len(lo.token_ids) for lo in layouts])
-    tensors["soft_offsets"] = np.cumsum([0] + [len(lo.soft_positions) for lo in layouts])
-    tensors["letter_ids"] = np.asarray([lo.letter_token_ids for lo in layouts], dtype=np.int32)
-    tensors["history_used"] = np.asarray([lo.history_used for lo in layouts], dtype=np.int32)
-    for n, kind in enumerate(kinds):
-        pairs = [zip(lo.soft_inputs, lo.soft_kinds, strict=True) for lo in layouts]
-        rows = [r for pair in pairs for r, k in pair if k == kind]
-        tensors[f"soft_inputs.{n}"] = np.stack(rows).astype(np.float16)
-    tensors["labels"] = np.asarray(labels, dtype=np.int64)
-    tensors["bases"] = np.asarray(bases, dtype=np.float32)
-    if ranks is not None:
-        tensors["retriever_ranks"] = np.asarray(ranks, dtype=np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"kinds": json.dumps(kinds)})
-
-
-def load_lists(path: Path, text_only: bool = False) -> tuple[list[PromptLayout], dict]:
-    """``save_lists``' layouts (with ``text_only``: their soft tokens cut out) and the arrays."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    with safe_open(str(path), framework="np") as handle:
-        kinds = json.loads(handle.metadata()["kinds"])
-    t = load_file(str(path))
-    tokens, soft = t["token_offsets"], t["soft_offsets"]
-    taken = dict.fromkeys(range(len(kinds)), 0)
-    layouts = []
-    for n in range(len(t["labels"])):
-        ids = t["token_ids"][tokens[n] : tokens[n + 1]].tolist()
-        positions = t["soft_positions"][soft[n] : soft[n + 1]].tolist()
-        codes = t["soft_kinds"][soft[n] : soft[n + 1]].tolist()
-        inputs = []
-        for code in codes:
-            inputs.append(t[f"soft_inputs.{code}"][taken[code]].astype(np.float32))
-            taken[code] += 1
-        if text_only:
-            cut = set(positions)
-            ids = [i for k, i in enumerate(ids) if k not in cut]
-            positions, codes, inputs = [], [], []
-        layouts.append(
-            PromptLayout(
-                token_ids=tuple(ids),
-                letter_token_ids=tuple(t["letter_ids"][n].tolist()),
-                text="",
-                soft_positions=tuple(positions),
-                soft_kinds=tuple(kinds[c] for c in codes),
-                soft_inputs=tuple(inputs),
-                soft_slots=() if text_only else tuple(t["soft_slots"][soft[n] : soft[n + 1]]),
-                history_used=int(t["history_used"][n]),
-            )
-        )
-    return layouts, t
 
 
 def lists_of(maker: ExampleMaker, head) -> tuple[list, list[int], list[np.ndarray]]:
@@ -205,12 +141,16 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--lists", type=Path, default=None, help="Train on saved lists.")
     parser.add_argument("--stem", default=None, help="Results' file name (default by options).")
     parser.add_argument("--seed", type=int, default=0, help="List order and initialisation.")
+    parser.add_argument(
+        "--save-weights", type=Path, default=None, help="Write the best point's LoRA/projectors."
+    )
     return parser.parse_args()
 
 
 def make_lists(args, prompt, tokens):
-    """The teachers' training lists and the served retriever's validation lists, each with the
-    head's base: ``(layouts, labels, bases)`` and a ``ValidationSet`` whose scores are bases."""
+    """The teachers' training lists, ``(layouts, labels, bases)``, and the served retriever's
+    validation and test lists (``ValidationSet``s whose scores are the head's bases), with the
+    number of users those were drawn from (the users whose item was not retrieved count too)."""
 
     def examples(steps_per_user: int, valid_users: int):
         return replace(
@@ -232,21 +172,65 @@ def make_lists(args, prompt, tokens):
             whole.extend(part)
     served_runs = resolve_inputs(artifacts_root(), "ml-100k", retriever=args.retriever_run, **none)
     served = with_side_features(load_inputs(data, served_runs))
-    maker = ExampleMaker(served, examples(0, data.split().num_users), tokens)
-    valid = maker.validation_set()
-    pairs = zip(valid.layouts, valid.retriever_scores, strict=True)
-    valid_bases = np.stack([head_base(head, layout, scores) for layout, scores in pairs])
-    return (layouts, labels, bases), replace(valid, retriever_scores=valid_bases)
+    users = data.split().num_users
+    maker = ExampleMaker(served, examples(0, users), tokens)
+
+    def with_bases(lists: ValidationSet) -> ValidationSet:
+        pairs = zip(lists.layouts, lists.retriever_scores, strict=True)
+        bases = np.stack([head_base(head, layout, scores) for layout, scores in pairs])
+        return replace(lists, retriever_scores=bases)  # the base every metric reads: the head
+
+    valid, test = (with_bases(maker.validation_set(split)) for split in ("valid", "test"))
+    return (layouts, labels, bases), valid, test, users
 
 
-def read_lists(folder: Path, text_only: bool):
-    layouts, arrays = load_lists(folder / LIST_FILES["train"], text_only)
-    train = (layouts, arrays["labels"].tolist(), list(arrays["bases"]))
-    layouts, arrays = load_lists(folder / LIST_FILES["valid"], text_only)
-    valid = ValidationSet(
-        layouts, arrays["labels"], arrays["retriever_ranks"], arrays["bases"].astype(np.float64)
-    )
-    return train, valid
+class BestPoint:
+    """The validation point to confirm on test: the highest fused NDCG@10 among the points
+    whose gain over the head has an interval above 0; its trainable weights kept in memory."""
+
+    def __init__(self, model, state: TrainState):
+        self.model, self.state, self.metrics, self.weights = model, state, None, None
+        self.params = model.lora_parameters() + model.projector_parameters()
+
+    def __call__(self) -> None:  # fit's checkpoint hook, run right after each validation
+        latest = self.state.validations[-1] if self.state.validations else None
+        if latest is None or latest["step"] != self.state.step or latest["rank_weight"] <= 0:
+            return
+        if (
+            self.metrics is None
+            or latest["valid_fused_ndcg@10"] > self.metrics["valid_fused_ndcg@10"]
+        ):
+            self.metrics = latest
+            self.weights = [p.detach().clone() for p in self.params]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for param, kept in zip(self.params, self.weights, strict=True):
+                param.copy_(kept)
+
+
+def held_out(model, test: ValidationSet, users: int, weight: float, batch: int) -> dict:
+    """Head alone vs head + LLM at ``weight`` on the test users (LlamaRec protocol: a user
+    whose item was not retrieved is a miss for both), with the paired bootstrap interval."""
+    model.train(False)
+    with torch.no_grad():
+        logits = np.concatenate([
+            model.logits(test.layouts[k : k + batch]).float().cpu().numpy()
+            for k in range(0, len(test.layouts), batch)
+        ])  # fmt: skip
+    per_user = {}
+    for name, w in (("head", 0.0), ("fused", weight)):
+        found = ndcg_per_user(fused_ranks(logits, test.labels, test.retriever_scores, w), 10)
+        per_user[name] = np.concatenate([found, np.zeros(users - len(found))])
+    lo, hi = paired_bootstrap_ci(per_user["fused"], per_user["head"])
+    return {
+        "users": users,
+        "retrieved": len(test.labels),
+        "rank_weight": weight,
+        "head_ndcg@10": round(float(per_user["head"].mean()), 4),
+        "fused_ndcg@10": round(float(per_user["fused"].mean()), 4),
+        "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
+    }
 
 
 def stem_of(args) -> str:
@@ -272,17 +256,16 @@ def main() -> None:
     started = time.perf_counter()
     tokens = PromptTokenizer(load_tokenizer(args.llm))
     if args.lists is not None:
-        (layouts, labels, bases), valid = read_lists(args.lists, args.text_only)
+        (layouts, labels, bases), sets = read_lists(args.lists, args.text_only)
+        valid, test, users = sets["valid"], sets["test"], sets.get("test_users", 0)
     else:
         if not args.teacher_run:
             raise SystemExit("give --teacher-run (one or more), or --lists")
-        (layouts, labels, bases), valid = make_lists(args, prompt, tokens)
+        (layouts, labels, bases), valid, test, users = make_lists(args, prompt, tokens)
     if args.save_lists is not None:
-        save_lists(args.save_lists / LIST_FILES["train"], layouts, labels, bases)
-        save_lists(args.save_lists / LIST_FILES["valid"], valid.layouts, valid.labels,
-                   valid.retriever_scores, valid.retriever_ranks)  # fmt: skip
-        print(f"{len(labels)} training and {len(valid.labels)} validation lists in "
-              f"{args.save_lists}")  # fmt: skip
+        write_lists(args.save_lists, (layouts, labels, bases), valid, test, users)
+        print(f"{len(labels)} training, {len(valid.labels)} validation and {len(test.labels)} "
+              f"test lists (of {users} users) in {args.save_lists}")  # fmt: skip
         return
     made_s = time.perf_counter() - started
 
@@ -294,13 +277,26 @@ def main() -> None:
         projector_hidden=args.projector_hidden, lr=args.lr, batch_size=args.batch_size,
         warmup_steps=10, decay_examples=int(len(labels) * 4), max_steps=10**6,
         max_minutes=args.max_minutes, precision=args.precision, threads=args.threads,
-        device=args.device, eval_every=args.eval_every, checkpoint_every=10**9, seed=args.seed,
+        device=args.device, eval_every=args.eval_every, checkpoint_every=args.eval_every or 10**9,
+        seed=args.seed,
     )  # fmt: skip
     source = ListSource(layouts, labels, bases, args.seed)
     model = new_model(load_model(args.llm), source, tokens, config)
     state = TrainState()
+    best = BestPoint(model, state)
     stopped = fit(model, source, config, state, optimizer_for(model, config), valid=valid,
-                  log=io.StringIO(), say=lambda m: print(m, flush=True))  # fmt: skip
+                  log=io.StringIO(), checkpoint=best,
+                  say=lambda m: print(m, flush=True))  # fmt: skip
+    confirmed = None
+    if best.metrics is not None:
+        best.restore()
+        if args.save_weights is not None:
+            write_weights(model, args.save_weights)
+        if test is not None and users:
+            confirmed = {"examples": best.metrics["examples"],
+                         **held_out(model, test, users, best.metrics["rank_weight"],
+                                    args.batch_size)}  # fmt: skip
+            print(f"held out: {confirmed}", flush=True)
     base_loss = float(
         torch.nn.functional.cross_entropy(
             torch.log_softmax(torch.as_tensor(valid.retriever_scores, dtype=torch.float32), -1),
@@ -327,6 +323,7 @@ def main() -> None:
         "examples": state.examples,
         "examples_per_second": round(state.examples / max(state.seconds, 1e-9), 2),
         "validations": state.validations,
+        "test": confirmed,  # the best validation point on test (None: no point to confirm)
     }
     out = Path(os.environ.get("RESULTS_DIR", RESULTS))
     out.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,11 @@
-"""Lists that benchmarks/ranker_over_head.py saves to train elsewhere read back as made."""
+"""Lists that benchmarks/saved_lists.py saves to train elsewhere read back as made."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
+from benchmarks.saved_lists import load_lists, save_lists
 from ranker.prompts import PromptLayout
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ranker_over_head.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("ranker_over_head", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _layout(rng: np.random.Generator, n: int) -> PromptLayout:
@@ -47,15 +36,15 @@ def _layout(rng: np.random.Generator, n: int) -> PromptLayout:
 
 
 def test_saved_lists_read_back_as_made_and_text_only_cuts_the_soft_tokens(tmp_path):
-    script = _script()
     rng = np.random.default_rng(0)
     layouts = [_layout(rng, 3), _layout(rng, 3)]
     bases = [rng.normal(size=3), rng.normal(size=3)]
     path = tmp_path / "lists.safetensors"
-    script.save_lists(path, layouts, [2, 0], bases, ranks=[5, 1])
+    save_lists(path, layouts, [2, 0], bases, ranks=[5, 1], users=7)
 
-    back, arrays = script.load_lists(path)
+    back, arrays = load_lists(path)
     assert arrays["labels"].tolist() == [2, 0] and arrays["retriever_ranks"].tolist() == [5, 1]
+    assert arrays["users"] == 7  # the users the lists came from, misses included
     np.testing.assert_allclose(arrays["bases"], np.stack(bases), rtol=1e-6)
     for made, read in zip(layouts, back, strict=True):
         assert read.token_ids == made.token_ids
@@ -66,6 +55,6 @@ def test_saved_lists_read_back_as_made_and_text_only_cuts_the_soft_tokens(tmp_pa
         for a, b in zip(read.soft_inputs, made.soft_inputs, strict=True):
             np.testing.assert_allclose(a, b, atol=2e-3)  # carried in fp16
 
-    text, _ = script.load_lists(path, text_only=True)
+    text, _ = load_lists(path, text_only=True)
     assert text[0].token_ids == (5, 6, 100, 200, 101, 201, 102, 202)
     assert text[0].soft_positions == () and text[0].soft_inputs == () and text[0].soft_slots == ()
