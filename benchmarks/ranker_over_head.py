@@ -177,8 +177,8 @@ def make_lists(args, prompt, tokens):
 
     def with_bases(lists: ValidationSet) -> ValidationSet:
         pairs = zip(lists.layouts, lists.retriever_scores, strict=True)
-        bases = np.stack([head_base(head, layout, scores) for layout, scores in pairs])
-        return replace(lists, retriever_scores=bases)  # the base every metric reads: the head
+        scored = np.stack([head_base(head, layout, scores) for layout, scores in pairs])
+        return replace(lists, retriever_scores=scored)  # the base every metric reads: the head
 
     valid, test = (with_bases(maker.validation_set(split)) for split in ("valid", "test"))
     return (layouts, labels, bases), valid, test, users
@@ -189,7 +189,7 @@ class BestPoint:
     whose gain over the head has an interval above 0; its trainable weights kept in memory."""
 
     def __init__(self, model, state: TrainState):
-        self.model, self.state, self.metrics, self.weights = model, state, None, None
+        self.state, self.metrics, self.weights = state, None, None
         self.params = model.lora_parameters() + model.projector_parameters()
 
     def __call__(self) -> None:  # fit's checkpoint hook, run right after each validation
