@@ -380,6 +380,16 @@ def markdown(report: dict) -> str:
                 "measurable to the head here, so the head alone stays served."
             ),
         ]
+    test = report.get("test")
+    if test:
+        lines += [
+            "",
+            f"Held out: the best of those points ({test['examples']} examples, weight "
+            f"{test['rank_weight']}) on all {test['users']} test users ({test['retrieved']} with "
+            f"their item retrieved; the rest are misses for both): head alone NDCG@10 "
+            f"{test['head_ndcg@10']}, head + LLM {test['fused_ndcg@10']}, difference 95% "
+            f"{test['ndcg10_diff_ci95']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
