@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.saved_lists import read_lists, write_lists  # noqa: E402
+from ranker.evaluation import paired_comparison  # noqa: E402
 from ranker.head import HeadRanker  # noqa: E402
 from ranker.head_train import (  # noqa: E402
     PROMPT,
@@ -64,10 +65,10 @@ from ranker.train_data import (  # noqa: E402
 )
 from ranker.train_model import write_weights  # noqa: E402
 from ranker.train_objective import retriever_log_softmax  # noqa: E402
-from ranker.train_validate import fused_ranks  # noqa: E402
+from ranker.train_validate import fused_ranks, letter_logits_of  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
-from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
+from tandem.metrics import ndcg_at_k  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -212,24 +213,19 @@ class BestPoint:
 def held_out(model, test: ValidationSet, users: int, weight: float, batch: int) -> dict:
     """Head alone vs head + LLM at ``weight`` on the test users (LlamaRec protocol: a user
     whose item was not retrieved is a miss for both), with the paired bootstrap interval."""
-    model.train(False)
-    with torch.no_grad():
-        logits = np.concatenate([
-            model.logits(test.layouts[k : k + batch]).float().cpu().numpy()
-            for k in range(0, len(test.layouts), batch)
-        ])  # fmt: skip
-    per_user = {}
-    for name, w in (("head", 0.0), ("fused", weight)):
-        found = ndcg_per_user(fused_ranks(logits, test.labels, test.retriever_scores, w), 10)
-        per_user[name] = np.concatenate([found, np.zeros(users - len(found))])
-    lo, hi = paired_bootstrap_ci(per_user["fused"], per_user["head"])
+    logits = letter_logits_of(model, test.layouts, batch)
+    misses = np.full(users - len(test.labels), -1)  # the users whose item was not retrieved
+    ranks = {
+        name: np.concatenate([fused_ranks(logits, test.labels, test.retriever_scores, w), misses])
+        for name, w in (("head", 0.0), ("fused", weight))
+    }
     return {
         "users": users,
         "retrieved": len(test.labels),
         "rank_weight": weight,
-        "head_ndcg@10": round(float(per_user["head"].mean()), 4),
-        "fused_ndcg@10": round(float(per_user["fused"].mean()), 4),
-        "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
+        "head_ndcg@10": round(ndcg_at_k(ranks["head"], 10), 4),
+        "fused_ndcg@10": round(ndcg_at_k(ranks["fused"], 10), 4),
+        **paired_comparison(ranks["fused"], ranks["head"], seed=0),
     }
 
 

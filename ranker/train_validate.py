@@ -69,31 +69,36 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((ra * rb).sum(1) / np.maximum(denom, 1e-12)))
 
 
+def letter_logits_of(model: RankerModel, layouts, batch_size: int) -> np.ndarray:
+    """``[n, C]`` letter logits of ``layouts`` in evaluation mode, batch by batch, on the CPU
+    (the model may live on a GPU); the model goes back to training mode."""
+    model.train(False)
+    with torch.no_grad():
+        chunks = [
+            model.logits(layouts[start : start + batch_size]).float().cpu().numpy()
+            for start in range(0, len(layouts), batch_size)
+        ]
+    model.train(True)
+    return np.concatenate(chunks)
+
+
 def validate(
     model: RankerModel, valid: ValidationSet, batch_size: int, residual: bool = False
 ) -> dict:
     """Validation metrics; ``valid_loss`` is the trained loss (with ``residual``: of the
     retriever's log-softmax plus the logits), the ranks are the ranker's alone."""
-    model.train(False)
-    logits, losses = [], []
-    with torch.no_grad():
-        for start in range(0, len(valid.layouts), batch_size):
-            chunk = model.logits(valid.layouts[start : start + batch_size]).float().cpu()
-            target = torch.as_tensor(valid.labels[start : start + batch_size])
-            trained = chunk
-            if residual:
-                scores = valid.retriever_scores[start : start + batch_size]
-                trained = chunk + retriever_log_softmax(scores)
-            loss = torch.nn.functional.cross_entropy(trained, target, reduction="sum")
-            losses.append(loss.item())
-            logits.append(chunk.numpy())
-    model.train(True)
-    logits_all = np.concatenate(logits)
+    logits_all = letter_logits_of(model, valid.layouts, batch_size)
+    trained = torch.from_numpy(logits_all)
+    if residual:
+        trained = trained + retriever_log_softmax(valid.retriever_scores)
+    losses = torch.nn.functional.cross_entropy(
+        trained, torch.as_tensor(valid.labels), reduction="none"
+    )
     ranks = ranks_from_logits(logits_all, valid.labels)
     retrieved = (valid.retriever_ranks >= 0).any()
     shown = np.where(valid.retriever_ranks >= 0, valid.retriever_ranks, MAX_CANDIDATES - 1)
     metrics = {
-        "valid_loss": round(sum(losses) / len(valid.labels), 4),
+        "valid_loss": round(float(losses.mean()), 4),
         "valid_hr@1": round(recall_at_k(ranks, 1), 4),
         "valid_ndcg@10": round(ndcg_at_k(ranks, 10), 4),
         "valid_mrr@10": round(mrr_at_k(ranks, 10), 4),
