@@ -1,7 +1,9 @@
 """ONNX export of the user encoder and the onnxruntime session serving uses.
 
 The graph maps ``items int64 [batch, length]`` (left-padded internal indices, length <= the
-model's max_len) to ``user_vector float32 [batch, d]``; batch and length are dynamic.
+model's max_len) to ``user_vector float32 [batch, d]``; batch and length are dynamic, and so is
+the work: LRURec's scan covers the given length rounded up to its chunk, not max_len (the
+served ML-100K run: 0.98 vs 1.50 ms per retrieval on average over the 943 users' histories).
 """
 
 from __future__ import annotations

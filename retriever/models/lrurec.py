@@ -123,7 +123,7 @@ class LRULayer(nn.Module):
         length = u.shape[1]
         chunks = length // CHUNK
         state = self.state
-        intra, across, carry = self.frozen or self.scan_matrices(chunks)
+        intra, across, carry = self.scan_matrices(chunks)
         x = u.reshape(-1, chunks, CHUNK, state, 2).permute(3, 4, 2, 1, 0)
         h = intra @ x.reshape(state, 2 * CHUNK, -1)  # [state, (Re|Im, step), (chunk, B)]
         ends = h.reshape(state, 2, CHUNK, -1)[:, :, -1].reshape(state, 2 * chunks, -1)
@@ -136,7 +136,15 @@ class LRULayer(nn.Module):
     def scan_matrices(self, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Real block forms of: decay inside a chunk ``[state, 2C, 2C]``, decay across
         chunks ``[state, 2n, 2n]``, and lambda^1..lambda^C applied to a carried state
-        ``[state, 2C, 2]``."""
+        ``[state, 2C, 2]`` (from ``freeze``'s matrices when frozen)."""
+        if self.frozen:
+            intra, across_re, across_im, carry = self.frozen
+            # lambda^(C (t - s)) depends on t - s only: n chunks read the top-left n x n.
+            return (
+                intra,
+                _block(across_re[:, :chunks, :chunks], across_im[:, :chunks, :chunks]),
+                carry,
+            )
         p_re, p_im = (p[:, 1:] for p in self.powers(CHUNK + 1))
         carry = torch.cat(
             [torch.stack([p_re, -p_im], dim=2), torch.stack([p_im, p_re], dim=2)], dim=1
@@ -148,9 +156,13 @@ class LRULayer(nn.Module):
         )
 
     def freeze(self, length: int) -> None:
-        """Precompute the scan matrices for inputs of ``length`` (after training)."""
+        """Precompute the scan matrices for inputs of up to ``length`` steps (after training):
+        a shorter input reads a slice of them, so the exported graph's cost follows the
+        history's length instead of always paying for ``length``."""
         with torch.no_grad():
-            self.frozen = tuple(t.detach().clone() for t in self.scan_matrices(length // CHUNK))
+            intra, _, carry = self.scan_matrices(1)
+            across = self.decay_matrix(length // CHUNK, CHUNK)
+            self.frozen = tuple(t.detach().clone() for t in (intra, *across, carry))
             self.frozen_last = tuple(t.detach().clone() for t in self.last_weights(length))
         self.matmul_scan = True
 
@@ -174,7 +186,10 @@ class LRULayer(nn.Module):
         """
         u = self.drive(x, real)
         u_re, u_im = u[..., 0::2], u[..., 1::2]  # [B, L, state]
-        w_re, w_im = self.frozen_last if self.matmul_scan else self.last_weights(x.shape[1])
+        if self.frozen_last:  # lambda^(L-1-t) for the last L of the frozen steps
+            w_re, w_im = (w[-x.shape[1] :] for w in self.frozen_last)
+        else:
+            w_re, w_im = self.last_weights(x.shape[1])
         h_re = (u_re * w_re).sum(1) - (u_im * w_im).sum(1)
         h_im = (u_im * w_re).sum(1) + (u_re * w_im).sum(1)
         h = torch.stack([h_re, h_im], dim=-1).reshape(x.shape[0], 2 * self.state)
@@ -212,21 +227,18 @@ class LRURec(SequenceEncoder):
         self.embed_norm = nn.LayerNorm(config.hidden)
         self.embed_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(LRUBlock(config) for _ in range(config.layers))
-        # 0: scan over the batch's length rounded up to CHUNK. The ONNX export fixes it to
-        # scan_length(max_len), so the traced graph serves every length up to max_len.
-        self.fixed_scan_length = 0
         self.init_weights()
 
     def prepare_export(self) -> None:
-        """Fix the scan length to cover max_len and use the onnxruntime-friendly scan."""
-        self.fixed_scan_length = scan_length(self.max_len)
+        """Precompute the onnxruntime-friendly scan's matrices for up to max_len steps."""
         for block in self.blocks:
-            block.lru.freeze(self.fixed_scan_length)
+            block.lru.freeze(scan_length(self.max_len))
 
     def embedded(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item embeddings of ``seq`` left-padded to the scan length, and its real-step mask."""
-        padded = self.fixed_scan_length or scan_length(seq.shape[1])
-        # Left-pad to a multiple of CHUNK: padding feeds nothing into any state.
+        # Left-pad to a multiple of CHUNK: padding feeds nothing into any state. Shape
+        # arithmetic only (no int()), so an exported graph keeps the length dynamic.
+        padded = (seq.shape[1] + CHUNK - 1) // CHUNK * CHUNK
         seq = torch.cat([seq.new_zeros(seq.shape[0], padded), seq], dim=1)[:, -padded:]
         real = (seq != PADDING_INDEX).to(self.item_embedding.weight.dtype)
         return self.embed_norm(self.embed_dropout(self.item_embedding(seq))), real

@@ -42,5 +42,5 @@ def test_export_leaves_the_model_trainable(tmp_path: Path) -> None:
     model = build_model("lrurec", NUM_ITEMS, {"max_len": 40, "hidden": 16, "layers": 1}).train()
     export_user_encoder(model, tmp_path / "user_encoder.onnx")
     assert model.training
-    assert model.fixed_scan_length == 0
+    assert not model.blocks[0].lru.frozen
     assert not model.blocks[0].lru.matmul_scan
