@@ -305,13 +305,14 @@ class Ranker:
 
     def orders(self, inp: PromptInput) -> np.ndarray:
         """The candidate orders this ranker shows ``inp`` in (``[P, n]``)."""
-        key = candidate_key([c.title for c in inp.candidates])
+        config = self.config
+        drawn = config.permutations > 1 or config.shuffle  # else the given order: no key
         return permutations(
             len(inp.candidates),
-            self.config.permutations,
-            shuffle=self.config.shuffle,
-            seed=self.config.seed,
-            key=key,
+            config.permutations,
+            shuffle=config.shuffle,
+            seed=config.seed,
+            key=candidate_key([c.title for c in inp.candidates]) if drawn else 0,
         )
 
     def render_all(self, inp: PromptInput) -> tuple[list[RenderedPrompt], np.ndarray]:

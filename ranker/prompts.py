@@ -10,6 +10,7 @@ through them (``ranker.train``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -28,6 +29,8 @@ _USER_MARK = "\x00user\x00"
 _CANDIDATE_MARK = "\x00candidate\x00"
 _MARKS = ((_ITEM_MARK, "item"), (_USER_MARK, "user"), (_CANDIDATE_MARK, "candidate"))
 _SLOT_TEXT = {"item": ITEM_SLOT, "user": USER_SLOT, "candidate": CANDIDATE_SLOT}
+_KIND_OF_MARK = dict(_MARKS)
+_MARK_PATTERN = re.compile("(" + "|".join(re.escape(mark) for mark, _ in _MARKS) + ")")
 
 
 class PromptError(ValueError):
@@ -215,11 +218,16 @@ class PromptTokenizer:
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self.encode = lru_cache(maxsize=65536)(self._encode)
         self.truncate = lru_cache(maxsize=65536)(self._truncate)
+        self.line = lru_cache(maxsize=65536)(self._line)
 
     def _encode(self, text: str) -> tuple[int, ...]:
         if self._backend is not None:
             return tuple(self._backend.encode(text, add_special_tokens=False).ids)
         return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _line(self, text: str, max_tokens: int) -> str:
+        """User data as one clean line of at most ``max_tokens`` tokens."""
+        return self.truncate(_clean(text), max_tokens)
 
     def _truncate(self, text: str, max_tokens: int) -> str:
         ids = self.encode(text)
@@ -244,7 +252,7 @@ def _candidate_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer
     """A candidate in signal mode: its (optional) title, then its signal token."""
     if not config.item_titles:
         return _CANDIDATE_MARK
-    return tok.truncate(_clean(item.title), config.max_title_tokens) + " " + _CANDIDATE_MARK
+    return tok.line(item.title, config.max_title_tokens) + " " + _CANDIDATE_MARK
 
 
 def _item_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer) -> tuple[str, bool]:
@@ -252,9 +260,9 @@ def _item_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer) -> 
     soft = config.item_soft_tokens and item.embedding is not None
     parts = []
     if config.item_titles or not soft:
-        parts.append(tok.truncate(_clean(item.title), config.max_title_tokens))
+        parts.append(tok.line(item.title, config.max_title_tokens))
     if config.captions and item.caption:
-        caption = tok.truncate(_clean(item.caption), config.max_caption_tokens)
+        caption = tok.line(item.caption, config.max_caption_tokens)
         if caption:
             parts.append(": " + caption if parts else caption)
     if soft:
@@ -341,28 +349,22 @@ def _wrap(instruction: str, body: str, config: PromptConfig, tok: PromptTokenize
 
 
 def _assemble(text: str, tok: PromptTokenizer) -> tuple[list[int], list[int], list[str], str]:
-    """Token ids, soft positions and kinds, and display text of marked prompt text."""
+    """Token ids, soft positions and kinds, and display text of marked prompt text (one pass:
+    the split alternates text and marks)."""
     ids: list[int] = []
     positions: list[int] = []
     kinds: list[str] = []
     display: list[str] = []
-    rest = text
-    while rest:
-        cut = [(rest.find(mark), mark, kind) for mark, kind in _MARKS]
-        cut = [c for c in cut if c[0] >= 0]
-        if not cut:
-            ids.extend(tok.encode(rest))
-            display.append(rest)
-            break
-        at, mark, kind = min(cut)
-        if at:
-            ids.extend(tok.encode(rest[:at]))
-            display.append(rest[:at])
-        positions.append(len(ids))
-        kinds.append(kind)
-        ids.append(tok.placeholder_id)
-        display.append(_SLOT_TEXT[kind])
-        rest = rest[at + len(mark) :]
+    for n, piece in enumerate(_MARK_PATTERN.split(text)):
+        if n % 2:
+            kind = _KIND_OF_MARK[piece]
+            positions.append(len(ids))
+            kinds.append(kind)
+            ids.append(tok.placeholder_id)
+            display.append(_SLOT_TEXT[kind])
+        elif piece:
+            ids.extend(tok.encode(piece))
+            display.append(piece)
     return ids, positions, kinds, "".join(display)
 
 
@@ -385,7 +387,7 @@ def render_prompt(inp: PromptInput, config: PromptConfig, tok: PromptTokenizer) 
     )
     preference = None
     if config.preference and inp.preference and inp.preference.strip():
-        preference = tok.truncate(_clean(inp.preference), config.max_preference_tokens)
+        preference = tok.line(inp.preference, config.max_preference_tokens)
     user_soft = config.user_soft_token and inp.user_embedding is not None
     instruction = _instruction(config, with_captions)
     while True:

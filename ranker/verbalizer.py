@@ -79,6 +79,8 @@ def permutations(
     """
     if count < 1:
         raise VerbalizerError(f"permutation count must be >= 1, got {count}")
+    if count == 1 and not shuffle:  # the given order alone: no generator to seed per request
+        return np.arange(num_candidates, dtype=np.int64)[None]
     rng = np.random.default_rng([seed, key])
     orders = [rng.permutation(num_candidates) for _ in range(count)]
     if not shuffle:
