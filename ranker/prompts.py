@@ -13,13 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 
 import numpy as np
 
 from ranker.backends.base import RenderedPrompt
+from ranker.prompt_tokens import PIECE_BREAK, PromptError, PromptTokenizer
 from ranker.signals import candidate_signals
-from ranker.verbalizer import letter_token_ids, letters_for
+from ranker.verbalizer import letters_for
 
 ITEM_SLOT = "<item>"  # how an item soft token shows in the rendered text
 USER_SLOT = "<user>"  # how the user soft token shows in the rendered text
@@ -30,11 +30,9 @@ _CANDIDATE_MARK = "\x00candidate\x00"
 _MARKS = ((_ITEM_MARK, "item"), (_USER_MARK, "user"), (_CANDIDATE_MARK, "candidate"))
 _SLOT_TEXT = {"item": ITEM_SLOT, "user": USER_SLOT, "candidate": CANDIDATE_SLOT}
 _KIND_OF_MARK = dict(_MARKS)
-_MARK_PATTERN = re.compile("(" + "|".join(re.escape(mark) for mark, _ in _MARKS) + ")")
-
-
-class PromptError(ValueError):
-    """The inputs cannot make a prompt (too many candidates, too long even without history)."""
+_MARK_PATTERN = re.compile(
+    "(" + "|".join(re.escape(mark) for mark in (*_KIND_OF_MARK, PIECE_BREAK)) + ")"
+)
 
 
 @dataclass(frozen=True)
@@ -205,49 +203,6 @@ class PromptLayout:
         )
 
 
-class PromptTokenizer:
-    """A tokenizer wrapper with cached encodes: prompts repeat the same titles many times."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.placeholder_id = _placeholder_id(tokenizer)
-        self.letter_ids = letter_token_ids(tokenizer)
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-        # A fast tokenizer's Rust core gives the same ids as ``encode`` without the Python
-        # wrapper, which costs 20-70 us per call: a prompt has ~30 pieces, mostly new ones.
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.encode = lru_cache(maxsize=65536)(self._encode)
-        self.truncate = lru_cache(maxsize=65536)(self._truncate)
-        self.line = lru_cache(maxsize=65536)(self._line)
-
-    def _encode(self, text: str) -> tuple[int, ...]:
-        if self._backend is not None:
-            return tuple(self._backend.encode(text, add_special_tokens=False).ids)
-        return tuple(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _line(self, text: str, max_tokens: int) -> str:
-        """User data as one clean line of at most ``max_tokens`` tokens."""
-        return self.truncate(_clean(text), max_tokens)
-
-    def _truncate(self, text: str, max_tokens: int) -> str:
-        ids = self.encode(text)
-        if len(ids) <= max_tokens:
-            return text
-        return self.tokenizer.decode(list(ids[:max_tokens])).strip()
-
-
-def _placeholder_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    raise PromptError("the tokenizer has no pad, unk or eos token to use as soft-token placeholder")
-
-
-def _clean(text: str) -> str:
-    """One line of prompt text: no newlines or marker characters from user data."""
-    return " ".join(text.replace("\x00", " ").split())
-
-
 def _candidate_text(item: PromptItem, config: PromptConfig, tok: PromptTokenizer) -> str:
     """A candidate in signal mode: its (optional) title, then its signal token."""
     if not config.item_titles:
@@ -299,12 +254,12 @@ def _body(
     if user_soft:
         lines.append(f"User: {_USER_MARK}")
     lines.append("History:")
-    lines.extend(f"{n}. {text}" for n, text in enumerate(history, start=1))
+    lines.extend(f"{n}.{PIECE_BREAK} {text}" for n, text in enumerate(history, start=1))
     if not history:
         lines.append("(none)")
     lines.append("Candidate pool:")
     lines.extend(
-        f"{letter}. {text}"
+        f"{letter}.{PIECE_BREAK} {text}"
         for letter, text in zip(letters_for(len(candidates)), candidates, strict=True)
     )
     return "\n".join(lines)
@@ -328,7 +283,7 @@ def _terse_body(
         lines.append("History: " + " ".join(history))
     if letters:
         pairs = zip(letters_for(len(candidates)), candidates, strict=True)
-        candidates = [f"{letter} {text}" for letter, text in pairs]
+        candidates = [f"{letter}{PIECE_BREAK} {text}" for letter, text in pairs]
     lines.append("Candidates: " + (" " if letters else "").join(candidates))
     lines.append("Answer:")
     return "\n".join(lines) + "\n"
@@ -350,21 +305,27 @@ def _wrap(instruction: str, body: str, config: PromptConfig, tok: PromptTokenize
 
 def _assemble(text: str, tok: PromptTokenizer) -> tuple[list[int], list[int], list[str], str]:
     """Token ids, soft positions and kinds, and display text of marked prompt text (one pass:
-    the split alternates text and marks)."""
+    the split alternates text and marks; the text between two soft slots may hold breaks)."""
     ids: list[int] = []
     positions: list[int] = []
     kinds: list[str] = []
     display: list[str] = []
+    pieces: list[str] = []  # text since the last soft slot, one entry per break
     for n, piece in enumerate(_MARK_PATTERN.split(text)):
-        if n % 2:
+        if n % 2 == 0:
+            if piece:
+                pieces.append(piece)
+        elif piece != PIECE_BREAK:
+            ids.extend(tok.encode_pieces(pieces))
+            display.extend(pieces)
+            pieces = []
             kind = _KIND_OF_MARK[piece]
             positions.append(len(ids))
             kinds.append(kind)
             ids.append(tok.placeholder_id)
             display.append(_SLOT_TEXT[kind])
-        elif piece:
-            ids.extend(tok.encode(piece))
-            display.append(piece)
+    ids.extend(tok.encode_pieces(pieces))
+    display.extend(pieces)
     return ids, positions, kinds, "".join(display)
 
 

@@ -109,6 +109,40 @@ def test_token_ids_are_the_tokenizers_own(tok):
         assert tok.encode(text) == tuple(tok.tokenizer.encode(text, add_special_tokens=False))
 
 
+def test_a_text_prompt_has_the_ids_of_its_whole_text(tok):
+    """Lines are encoded in two cached pieces (prefix, item text): the ids stay those of the
+    rendered text encoded whole, with breaks on (this tokenizer passes the probes) or off."""
+    assert tok.exact_breaks
+    layout = render_prompt(_input(), PromptConfig(), tok)
+    whole = tok.tokenizer.encode(layout.text, add_special_tokens=False)
+    assert list(layout.token_ids) == whole
+    tok.exact_breaks = False
+    try:
+        assert render_prompt(_input(), PromptConfig(), tok) == layout
+    finally:
+        tok.exact_breaks = True
+
+
+def test_a_tokenizer_that_merges_across_breaks_encodes_lines_whole():
+    """A BPE without a pre-tokenizer learns merges across the space an item's text starts
+    with (here ". T"), so two pieces are not the whole line: the probes catch it and lines
+    are encoded whole."""
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    letters = "".join(chr(ord("A") + n) for n in range(20))  # one-character tokens A..T
+    corpus = ["\nA. Toy Story (1995)", "\n1. Toy Story (1995)", letters] * 50
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"]))
+    tokens = PromptTokenizer(PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<unk>"))
+    pieces = ["\nA.", " Toy Story (1995)"]
+    assert list(tokens.encode(pieces[0])) + list(tokens.encode(pieces[1])) != list(
+        tokens.encode("".join(pieces))
+    )
+    assert not tokens.exact_breaks
+    assert tokens.encode_pieces(pieces) == list(tokens.encode("".join(pieces)))
+
+
 def test_items_without_titles_are_shown_by_their_soft_token_only(tok):
     config = PromptConfig(item_soft_tokens=True, item_titles=False, chat_template=False)
     layout = render_prompt(_input(preference=None), config, tok)
