@@ -23,7 +23,7 @@ from ranker.verbalizer import letter_token_ids
 PIECE_BREAK = "\x00+\x00"  # in prompt text: encode the two sides separately (when exact)
 
 # A line prefix and an item's text, as they meet at a break: numbers, letters and what titles
-# start with (letters, digits, quotes, brackets, dots, dashes, accents).
+# start with (letters, digits, quotes, brackets, dots, dashes, accents, nothing).
 _BREAK_PROBES = (
     ("\n1.", " Toy Story (1995)"),
     ("\n12.", " 12 Angry Men (1957)"),
@@ -36,6 +36,7 @@ _BREAK_PROBES = (
     ("Candidates: A", " Toy Story (1995)"),
     (" B", " (500) Days of Summer (2009)"),
     (" T", " 101 Dalmatians (1996)"),
+    (" C", " "),  # a letter before a soft token only (no title)
 )
 
 
