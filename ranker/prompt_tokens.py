@@ -10,8 +10,8 @@ cached) on its own: the title once per catalog item, the prefix once per positio
 That gives the same ids as encoding the whole line only when the tokenizer splits there anyway.
 Byte-level BPE with a regex pre-tokenizer (GPT-2, SmolLM2, Llama 3) does: no word spans the
 space the item's text starts with. ``PromptTokenizer`` checks that on probes covering what can
-stand on either side of a break; a tokenizer that fails any (SentencePiece prefixes every piece
-with a space) keeps whole-line encoding, so the ids never depend on the cache.
+stand on either side of a break; a tokenizer that fails any (a BPE without a pre-tokenizer can
+learn merges across that space) keeps whole-line encoding, so the ids never depend on the cache.
 """
 
 from __future__ import annotations
