@@ -124,14 +124,15 @@ class LRULayer(nn.Module):
         chunks = length // CHUNK
         state = self.state
         intra, across, carry = self.scan_matrices(chunks)
-        x = u.reshape(-1, chunks, CHUNK, state, 2).permute(3, 4, 2, 1, 0)
-        h = intra @ x.reshape(state, 2 * CHUNK, -1)  # [state, (Re|Im, step), (chunk, B)]
-        ends = h.reshape(state, 2, CHUNK, -1)[:, :, -1].reshape(state, 2 * chunks, -1)
-        after = (across @ ends).reshape(state, 2, chunks, -1)  # the state after each chunk
-        entering = nn.functional.pad(after, (0, 0, 1, 0))[:, :, :chunks]
-        h = h + carry @ entering.reshape(state, 2, -1)
-        h = h.reshape(state, 2, CHUNK, chunks, -1).permute(4, 3, 2, 0, 1)
-        return h.reshape(-1, length, 2 * state)
+        # Only 2-D transposes (batched): onnxruntime runs a general 5-D permutation ~5x slower.
+        x = u.transpose(1, 2).reshape(-1, chunks, CHUNK).transpose(1, 2)  # [(B, pair), step, chunk]
+        h = intra @ x.reshape(-1, state, 2 * CHUNK, chunks)  # [B, state, (Re|Im, step), chunk]
+        ends = h.reshape(-1, state, 2, CHUNK, chunks)[:, :, :, -1]  # each chunk's last step
+        after = across @ ends.reshape(-1, state, 2 * chunks, 1)  # the state after each chunk
+        entering = nn.functional.pad(after.reshape(-1, state, 2, chunks), (1, 0))[..., :chunks]
+        h = h + carry @ entering
+        h = h.reshape(-1, CHUNK, chunks).transpose(1, 2)  # [(B, pair), chunk, step]
+        return h.reshape(-1, 2 * state, length).transpose(1, 2)
 
     def scan_matrices(self, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Real block forms of: decay inside a chunk ``[state, 2C, 2C]``, decay across
