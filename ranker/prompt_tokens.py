@@ -56,7 +56,6 @@ class PromptTokenizer:
         # wrapper, which costs 20-70 us per call: a prompt has ~30 pieces, mostly new ones.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self.encode = lru_cache(maxsize=65536)(self._encode)
-        self.truncate = lru_cache(maxsize=65536)(self._truncate)
         self.line = lru_cache(maxsize=65536)(self._line)
         self.exact_breaks = all(
             self._encode(prefix + text) == self._encode(prefix) + self._encode(text)
@@ -76,9 +75,7 @@ class PromptTokenizer:
 
     def _line(self, text: str, max_tokens: int) -> str:
         """User data as one clean line of at most ``max_tokens`` tokens."""
-        return self.truncate(clean(text), max_tokens)
-
-    def _truncate(self, text: str, max_tokens: int) -> str:
+        text = clean(text)
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return text
