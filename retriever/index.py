@@ -108,8 +108,8 @@ class ItemIndex:
         exclude = list(exclude) if exclude is not None else [np.empty(0, np.int64)] * len(queries)
         if len(exclude) != len(queries):
             raise ValueError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
-        barred = [np.unique(np.asarray(e, dtype=np.int64)) for e in exclude]
-        fetch = min(self.num_items, k + max((len(b) for b in barred), default=0))
+        barred = [self._barred(e) for e in exclude]
+        fetch = min(self.num_items, k + max((int(b.sum()) for b in barred), default=0))
         # An approximate search this deep is slower than a scan and no longer precise.
         scan_only = self.config.kind != "flat" and fetch > self.num_items // 2
         if not scan_only:
@@ -121,22 +121,30 @@ class ItemIndex:
                 items, kept = self._exact(queries[q], k, bar)
             else:
                 items = rows[q] + 1  # faiss row -> internal index; -1 (no result) -> 0
-                keep = (rows[q] >= 0) & ~np.isin(items, bar)
+                keep = (rows[q] >= 0) & ~bar[items]
                 items, kept = items[keep][:k], scores[q][keep][:k]
-                in_catalog = int(np.count_nonzero((bar >= 1) & (bar <= self.num_items)))
-                if len(items) < min(k, self.num_items - in_catalog):
+                if len(items) < min(k, self.num_items - int(bar.sum())):
                     items, kept = self._exact(queries[q], k, bar)
             out_items[q, : len(items)] = items
             out_scores[q, : len(items)] = kept
         return out_items, out_scores
 
+    def _barred(self, excluded: np.ndarray) -> np.ndarray:
+        """``[num_items + 1]`` bool: the catalog items in ``excluded`` (others cannot be
+        returned anyway). A mask, not ``np.unique`` + ``np.isin``: a third of the search's
+        time went to those two on a 200-item history."""
+        indices = np.asarray(excluded, dtype=np.int64)
+        mask = np.zeros(self.num_items + 1, dtype=bool)
+        mask[indices[(indices >= 1) & (indices <= self.num_items)]] = True
+        return mask
+
     def _exact(
         self, query: np.ndarray, k: int, barred: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Brute-force top-k over the non-barred items."""
+        """Brute-force top-k over the items ``barred`` (a ``_barred`` mask) leaves."""
         scores = self.item_vectors @ query
         scores[0] = -np.inf
-        scores[barred[(barred >= 0) & (barred <= self.num_items)]] = -np.inf
+        scores[barred] = -np.inf
         eligible = int(np.isfinite(scores).sum())
         top = np.argsort(-scores, kind="stable")[: min(k, eligible)]
         return top, scores[top]
