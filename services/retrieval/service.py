@@ -3,8 +3,9 @@
 The model call (~1 ms: one onnxruntime pass on one thread, one Faiss scan) runs on the loop,
 not in a worker thread. This service's loop has no other work to keep free, and the thread hop
 cost more than it bought on the 2-core host (ad hoc, same stack, no ranker, 300/800/1,500
-requests at c=1/8/32): handing the call to ``asyncio.to_thread`` cost ~0.35 ms per request
-when requests arrive ~30 ms apart (the worker's wake-up and GIL hand-back run cold), and
+requests at c=1/8/32): handing the call to ``asyncio.to_thread`` cost ~0.4 ms per request
+when requests arrive 25-30 ms apart (3.20 vs 2.78 ms at the client: the worker's wake-up and
+the GIL's hand-back run cold), and
 throughput at c=8 / 32 was 511 / 611 rps with the hop against 631 / 662 inline: the worker
 threads only fought the loop for the GIL. Concurrency beyond one core comes from replicas.
 """
