@@ -46,6 +46,19 @@ def test_each_query_has_its_own_exclusions() -> None:
     assert list(items[1]) == brute_force(table, queries[1], 5)
 
 
+def test_repeated_and_out_of_catalog_exclusions_bar_only_catalog_items() -> None:
+    table = item_table()
+    index = ItemIndex.build(table)
+    query = table[200]  # the last item is its own best match
+    top = brute_force(table, query, 3)
+    assert top[0] == 200
+    # -1 would bar item 200 and 201 would fall off the table if they were taken as indices
+    barred = np.array([top[1], top[1], top[2], 0, -1, -200, 201, 10_000])
+    items, _ = index.search(query[None], 10, [barred])
+    assert list(items[0]) == brute_force(table, query, 10, top[1:])
+    assert items[0][0] == 200
+
+
 def test_when_nearly_everything_is_excluded_the_rest_is_returned_then_padding() -> None:
     table = item_table(num_items=50)
     index = ItemIndex.build(table)
