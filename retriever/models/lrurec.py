@@ -237,9 +237,8 @@ class LRURec(SequenceEncoder):
 
     def embedded(self, seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item embeddings of ``seq`` left-padded to the scan length, and its real-step mask."""
-        # Left-pad to a multiple of CHUNK: padding feeds nothing into any state. Shape
-        # arithmetic only (no int()), so an exported graph keeps the length dynamic.
-        padded = (seq.shape[1] + CHUNK - 1) // CHUNK * CHUNK
+        # Left-pad to a multiple of CHUNK: padding feeds nothing into any state.
+        padded = scan_length(seq.shape[1])
         seq = torch.cat([seq.new_zeros(seq.shape[0], padded), seq], dim=1)[:, -padded:]
         real = (seq != PADDING_INDEX).to(self.item_embedding.weight.dtype)
         return self.embed_norm(self.embed_dropout(self.item_embedding(seq))), real
@@ -261,8 +260,9 @@ class LRURec(SequenceEncoder):
 
 
 def scan_length(length: int) -> int:
-    """The smallest multiple of CHUNK that holds ``length`` steps."""
-    return max(1, -(-int(length) // CHUNK)) * CHUNK
+    """The smallest multiple of CHUNK that holds ``length`` (>= 1) steps. Shape arithmetic
+    only (no ``int()``, ``max`` or negation), so a traced graph keeps the length dynamic."""
+    return (length + CHUNK - 1) // CHUNK * CHUNK
 
 
 def _block(real: torch.Tensor, imag: torch.Tensor) -> torch.Tensor:
