@@ -109,21 +109,22 @@ class ItemIndex:
         if len(exclude) != len(queries):
             raise ValueError(f"{len(exclude)} exclusion lists for {len(queries)} queries")
         barred = [self._barred(e) for e in exclude]
-        fetch = min(self.num_items, k + max((int(b.sum()) for b in barred), default=0))
+        counts = [int(b.sum()) for b in barred]  # catalog items barred, per query
+        fetch = min(self.num_items, k + max(counts, default=0))
         # An approximate search this deep is slower than a scan and no longer precise.
         scan_only = self.config.kind != "flat" and fetch > self.num_items // 2
         if not scan_only:
             scores, rows = self.index.search(queries, fetch)
         out_items = np.zeros((len(queries), k), dtype=np.int64)
         out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        for q, bar in enumerate(barred):
+        for q, (bar, count) in enumerate(zip(barred, counts, strict=True)):
             if scan_only:
                 items, kept = self._exact(queries[q], k, bar)
             else:
                 items = rows[q] + 1  # faiss row -> internal index; -1 (no result) -> 0
                 keep = (rows[q] >= 0) & ~bar[items]
                 items, kept = items[keep][:k], scores[q][keep][:k]
-                if len(items) < min(k, self.num_items - int(bar.sum())):
+                if len(items) < min(k, self.num_items - count):
                     items, kept = self._exact(queries[q], k, bar)
             out_items[q, : len(items)] = items
             out_scores[q, : len(items)] = kept
