@@ -54,6 +54,7 @@ def test_embedded_stack_publishes_features_and_ranks(artifacts, tmp_path):
         assert body["model"]["ranker_run"] == "tiny-ranker"
         assert "ranker" in body["timings_ms"]
         assert httpx.get(server.url + "/readyz").status_code == 200
+        assert "serving on uvloop + httptools" in server.logs()  # what the benchmarks measure
     finally:
         server.stop()
     assert (root / "redis").is_dir()  # the embedded server kept its data under artifacts/
@@ -102,10 +103,18 @@ def _alive(pids: set[int]) -> set[int]:
 
 def test_sigterm_stops_the_embedded_redis_with_the_app(artifacts, tmp_path):
     root, dataset = artifacts
-    env = {"TANDEM_ARTIFACTS_DIR": str(root), "TANDEM_DATASET": dataset, "TANDEM_REDIS_URL": ""}
+    env = {
+        "TANDEM_ARTIFACTS_DIR": str(root),
+        "TANDEM_DATASET": dataset,
+        "TANDEM_REDIS_URL": "",
+        # the fallback loop and parser shut down the same way
+        "TANDEM_SERVER_LOOP": "asyncio",
+        "TANDEM_SERVER_HTTP": "h11",
+    }
     server = tandem_server("embedded", free_port(), tmp_path / "serve.log", env)
     server.start(timeout_s=180)
     assert server.process is not None
+    assert "serving on asyncio + h11" in server.logs()
     spawned = _descendants(server.process.pid) | _working_in(root / "redis")
     try:
         assert _working_in(root / "redis"), "the embedded redis-server is not running"

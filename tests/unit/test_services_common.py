@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,6 +23,7 @@ from services.common.ids import ItemId
 from services.common.logs import RequestIdFilter
 from services.common.metrics import ServiceMetrics
 from services.common.settings import GatewaySettings, RetrievalSettings
+from tandem.testing.processes import REPO
 
 
 class Echo(BaseModel):
@@ -183,12 +187,33 @@ def test_settings_read_tandem_env(monkeypatch):
     monkeypatch.setenv("TANDEM_RANK_WEIGHT", "2")
     with pytest.raises(ValueError, match="rank_weight"):
         GatewaySettings(_env_file=None)
+    monkeypatch.setenv("TANDEM_SERVER_LOOP", "trio")  # uvicorn's loops only
+    with pytest.raises(ValueError, match="server_loop"):
+        RetrievalSettings(_env_file=None)
 
 
 def test_missing_retriever_run_says_what_to_do(tmp_path):
     settings = RetrievalSettings(artifacts_dir=tmp_path, _env_file=None)
     with pytest.raises(FileNotFoundError, match="tandem retriever train"):
         settings.retriever_run_dir()
+
+
+def test_server_stack_resolves_auto_as_uvicorn_does(monkeypatch):
+    from services.serve import server_stack
+
+    assert server_stack("auto", "auto") == ("uvloop", "httptools")
+    assert server_stack("asyncio", "h11") == ("asyncio", "h11")  # an explicit choice stands
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import fails
+    monkeypatch.setitem(sys.modules, "httptools", None)
+    assert server_stack("auto", "auto") == ("asyncio", "h11")
+
+
+def test_the_fast_loop_and_parser_are_base_dependencies():
+    """The image installs the base dependencies only; without these two it served on asyncio +
+    h11 while every benchmark (run where vLLM's FastAPI pulls them in) measured them."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[\s=<>;\[]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    assert {"uvloop", "httptools"} <= names
 
 
 async def test_log_records_carry_the_request_id_of_their_request():
