@@ -125,24 +125,7 @@ def run(
         configure_logging(settings.log_level, "gateway")
         app = build_gateway(settings, embedded=role == "embedded")
     loop, http = server_stack(settings.server_loop, settings.server_http)
-    missing = [
-        fast
-        for fast, setting, got in (
-            ("uvloop", settings.server_loop, loop),
-            ("httptools", settings.server_http, http),
-        )
-        if setting == "auto" and got != fast
-    ]
-    if missing:
-        log.warning(
-            "%s did not import: serving on %s + %s, which answered 14-21%% fewer requests "
-            "per second in benchmarks/server_stack.py (`pip install .` installs them)",
-            " and ".join(missing),
-            loop,
-            http,
-        )
-    else:
-        log.info("serving on %s + %s", loop, http)
+    _say_what_serves(settings.server_loop, settings.server_http, loop, http)
     uvicorn.run(
         app,
         host=host,
@@ -168,6 +151,25 @@ def server_stack(loop: str, http: str) -> tuple[str, str]:
     if http == "auto":
         http = "httptools" if _imports("httptools") else "h11"
     return loop, http
+
+
+def _say_what_serves(wanted_loop: str, wanted_http: str, loop: str, http: str) -> None:
+    """Log the loop and parser; a warning when "auto" had to fall back."""
+    missing = [
+        fast
+        for fast, wanted, got in (("uvloop", wanted_loop, loop), ("httptools", wanted_http, http))
+        if wanted == "auto" and got != fast
+    ]
+    if missing:
+        log.warning(
+            "%s did not import: serving on %s + %s, which answered 14-21%% fewer requests "
+            "per second in benchmarks/server_stack.py (`pip install .` installs them)",
+            " and ".join(missing),
+            loop,
+            http,
+        )
+    else:
+        log.info("serving on %s + %s", loop, http)
 
 
 def _imports(module: str) -> bool:
