@@ -284,37 +284,45 @@ def start_stack(
     (``embedded_retrieval``: no retrieval service, the gateway loads the retriever itself)."""
     from retriever.core import Retriever
 
-    redis = redis_server(work / "redis").start()
-    redis_url = f"redis://127.0.0.1:{redis.port}/0"
-    if source == REPO:
-        publish_dataset(redis_url, NAMESPACE, assets.dataset, manifest_id="bench")
-    else:  # an older revision reads only the feature-store format it wrote
-        prepare_in(
-            source, {"redis_url": redis_url, "namespace": NAMESPACE, "data": str(assets.data_dir)}
-        )
-    Retriever.load(assets.retriever_run)  # fail here, not in a subprocess log
-    common = {
-        "TANDEM_ARTIFACTS_DIR": str(assets.artifacts),
-        "TANDEM_RETRIEVER_RUN": str(assets.retriever_run),
-        "TANDEM_LOG_LEVEL": "WARNING",
-    }
-    retrieval = None
-    if not embedded_retrieval:
-        retrieval = tandem_server(
-            "retrieval", free_port(), work / "retrieval.log", common, source=source
+    started: list[ServerProcess] = []  # stopped again if a later part fails to start
+    try:
+        redis = redis_server(work / "redis").start()
+        started.append(redis)
+        redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        if source == REPO:
+            publish_dataset(redis_url, NAMESPACE, assets.dataset, manifest_id="bench")
+        else:  # an older revision reads only the feature-store format it wrote
+            prepare_in(source, {
+                "redis_url": redis_url, "namespace": NAMESPACE, "data": str(assets.data_dir),
+            })  # fmt: skip
+        Retriever.load(assets.retriever_run)  # fail here, not in a subprocess log
+        common = {
+            "TANDEM_ARTIFACTS_DIR": str(assets.artifacts),
+            "TANDEM_RETRIEVER_RUN": str(assets.retriever_run),
+            "TANDEM_LOG_LEVEL": "WARNING",
+        }
+        retrieval = None
+        if not embedded_retrieval:
+            retrieval = tandem_server(
+                "retrieval", free_port(), work / "retrieval.log", common, source=source
+            ).start()
+            started.append(retrieval)
+        gateway_env = {
+            **common,
+            **({"TANDEM_RETRIEVAL_URL": retrieval.url} if retrieval is not None else {}),
+            "TANDEM_REDIS_URL": redis_url,
+            "TANDEM_NAMESPACE": NAMESPACE,
+            "TANDEM_API_KEYS": API_KEY,
+            **ranker_env,
+            **(extra or {}),
+        }
+        gateway = tandem_server(
+            "gateway", free_port(), work / "gateway.log", gateway_env, source=source
         ).start()
-    gateway_env = {
-        **common,
-        **({"TANDEM_RETRIEVAL_URL": retrieval.url} if retrieval is not None else {}),
-        "TANDEM_REDIS_URL": redis_url,
-        "TANDEM_NAMESPACE": NAMESPACE,
-        "TANDEM_API_KEYS": API_KEY,
-        **ranker_env,
-        **(extra or {}),
-    }
-    gateway = tandem_server(
-        "gateway", free_port(), work / "gateway.log", gateway_env, source=source
-    ).start()
+    except BaseException:
+        for part in reversed(started):
+            part.stop()
+        raise
     return Stack(redis, retrieval, gateway)
 
 

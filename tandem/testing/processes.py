@@ -51,7 +51,11 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 120.0) -> ServerProcess:
         self.launch()
-        self.wait_ready(timeout_s)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()  # one that never became ready is not left running
+            raise
         return self
 
     def launch(self) -> ServerProcess:
