@@ -277,11 +277,13 @@ def start_stack(
     ranker_env: dict[str, str],
     *,
     extra: dict[str, str] | None = None,
+    servers_env: dict[str, str] | None = None,
     source: Path = REPO,
     embedded_retrieval: bool = False,
 ) -> Stack:
     """Redis with the dataset published, then retrieval and gateway running ``source``'s code
-    (``embedded_retrieval``: no retrieval service, the gateway loads the retriever itself)."""
+    (``embedded_retrieval``: no retrieval service, the gateway loads the retriever itself);
+    ``extra`` goes to the gateway, ``servers_env`` to both servers."""
     from retriever.core import Retriever
 
     started: list[ServerProcess] = []  # stopped again if a later part fails to start
@@ -300,6 +302,7 @@ def start_stack(
             "TANDEM_ARTIFACTS_DIR": str(assets.artifacts),
             "TANDEM_RETRIEVER_RUN": str(assets.retriever_run),
             "TANDEM_LOG_LEVEL": "WARNING",
+            **(servers_env or {}),
         }
         retrieval = None
         if not embedded_retrieval:

@@ -44,12 +44,12 @@ ARMS = {"uvloop + httptools": ("uvloop", "httptools"), "asyncio + h11": ("asynci
 
 def measure_arm(work: Path, assets, loop: str, http: str, plan: list[tuple[int, int]]) -> dict:
     """One fresh stack whose servers run ``loop`` + ``http``; closed-loop load per level."""
-    os.environ |= {"TANDEM_SERVER_LOOP": loop, "TANDEM_SERVER_HTTP": http}  # children inherit
-    try:
-        stack = start_stack(work, assets, {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES})
-    finally:
-        for name in ("TANDEM_SERVER_LOOP", "TANDEM_SERVER_HTTP"):
-            os.environ.pop(name)
+    stack = start_stack(
+        work,
+        assets,
+        {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES},
+        servers_env={"TANDEM_SERVER_LOOP": loop, "TANDEM_SERVER_HTTP": http},
+    )
     headers = {"X-API-Key": API_KEY}
     try:
         asyncio.run(run_load(stack.gateway.url, assets.users, 2, requests=50, headers=headers))

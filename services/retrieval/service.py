@@ -5,9 +5,9 @@ not in a worker thread. This service's loop has no other work to keep free, and 
 cost more than it bought on the 2-core host (ad hoc, same stack, no ranker, 300/800/1,500
 requests at c=1/8/32): handing the call to ``asyncio.to_thread`` cost ~0.4 ms per request
 when requests arrive 25-30 ms apart (3.20 vs 2.78 ms at the client: the worker's wake-up and
-the GIL's hand-back run cold), and
-throughput at c=8 / 32 was 511 / 611 rps with the hop against 631 / 662 inline: the worker
-threads only fought the loop for the GIL. Concurrency beyond one core comes from replicas.
+the GIL's hand-back run cold), and throughput at c=8 / 32 was 511 / 611 rps with the hop
+against 631 / 662 inline: the worker threads only fought the loop for the GIL. Concurrency
+beyond one core comes from replicas.
 """
 
 from __future__ import annotations
