@@ -1,0 +1,226 @@
+"""Does a second sequential retriever's score, as head columns, lower the head's loss?
+
+An ensemble of two sequence models is the usual next lever once one model's score, EASE and
+co-visitation are in (the retriever tuning found SASRec + LRURec within noise of LRURec
+alone as a *retriever*, ``retriever_tuning.md``; here the head learns how to weigh it).
+Each list is built exactly as ``tandem ranker train-head`` builds it (the LRURec teachers'
+held-out lists, the served LRURec's validation lists); the second model, trained with the
+same ``--holdout-last`` as each teacher (the served one for validation), scores the same 20
+candidates from the same history. Its columns (z-score, log-softmax and rank over the list,
+centred and scaled per column, as the relative signal rows are) are appended to each row.
+Both heads are fitted as ``fit_head`` fits them; the table reports each one's validation loss
+and tuned NDCG@10, and paired bootstrap intervals of the differences (with minus without).
+
+    python benchmarks/ranker_head_second_retriever.py --teacher-run T10 --second-run S10 \
+        --teacher-run T15 --second-run S15 --teacher-run T5 --second-run S5 \
+        --second-served SERVED_SASREC [--retriever-run SERVED] [--llm artifacts/llm-2]
+
+(``S*``: ``tandem retriever train --model sasrec --holdout-last N``, paired with the
+``--teacher-run`` of the same N, in the same order.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ranker.examples import CandidateSource  # noqa: E402
+from ranker.head_train import (  # noqa: E402
+    HeadTrainConfig,
+    ListwiseHead,
+    candidate_rows,
+    collect,
+    example_config,
+    fit_head,
+    list_losses,
+)
+from ranker.inputs import load_inputs, load_retriever, resolve_inputs  # noqa: E402
+from ranker.llm import load_tokenizer  # noqa: E402
+from ranker.prompts import PromptTokenizer  # noqa: E402
+from ranker.train_data import ExampleMaker, with_side_features  # noqa: E402
+from ranker.train_validate import fused_ranks, served_weight  # noqa: E402
+from tandem.artifacts import Manifest, resolve_run  # noqa: E402
+from tandem.data import Catalog, Dataset  # noqa: E402
+from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
+from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+class RecordingMaker(ExampleMaker):
+    """An ``ExampleMaker`` that also records each rendered list's history and candidate ids,
+    in render order (one list per kept example), so a second model can score the same lists."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lists: list[tuple[list[str], list[str]]] = []
+
+    def _render(self, inp, rng=None, own=None):
+        self.lists.append(([h.item_id for h in inp.history], [c.item_id for c in inp.candidates]))
+        return super()._render(inp, rng, own)
+
+
+def second_columns(
+    source: CandidateSource, catalog: Catalog, lists: list[tuple[list[str], list[str]]]
+) -> np.ndarray:
+    """``[lists, 20, 3]``: the second model's z-score, log-softmax and rank over each list,
+    each column centred over the list and scaled by its root mean square."""
+    histories = [catalog.index_of(history) for history, _ in lists]
+    candidates = np.stack([catalog.index_of(shown) for _, shown in lists])
+    vectors = np.concatenate(
+        [source.user_vectors(histories[i : i + 256]) for i in range(0, len(histories), 256)]
+    )
+    scores = np.einsum("bnd,bd->bn", source.item_table[candidates], vectors).astype(np.float64)
+    z = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + 1e-6)
+    shifted = scores - scores.max(1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    rank = np.argsort(np.argsort(-scores, 1, kind="stable"), 1, kind="stable") / 19.0
+    columns = np.stack([z, np.clip(log_p, -10, 10), rank], -1)
+    columns -= columns.mean(1, keepdims=True)
+    return (columns / np.sqrt((columns**2).mean((0, 1), keepdims=True))).astype(np.float32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
+    parser.add_argument("--second-run", type=Path, action="append", required=True)
+    parser.add_argument("--second-served", type=Path, required=True)
+    parser.add_argument("--retriever-run", type=Path, default=None)
+    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if len(args.teacher_run) != len(args.second_run):
+        parser.error("one --second-run per --teacher-run, in the same order")
+    torch.set_num_threads(args.threads)
+    root = artifacts_root()
+    data = Dataset.load(dataset_dir("ml-100k"))
+    tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
+    config = HeadTrainConfig()
+
+    def inputs(run: Path | None):
+        runs = resolve_inputs(
+            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
+        )
+        return with_side_features(load_inputs(data, runs)), runs.retriever
+
+    def second(run: Path) -> CandidateSource:
+        return CandidateSource(load_retriever(resolve_run(run)))
+
+    parts = []
+    for teacher, other in zip(args.teacher_run, args.second_run, strict=True):
+        holdout = Manifest.read(resolve_run(teacher)).config["train"]["holdout_last"]
+        if Manifest.read(resolve_run(other)).config["train"]["holdout_last"] != holdout:
+            parser.error(f"{other} does not hold out the last {holdout} items as {teacher} does")
+        maker = RecordingMaker(inputs(teacher)[0], example_config(config, holdout, 0), tokens)
+        rows, base, labels = collect(maker, config.max_lists)
+        parts.append((rows, second_columns(second(other), data.catalog, maker.lists), base, labels))
+    rows, extra, base, labels = (np.concatenate(p) for p in zip(*parts, strict=True))
+
+    served, served_run = inputs(args.retriever_run)
+    maker = RecordingMaker(served, example_config(config, 0, data.split().num_users), tokens)
+    valid = maker.validation_set()
+    valid_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
+    valid_extra = second_columns(second(args.second_served), data.catalog, maker.lists)
+
+    arms = {}
+    for name, train_x, valid_x in (
+        ("without", rows, valid_rows),
+        ("with the second retriever", np.concatenate([rows, extra], -1),
+         np.concatenate([valid_rows, valid_extra], -1)),
+    ):  # fmt: skip
+        module = fit_head(ListwiseHead(train_x.shape[-1]), train_x, base, labels, config)
+        losses, alone = list_losses(module, valid_x, valid)
+        head = module.linear()
+        logits = np.stack([head.scores(r) for r in valid_x])
+        chosen = served_weight(logits, valid.labels, valid.retriever_scores)
+        best = chosen["rank_weight_best"]
+        ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, best)
+        arms[name] = {
+            "columns": int(train_x.shape[-1]),
+            **chosen,
+            "valid_loss": round(float(losses.mean()), 4),
+            "valid_retriever_loss": round(float(alone.mean()), 4),
+            "per_user": ndcg_per_user(ranks, 10),
+            "per_user_loss": losses,
+        }
+    with_, without = arms["with the second retriever"], arms["without"]
+    results = {
+        "teachers": [str(t) for t in args.teacher_run],
+        "second_runs": [str(s) for s in args.second_run],
+        "served_retriever": str(served_run),
+        "second_served": str(args.second_served),
+        "lists": len(labels),
+        "valid_users": len(valid.labels),
+        "arms": {
+            k: {m: v for m, v in a.items() if not m.startswith("per_user")} for k, a in arms.items()
+        },
+        "ndcg10_diff": round(float(with_["per_user"].mean() - without["per_user"].mean()), 5),
+        "ndcg10_diff_ci95": _rounded(paired_bootstrap_ci(with_["per_user"], without["per_user"])),
+        "loss_diff": round(
+            float(with_["per_user_loss"].mean() - without["per_user_loss"].mean()), 5
+        ),
+        "loss_diff_ci95": _rounded(
+            paired_bootstrap_ci(with_["per_user_loss"], without["per_user_loss"])
+        ),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ranker_head_second_retriever.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "ranker_head_second_retriever.md").write_text(report(results))
+    print(report(results))
+
+
+def _rounded(interval: tuple[float, float]) -> list[float]:
+    return [round(interval[0], 5), round(interval[1], 5)]
+
+
+def report(results: dict) -> str:
+    pairs = " ".join(
+        f"--teacher-run {t} --second-run {s}"
+        for t, s in zip(results["teachers"], results["second_runs"], strict=True)
+    )
+    command = (
+        f"python benchmarks/ranker_head_second_retriever.py {pairs} "
+        f"--second-served {results['second_served']}"
+    )
+    lines = [
+        "# Head ranker: does a second retriever's score help?",
+        "",
+        __doc__.split("\n\n")[1].replace("\n", " "),
+        "",
+        f"Command: `{command}`; served retriever `{results['served_retriever']}`. "
+        f"{results['lists']:,} training lists; validation: the {results['valid_users']} "
+        "validation users whose item the served retriever puts in its top-20.",
+        "",
+        "| head | columns | tuned weight | valid NDCG@10 | gain over retriever, 95% interval "
+        "| valid loss (retriever) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, arm in results["arms"].items():
+        lo, hi = arm["valid_gain_ci95"]
+        lines.append(
+            f"| {name} | {arm['columns']} | {arm['rank_weight_best']} "
+            f"| {arm['valid_fused_ndcg@10']:.4f} | [{lo:+.4f}, {hi:+.4f}] "
+            f"| {arm['valid_loss']:.4f} ({arm['valid_retriever_loss']:.4f}) |"
+        )
+    lo, hi = results["ndcg10_diff_ci95"]
+    loss_lo, loss_hi = results["loss_diff_ci95"]
+    lines += [
+        "",
+        f"With minus without: {results['ndcg10_diff']:+.4f} valid NDCG@10, paired bootstrap 95% "
+        f"interval [{lo:+.4f}, {hi:+.4f}]; listwise validation loss {results['loss_diff']:+.4f}, "
+        f"interval [{loss_lo:+.4f}, {loss_hi:+.4f}] (below 0 is better).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
