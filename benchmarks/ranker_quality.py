@@ -167,6 +167,12 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         lines += ["", f"CoT-Rec MAPB (lower = less position bias): {json.dumps(report['mapb'])}."]
     if "ndcg10_diff_ci95" in report:
         fused = report["fused"]
+        served = (
+            f"so the gateway would serve weight {fused['served_weight']}"
+            if "stored_in" in report or report["ranker_run"] == "zero-shot"
+            else "a weight for this retriever only: the run's manifest, whose weight the "
+            "gateway serves, does not record an evaluation beside another retriever"
+        )
         lines += [
             "",
             f"Fused vs retriever over all {report['users']} users: NDCG@10 difference "
@@ -175,7 +181,7 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
             f"{report['ndcg10_ratio']}. The weight {fused['weight']} was tuned on "
             f"{fused['valid_users']} validation users; its validation gain's interval "
             f"{fused['valid_gain_ci95']} {'excludes' if fused['served_weight'] else 'includes'} 0,"
-            f" so the gateway would serve weight {fused['served_weight']}.",
+            f" {served}.",
         ]
     lines += ["", "| target | wanted | reached | met |", "|---|---|---|---|"]
     for name, wanted, reached, met in targets(report):

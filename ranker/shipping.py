@@ -111,16 +111,24 @@ def llm_layers(manifest: Manifest) -> int | None:
     return (manifest.config.get("llm") or {}).get("layers")
 
 
+def measured_beside(manifest: Manifest) -> str | None:
+    """The name of the retriever run the ranker's recorded test figures were measured with."""
+    retriever = ((manifest.metrics.get("results") or {}).get("inputs") or {}).get("retriever")
+    return Path(retriever).name if retriever else None
+
+
 def validation_summary(manifest: Manifest) -> str:
     """One line: the validation NDCG@10 of retriever order vs the fused ranker, and the weight."""
     m = manifest.metrics
     results = m.get("results") or {}
     if results.get("fused"):
         f = results["fused"]
+        beside = measured_beside(manifest)
+        retriever = f"retriever {beside}" if beside else "retriever"
         return (
             f"weight {f['weight']} tuned on {f['valid_users']} validation users, gain interval "
             f"{f['valid_gain_ci95']} -> served weight {m.get('rank_weight')}; test NDCG@10 "
-            f"{results['retriever']['ndcg@10']:.4f} (retriever) vs {f['ndcg@10']:.4f} (fused), "
+            f"{results['retriever']['ndcg@10']:.4f} ({retriever}) vs {f['ndcg@10']:.4f} (fused), "
             f"{results['users']} users"
         )
     base, fused = m.get("valid_retriever_order_ndcg@10"), m.get("valid_fused_ndcg@10")

@@ -62,7 +62,7 @@ def quickstart(
     store_metrics(run_dir, result)
     console.print(render_table(result, title=f"Retriever {run_dir.name}"))
 
-    ranker_run, llm_dir, layers = _pick_ranker(data)
+    ranker_run, llm_dir, layers = _pick_ranker(data, run_dir)
     if llm_dir is not None:
         _ensure_llm(llm_dir, layers)
     elif ranker_run is not None:
@@ -88,13 +88,23 @@ def quickstart(
     serve_command(host=host, port=port)
 
 
-def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
+def _pick_ranker(
+    data, retriever_run: Path | None = None
+) -> tuple[Path | None, Path | None, int | None]:
     """[3/5] The ranker to serve and its LLM folder: a local run, else the shipped one, else
     none. Prints which and its validation gain; a ranker whose tuned weight is 0 is named but
-    the gateway will not load it (retriever order). A head ranker needs no LLM (None)."""
+    the gateway will not load it (retriever order). A head ranker needs no LLM (None). When
+    the shipped ranker was measured beside another run than the served ``retriever_run`` (a
+    fresh clone trains its own), says so and how to measure the pair that serves."""
     from ranker.core import base_llm_dir
     from ranker.head import is_head_run
-    from ranker.shipping import ShippedRankerError, check_shipped, llm_layers, validation_summary
+    from ranker.shipping import (
+        ShippedRankerError,
+        check_shipped,
+        llm_layers,
+        measured_beside,
+        validation_summary,
+    )
     from tandem.artifacts import Manifest, resolve_run, runs_dir
     from tandem.paths import artifacts_root, models_root
 
@@ -126,6 +136,14 @@ def _pick_ranker(data) -> tuple[Path | None, Path | None, int | None]:
     layers = llm_layers(manifest)
     llm = None if is_head_run(shipped) else root / (f"llm-{layers}" if layers else "llm")
     console.print(f"[3/5] ranker: shipped {shipped} (hashes checked): {summary}")
+    beside = measured_beside(manifest)
+    if retriever_run is not None and beside is not None and beside != retriever_run.name:
+        console.print(
+            f"      measured beside retriever {beside}; this machine serves {retriever_run.name}, "
+            "another run of its recipe, beside which the gain is not re-measured here: "
+            f"`python benchmarks/ranker_quality.py --run {shipped} --retriever-run "
+            f"{retriever_run} --no-ablations` measures it"
+        )
     return shipped, llm, layers
 
 

@@ -221,6 +221,34 @@ def test_quickstart_serves_a_shipped_head_that_passed_validation_without_an_llm(
     assert _pick_ranker(data) == (None, None, None)
 
 
+def test_quickstart_says_when_the_shipped_head_was_measured_beside_another_retriever(
+    head_run: Path, tmp_path: Path, monkeypatch, capsys
+):
+    from tandem.commands.quickstart import _pick_ranker
+
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path / "artifacts"))  # no local run
+    monkeypatch.setenv("TANDEM_MODELS_DIR", str(tmp_path / "models"))
+    fingerprint = Manifest.read(head_run).data_fingerprint
+    data = type("Data", (), {"summary": type("Summary", (), {"fingerprint": fingerprint})})
+    fused = {"weight": 0.4, "served_weight": 0.4, "valid_gain_ci95": [0.01, 0.05],
+             "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
+    results = {"fused": fused, "retriever": {"ndcg@10": 0.11}, "users": 943,
+               "inputs": {"retriever": "artifacts/ml-100k/retriever/lrurec-measured"}}  # fmt: skip
+    export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
+               results=results)  # fmt: skip
+    capsys.readouterr()
+
+    _pick_ranker(data, tmp_path / "retriever" / "lrurec-measured")
+    same = " ".join(capsys.readouterr().out.split())
+    _pick_ranker(data, tmp_path / "retriever" / "lrurec-fresh")
+    other = " ".join(capsys.readouterr().out.split())
+
+    assert "0.1100 (retriever lrurec-measured) vs 0.1200 (fused)" in same
+    assert "measured beside" not in same
+    assert "measured beside retriever lrurec-measured; this machine serves lrurec-fresh" in other
+    assert "--retriever-run" in other
+
+
 def test_the_cli_trains_from_a_teacher_and_refuses_one_without_a_held_out_tail(
     tiny_retriever_run: Path, tiny_llm_dir: Path, tmp_path: Path, monkeypatch
 ):
