@@ -135,17 +135,8 @@ def report(results: dict) -> str:
         f"the {results['valid_users']} validation users whose item the served retriever puts "
         "in its top-20, NDCG@10 of that item at each head's tuned fusion weight.",
         "",
-        "| head | columns | lists | tuned weight | valid NDCG@10 | gain over retriever, 95% "
-        "interval | valid loss (retriever) |",
-        "|---|---|---|---|---|---|---|",
+        *arms_table(results["arms"]),
     ]
-    for name, arm in results["arms"].items():
-        lo, hi = arm["valid_gain_ci95"]
-        lines.append(
-            f"| {name} | {arm['columns']} | {arm['lists']:,} | {arm['rank_weight_best']} "
-            f"| {arm['valid_fused_ndcg@10']:.4f} | [{lo:+.4f}, {hi:+.4f}] "
-            f"| {arm['valid_loss']:.3f} ({arm['valid_retriever_loss']:.3f}) |"
-        )
     lo, hi = results["ndcg10_diff_ci95"]
     lines += [
         "",
@@ -156,6 +147,23 @@ def report(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def arms_table(arms: dict) -> list[str]:
+    """The markdown table of head arms (also ``ranker_head_second_retriever.py``'s)."""
+    lines = [
+        "| head | columns | lists | tuned weight | valid NDCG@10 | gain over retriever, 95% "
+        "interval | valid loss (retriever) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in arms.items():
+        lo, hi = arm["valid_gain_ci95"]
+        lines.append(
+            f"| {name} | {arm['columns']} | {arm['lists']:,} | {arm['rank_weight_best']} "
+            f"| {arm['valid_fused_ndcg@10']:.4f} | [{lo:+.4f}, {hi:+.4f}] "
+            f"| {arm['valid_loss']:.4f} ({arm['valid_retriever_loss']:.4f}) |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ranker_head_columns import arms_table
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -145,6 +146,7 @@ def main() -> None:
         ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, best)
         arms[name] = {
             "columns": int(train_x.shape[-1]),
+            "lists": len(labels),
             **chosen,
             "valid_loss": round(float(losses.mean()), 4),
             "valid_retriever_loss": round(float(alone.mean()), 4),
@@ -199,17 +201,8 @@ def report(results: dict) -> str:
         f"{results['lists']:,} training lists; validation: the {results['valid_users']} "
         "validation users whose item the served retriever puts in its top-20.",
         "",
-        "| head | columns | tuned weight | valid NDCG@10 | gain over retriever, 95% interval "
-        "| valid loss (retriever) |",
-        "|---|---|---|---|---|---|",
+        *arms_table(results["arms"]),
     ]
-    for name, arm in results["arms"].items():
-        lo, hi = arm["valid_gain_ci95"]
-        lines.append(
-            f"| {name} | {arm['columns']} | {arm['rank_weight_best']} "
-            f"| {arm['valid_fused_ndcg@10']:.4f} | [{lo:+.4f}, {hi:+.4f}] "
-            f"| {arm['valid_loss']:.4f} ({arm['valid_retriever_loss']:.4f}) |"
-        )
     lo, hi = results["ndcg10_diff_ci95"]
     loss_lo, loss_hi = results["loss_diff_ci95"]
     lines += [

@@ -200,44 +200,43 @@ def test_a_head_ships_without_an_adapter_or_llm(head_run: Path, tmp_path: Path):
     assert isinstance(Ranker.load(out, Path("no-llm-needed")), HeadRanker)
 
 
-def test_quickstart_serves_a_shipped_head_that_passed_validation_without_an_llm(
-    head_run: Path, tmp_path: Path, monkeypatch
-):
-    from tandem.commands.quickstart import _pick_ranker
-
-    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path / "artifacts"))  # no local run
+@pytest.fixture
+def ship(head_run: Path, tmp_path: Path, monkeypatch):
+    """``ship(served_weight, measured_beside)`` exports ``head_run`` as the shipped ranker
+    (no local run exists) and returns the dataset stand-in quickstart checks it against."""
+    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path / "artifacts"))
     monkeypatch.setenv("TANDEM_MODELS_DIR", str(tmp_path / "models"))
     fingerprint = Manifest.read(head_run).data_fingerprint
     data = type("Data", (), {"summary": type("Summary", (), {"fingerprint": fingerprint})})
-    fused = {"weight": 0.4, "served_weight": 0.4, "valid_gain_ci95": [0.01, 0.05],
-             "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
-    results = {"fused": fused, "retriever": {"ndcg@10": 0.11}, "users": 943}
-    export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
-               results=results)  # fmt: skip
-    assert _pick_ranker(data) == (tmp_path / "models" / "ranker", None, None)
-    results["fused"]["served_weight"] = 0.0  # its validation gain was not real: not served
-    export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
-               results=results)  # fmt: skip
-    assert _pick_ranker(data) == (None, None, None)
+
+    def export(served_weight: float = 0.4, measured_beside: str | None = None):
+        fused = {"weight": 0.4, "served_weight": served_weight, "valid_gain_ci95": [0.01, 0.05],
+                 "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
+        results = {"fused": fused, "retriever": {"ndcg@10": 0.11}, "users": 943}
+        if measured_beside:
+            results["inputs"] = {"retriever": f"artifacts/ml-100k/retriever/{measured_beside}"}
+        export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
+                   results=results)  # fmt: skip
+        return data
+
+    return export
+
+
+def test_quickstart_serves_a_shipped_head_that_passed_validation_without_an_llm(ship, tmp_path):
+    from tandem.commands.quickstart import _pick_ranker
+
+    assert _pick_ranker(ship()) == (tmp_path / "models" / "ranker", None, None)
+    # its validation gain was not real: not served
+    assert _pick_ranker(ship(served_weight=0.0)) == (None, None, None)
 
 
 def test_quickstart_says_when_the_shipped_head_was_measured_beside_another_retriever(
-    head_run: Path, tmp_path: Path, monkeypatch, capsys
+    ship, tmp_path: Path, capsys
 ):
     from tandem.commands.quickstart import _pick_ranker
 
-    monkeypatch.setenv("TANDEM_ARTIFACTS_DIR", str(tmp_path / "artifacts"))  # no local run
-    monkeypatch.setenv("TANDEM_MODELS_DIR", str(tmp_path / "models"))
-    fingerprint = Manifest.read(head_run).data_fingerprint
-    data = type("Data", (), {"summary": type("Summary", (), {"fingerprint": fingerprint})})
-    fused = {"weight": 0.4, "served_weight": 0.4, "valid_gain_ci95": [0.01, 0.05],
-             "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
-    results = {"fused": fused, "retriever": {"ndcg@10": 0.11}, "users": 943,
-               "inputs": {"retriever": "artifacts/ml-100k/retriever/lrurec-measured"}}  # fmt: skip
-    export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
-               results=results)  # fmt: skip
+    data = ship(measured_beside="lrurec-measured")
     capsys.readouterr()
-
     _pick_ranker(data, tmp_path / "retriever" / "lrurec-measured")
     same = " ".join(capsys.readouterr().out.split())
     _pick_ranker(data, tmp_path / "retriever" / "lrurec-fresh")
