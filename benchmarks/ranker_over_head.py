@@ -44,7 +44,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.saved_lists import read_lists, write_lists  # noqa: E402
-from ranker.evaluation import paired_comparison  # noqa: E402
 from ranker.head import HeadRanker  # noqa: E402
 from ranker.head_train import (  # noqa: E402
     PROMPT,
@@ -66,6 +65,7 @@ from ranker.train_data import (  # noqa: E402
 from ranker.train_model import write_weights  # noqa: E402
 from ranker.train_objective import retriever_log_softmax  # noqa: E402
 from ranker.train_validate import fused_ranks, letter_logits_of  # noqa: E402
+from ranker.two_stage import paired_comparison  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
 from tandem.metrics import ndcg_at_k  # noqa: E402

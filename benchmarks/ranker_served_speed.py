@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ranker.core import Ranker  # noqa: E402
-from ranker.evaluation import retrieve, user_input  # noqa: E402
 from ranker.head import HeadRanker  # noqa: E402
 from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
+from ranker.two_stage import retrieve, user_input  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 

@@ -7,12 +7,13 @@ import pytest
 
 from ranker.backends.transformers import TransformersBackend, TransformersBackendConfig
 from ranker.core import Ranker, RankerConfig
-from ranker.evaluation import EvalConfig, _fused_ranks, evaluate, retrieve
+from ranker.evaluation import EvalConfig, evaluate
 from ranker.examples import CandidateSource, ItemFeatures
 from ranker.fusion import WEIGHT_GRID, fuse
 from ranker.projector import Projector, ProjectorConfig
 from ranker.prompts import PromptConfig
 from ranker.train import TrainInputs
+from ranker.two_stage import fused_two_stage_ranks, retrieve
 from tandem.data import Dataset
 from tandem.testing.retriever import one_torch_thread
 
@@ -58,7 +59,7 @@ def test_fusion_weight_zero_keeps_retriever_order(inputs):
     users = retrieve(inputs, np.arange(40), "test")
     hits = users.hits
     noise = [np.random.default_rng(r).normal(size=20) for r in hits]
-    ranks = _fused_ranks(users, hits, noise, 0.0)
+    ranks = fused_two_stage_ranks(users, hits, noise, 0.0)
     expected = [int(np.flatnonzero(users.top[r] == users.targets[r])[0]) for r in hits]
     assert ranks[hits].tolist() == expected
     assert (np.delete(ranks, hits) == -1).all()
