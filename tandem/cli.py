@@ -14,6 +14,7 @@ from tandem.commands import (
     quickstart,
     ranker,
     ranker_head,
+    ranker_runs,
     retriever,
     serve,
     variants,
@@ -30,6 +31,8 @@ app.add_typer(data.app, name="data")
 app.add_typer(retriever.app, name="retriever")
 app.add_typer(llm.app, name="llm")
 ranker.app.command("train-head")(ranker_head.train_head)
+ranker.app.command("evaluate")(ranker_runs.evaluate)
+ranker.app.command("export")(ranker_runs.export)
 app.add_typer(ranker.app, name="ranker")
 app.add_typer(features.app, name="features")
 app.add_typer(enrich.app, name="enrich")
