@@ -140,7 +140,7 @@ def _pick_ranker(
     if retriever_run is not None and beside is not None and beside != retriever_run.name:
         console.print(
             f"      measured beside retriever {beside}; this machine serves {retriever_run.name}, "
-            "another run of its recipe, beside which the gain is not re-measured here: "
+            "beside which its gain is not measured yet: "
             f"`python benchmarks/ranker_quality.py --run {shipped} --retriever-run "
             f"{retriever_run} --no-ablations` measures it"
         )
