@@ -17,7 +17,6 @@ servers get ``TANDEM_SERVER_LOOP`` / ``TANDEM_SERVER_HTTP`` per arm; arms altern
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -29,43 +28,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gateway_load import (  # noqa: E402
-    API_KEY,
-    FAST_DEADLINES,
-    find_or_train_retriever,
-    run_load,
-    start_stack,
-    summarize,
-)
+from gateway_load import FAST_DEADLINES, find_or_train_retriever, measure, start_stack  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 ARMS = {"uvloop + httptools": ("uvloop", "httptools"), "asyncio + h11": ("asyncio", "h11")}
+KEPT = ("requests", "errors", "throughput_rps", "latency_ms")  # of each level's summary
 
 
 def measure_arm(work: Path, assets, loop: str, http: str, plan: list[tuple[int, int]]) -> dict:
-    """One fresh stack whose servers run ``loop`` + ``http``; closed-loop load per level."""
+    """One fresh stack whose servers run ``loop`` + ``http``; ``gateway_load``'s closed-loop
+    load per level."""
     stack = start_stack(
         work,
         assets,
         {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES},
         servers_env={"TANDEM_SERVER_LOOP": loop, "TANDEM_SERVER_HTTP": http},
     )
-    headers = {"X-API-Key": API_KEY}
     try:
-        asyncio.run(run_load(stack.gateway.url, assets.users, 2, requests=50, headers=headers))
-        out = {}
-        for concurrency, count in plan:
-            begin = time.perf_counter()
-            samples = asyncio.run(
-                run_load(
-                    stack.gateway.url, assets.users, concurrency, requests=count, headers=headers
-                )
-            )
-            level = summarize(samples, time.perf_counter() - begin)
-            out[str(concurrency)] = {
-                key: level[key] for key in ("requests", "errors", "throughput_rps", "latency_ms")
-            }
-        return out
+        levels = measure(stack, assets.users, plan, warmup=50)
+        return {
+            concurrency: {key: level[key] for key in KEPT} for concurrency, level in levels.items()
+        }
     finally:
         stack.stop()
 
