@@ -7,7 +7,7 @@ Each list is built exactly as ``tandem ranker train-head`` builds it (the LRURec
 held-out lists, the served LRURec's validation lists); the second model, trained with the
 same ``--holdout-last`` as each teacher (the served one for validation), scores the same 20
 candidates from the same history. Its columns (z-score, log-softmax and rank over the list,
-centred and scaled per column, as the relative signal rows are) are appended to each row.
+made relative to the list as the rows' own score columns are) are appended to each row.
 Both heads are fitted as ``fit_head`` fits them; the table reports each one's validation loss
 and tuned NDCG@10, and paired bootstrap intervals of the differences (with minus without).
 
@@ -46,6 +46,7 @@ from ranker.head_train import (  # noqa: E402
 from ranker.inputs import load_inputs, load_retriever, resolve_inputs  # noqa: E402
 from ranker.llm import load_tokenizer  # noqa: E402
 from ranker.prompts import PromptTokenizer  # noqa: E402
+from ranker.signals import relative_columns, score_columns  # noqa: E402
 from ranker.train_data import ExampleMaker, with_side_features  # noqa: E402
 from ranker.train_validate import fused_ranks, served_weight  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
@@ -72,21 +73,16 @@ class RecordingMaker(ExampleMaker):
 def second_columns(
     source: CandidateSource, catalog: Catalog, lists: list[tuple[list[str], list[str]]]
 ) -> np.ndarray:
-    """``[lists, 20, 3]``: the second model's z-score, log-softmax and rank over each list,
-    each column centred over the list and scaled by its root mean square."""
+    """``[lists, 20, 3]``: the second model's score columns over each list (z-score,
+    log-softmax, rank: ``ranker.signals.score_columns``), relative to the list as the signal
+    rows' own score columns are (``relative_columns``)."""
     histories = [catalog.index_of(history) for history, _ in lists]
     candidates = np.stack([catalog.index_of(shown) for _, shown in lists])
     vectors = np.concatenate(
         [source.user_vectors(histories[i : i + 256]) for i in range(0, len(histories), 256)]
     )
     scores = np.einsum("bnd,bd->bn", source.item_table[candidates], vectors).astype(np.float64)
-    z = (scores - scores.mean(1, keepdims=True)) / (scores.std(1, keepdims=True) + 1e-6)
-    shifted = scores - scores.max(1, keepdims=True)
-    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
-    rank = np.argsort(np.argsort(-scores, 1, kind="stable"), 1, kind="stable") / 19.0
-    columns = np.stack([z, np.clip(log_p, -10, 10), rank], -1)
-    columns -= columns.mean(1, keepdims=True)
-    return (columns / np.sqrt((columns**2).mean((0, 1), keepdims=True))).astype(np.float32)
+    return np.stack([relative_columns(score_columns(s)) for s in scores]).astype(np.float32)
 
 
 def main() -> None:

@@ -72,19 +72,12 @@ def candidate_signals(
         raise ValueError(f"{scores.shape[0]} retriever scores for {n} candidates")
     history = np.asarray(history, dtype=np.float32).reshape(-1, width)
     profile = history[-10:].mean(axis=0) if len(history) else np.zeros(width, np.float32)
-    finite = np.where(np.isfinite(scores), scores, np.nan)
-    fill = np.nanmin(finite) if np.isfinite(finite).any() else 0.0
-    finite = np.nan_to_num(finite, nan=fill)
-    z = (finite - finite.mean()) / (finite.std() + 1e-6)
-    shifted = finite - finite.max()
-    log_p = shifted - np.log(np.exp(shifted).sum()) + np.log(n)
-    rank = np.argsort(np.argsort(-finite, kind="stable"), kind="stable") / max(n - 1, 1)
     if len(history):
         cos = _unit(candidates[:, :d]) @ _unit(history[-RECENT:, :d]).T
         cos_last, cos_max = cos[:, -1], cos.max(axis=1)
     else:
         cos_last = cos_max = np.zeros(n, np.float32)
-    scalars = np.stack([z, np.clip(log_p, -10, 10), rank, cos_last, cos_max], axis=1)
+    scalars = np.concatenate([score_columns(scores), np.stack([cos_last, cos_max], 1)], axis=1)
     groups = [candidates, candidates[:, :d] * user, candidates * profile]
     if not embeddings:
         groups = [candidates[:, d:], np.zeros((n, 0), np.float32), (candidates * profile)[:, d:]]
@@ -92,9 +85,28 @@ def candidate_signals(
         groups.append(np.asarray(context, dtype=np.float32).reshape(n, -1))
     if relative:
         groups = [_centred(g) / _rms(_centred(g)) if g.size else g for g in groups]
-        scalars = _centred(scalars) / _rms(_centred(scalars), axis=0)
+        scalars = relative_columns(scalars)
     parts = [*groups[:3], scalars.astype(np.float32), *groups[3:]]
     return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def score_columns(scores: np.ndarray) -> np.ndarray:
+    """``[n, 3]`` float64 for a list's scores ``[n]``: z-score, log-softmax (+ log n, clipped to
+    +-10) and rank (0 = best, 1 = worst); non-finite scores count as the list's lowest."""
+    n = len(scores)
+    finite = np.where(np.isfinite(scores), scores, np.nan)
+    fill = np.nanmin(finite) if np.isfinite(finite).any() else 0.0
+    finite = np.nan_to_num(finite, nan=fill)
+    z = (finite - finite.mean()) / (finite.std() + 1e-6)
+    shifted = finite - finite.max()
+    log_p = shifted - np.log(np.exp(shifted).sum()) + np.log(n)
+    rank = np.argsort(np.argsort(-finite, kind="stable"), kind="stable") / max(n - 1, 1)
+    return np.stack([z, np.clip(log_p, -10, 10), rank], axis=1)
+
+
+def relative_columns(columns: np.ndarray) -> np.ndarray:
+    """``[n, k]`` columns relative to the list: each centred and scaled by its own RMS."""
+    return _centred(columns) / _rms(_centred(columns), axis=0)
 
 
 def _centred(rows: np.ndarray) -> np.ndarray:
