@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ranker.backends.base import RenderedPrompt
+from ranker.domains import DOMAINS
 from ranker.prompt_tokens import PIECE_BREAK, PromptError, PromptTokenizer
 from ranker.signals import candidate_signals
 from ranker.verbalizer import letters_for
@@ -65,51 +66,6 @@ def with_candidate_context(inp: PromptInput, extra: np.ndarray) -> PromptInput:
     context = inp.candidate_context
     merged = extra if context is None else np.concatenate([np.asarray(context), extra], axis=1)
     return replace(inp, candidate_context=merged)
-
-
-@dataclass(frozen=True)
-class Domain:
-    persona: str  # MLLM4Rec role-play opening
-    singular: str
-    plural: str
-    verb: str  # past tense of what the user did with an item
-
-
-DOMAINS = {
-    "movies": Domain(
-        "You are going to play a movie enthusiast who is selecting movies they are interested in.",
-        "movie",
-        "movies",
-        "watched",
-    ),
-    "books": Domain(
-        "You will play a book lover choosing the next book to read.", "book", "books", "read"
-    ),
-    "games": Domain(
-        "You will play as a gamer selecting the games you love.", "game", "games", "played"
-    ),
-    "toys": Domain(
-        "You will play the role of a guardian, purchasing children's toys for your own child.",
-        "toy",
-        "toys",
-        "bought",
-    ),
-    "beauty": Domain(
-        "You will play the role of a female, purchasing female items for yourself.",
-        "item",
-        "items",
-        "bought",
-    ),
-    "music": Domain(
-        "You will play a music fan choosing the artists you want to hear.",
-        "artist",
-        "artists",
-        "listened to",
-    ),
-    "items": Domain(
-        "You will play a shopper choosing the items you like.", "item", "items", "chose"
-    ),
-}
 
 
 @dataclass(frozen=True)
