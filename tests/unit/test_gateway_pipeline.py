@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from services.common.settings import GatewaySettings
+from services.gateway.ranker_choice import tuned_rank_weight
 from services.gateway.sources import RemoteCandidates
-from services.gateway.wiring import Artifacts, load_artifacts, tuned_rank_weight
+from services.gateway.wiring import Artifacts, load_artifacts
 from tandem.testing.processes import free_port
 from tandem.testing.stack import ITEM_DIM, make_tiny_ranker_run, publish_dataset
 from tests.fixtures.services import gateway_client
