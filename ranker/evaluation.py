@@ -237,6 +237,8 @@ def evaluate_two_stage(
     report = evaluate(ranker, inputs, config, zero_shot=base, on_stage=on_stage)
     report["ranker_run"] = str(run_dir) if run_dir else "zero-shot"
     report["inputs"] = runs.to_parents()
+    if runs.retriever is not None:  # which retriever, by content: a rebuild may reproduce it
+        report["retriever_files"] = Manifest.read(runs.retriever).files
     if run_dir is not None:
         trained = Manifest.read(run_dir)
         report["examples_seen"] = trained.metrics.get("examples")

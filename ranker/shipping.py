@@ -117,6 +117,16 @@ def measured_beside(manifest: Manifest) -> str | None:
     return Path(retriever).name if retriever else None
 
 
+def same_retriever_files(manifest: Manifest, retriever_run: Path) -> bool:
+    """Whether ``retriever_run`` holds, file for file (same hashes), the retriever the ranker's
+    recorded figures were measured beside: a deterministic rebuild gets a new run id but the
+    same model, and the figures then hold for it."""
+    recorded = (manifest.metrics.get("results") or {}).get("retriever_files")
+    if not recorded or not (retriever_run / "manifest.json").is_file():
+        return False
+    return Manifest.read(retriever_run).files == recorded
+
+
 def validation_summary(manifest: Manifest) -> str:
     """One line: the validation NDCG@10 of retriever order vs the fused ranker, and the weight."""
     m = manifest.metrics

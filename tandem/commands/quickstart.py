@@ -103,6 +103,7 @@ def _pick_ranker(
         check_shipped,
         llm_layers,
         measured_beside,
+        same_retriever_files,
         validation_summary,
     )
     from tandem.artifacts import Manifest, resolve_run, runs_dir
@@ -137,7 +138,14 @@ def _pick_ranker(
     llm = None if is_head_run(shipped) else root / (f"llm-{layers}" if layers else "llm")
     console.print(f"[3/5] ranker: shipped {shipped} (hashes checked): {summary}")
     beside = measured_beside(manifest)
-    if retriever_run is not None and beside is not None and beside != retriever_run.name:
+    if retriever_run is None or beside is None or beside == retriever_run.name:
+        return shipped, llm, layers
+    if same_retriever_files(manifest, retriever_run):
+        console.print(
+            f"      measured beside retriever {beside}; this machine serves "
+            f"{retriever_run.name}, the same files (hashes checked): the figures hold here"
+        )
+    else:
         console.print(
             f"      measured beside retriever {beside}; this machine serves {retriever_run.name}, "
             "beside which its gain is not measured yet: "

@@ -209,12 +209,18 @@ def ship(head_run: Path, tmp_path: Path, monkeypatch):
     fingerprint = Manifest.read(head_run).data_fingerprint
     data = type("Data", (), {"summary": type("Summary", (), {"fingerprint": fingerprint})})
 
-    def export(served_weight: float = 0.4, measured_beside: str | None = None):
+    def export(
+        served_weight: float = 0.4,
+        measured_beside: str | None = None,
+        retriever_files: dict[str, str] | None = None,
+    ):
         fused = {"weight": 0.4, "served_weight": served_weight, "valid_gain_ci95": [0.01, 0.05],
                  "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
         results = {"fused": fused, "retriever": {"ndcg@10": 0.11}, "users": 943}
         if measured_beside:
             results["inputs"] = {"retriever": f"artifacts/ml-100k/retriever/{measured_beside}"}
+        if retriever_files:
+            results["retriever_files"] = retriever_files
         export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
                    results=results)  # fmt: skip
         return data
@@ -246,6 +252,31 @@ def test_quickstart_says_when_the_shipped_head_was_measured_beside_another_retri
     assert "measured beside" not in same
     assert "measured beside retriever lrurec-measured; this machine serves lrurec-fresh" in other
     assert "--retriever-run" in other
+
+
+def test_quickstart_recognises_a_rebuilt_retriever_by_its_file_hashes(ship, tmp_path: Path, capsys):
+    """A deterministic rebuild of the measured retriever has a new run id but the same files:
+    the shipped figures hold for it. Another model, same name pattern, does not pass."""
+    from tandem.commands.quickstart import _pick_ranker
+
+    def retriever(name: str, weights: bytes) -> Path:
+        run = tmp_path / "retriever" / name
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_bytes(weights)
+        Manifest("retriever", name, "ml-100k", {}, "fp").write(run)
+        return run
+
+    measured = retriever("lrurec-measured", b"weights")
+    data = ship(measured_beside=measured.name, retriever_files=Manifest.read(measured).files)
+    capsys.readouterr()
+    _pick_ranker(data, retriever("lrurec-rebuilt", b"weights"))
+    rebuilt = " ".join(capsys.readouterr().out.split())
+    _pick_ranker(data, retriever("lrurec-other", b"other weights"))
+    other = " ".join(capsys.readouterr().out.split())
+
+    assert "serves lrurec-rebuilt, the same files (hashes checked): the figures hold" in rebuilt
+    assert "--retriever-run" not in rebuilt
+    assert "serves lrurec-other, beside which its gain is not measured yet" in other
 
 
 def test_the_cli_trains_from_a_teacher_and_refuses_one_without_a_held_out_tail(
@@ -294,4 +325,5 @@ def test_an_evaluation_beside_another_retriever_is_not_stored_in_the_run(
         retriever_run=tiny_retriever_run,
     )  # fmt: skip
     assert (head_run / "manifest.json").read_text() == before and "stored_in" not in report
+    assert report["retriever_files"] == Manifest.read(tiny_retriever_run).files
     assert json.loads((tmp_path / "report.json").read_text())["fused"]["ndcg@10"] >= 0
