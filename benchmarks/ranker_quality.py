@@ -68,10 +68,11 @@ def training_summary(run: str) -> tuple[str, float]:
     if is_head_run(folder):
         manifest = Manifest.read(folder)
         m, config = manifest.metrics, manifest.config["head"]
+        teachers = manifest.parents.get("teachers")
         return (
             f"Head ranker (`ranker.head`, no LLM): a linear listwise head on the signal rows, "
-            f"trained on {m['examples']} honest lists ({m['lists_per_teacher']} per teacher: "
-            f"{manifest.parents.get('teachers')}), {config['epochs']} epochs, AdamW lr "
+            f"trained on {m['examples']} honest lists ({m['lists_per_teacher']} per teacher"
+            f"{f': {teachers}' if teachers else ''}), {config['epochs']} epochs, AdamW lr "
             f"{config['lr']}, weight decay {config['weight_decay']}; training's validation on "
             f"the served retriever ({m['valid_users']} users with their item retrieved): "
             f"NDCG@10 {m['valid_retriever_order_ndcg@10']} (retriever order) -> "
