@@ -20,6 +20,7 @@ from pathlib import Path
 
 from enrichment.checkpoint import read_jsonl
 from enrichment.generation import Conversation, Generator
+from enrichment.images import readable_batches
 from enrichment.sanitize import SanitizeConfig, cut_repetition, sanitize_text
 from tandem.data import Catalog
 
@@ -171,21 +172,10 @@ class ImageCaptioner:
     def caption(self, paths: Sequence[str]) -> list[str | None]:
         """Raw captions per image; None where the image cannot be read."""
         import torch
-        from PIL import Image
 
         self.load()
         out: list[str | None] = [None] * len(paths)
-        for start in range(0, len(paths), self.batch_size):
-            images, rows = [], []
-            for row in range(start, min(start + self.batch_size, len(paths))):
-                try:
-                    with Image.open(paths[row]) as image:
-                        images.append(image.convert("RGB"))
-                    rows.append(row)
-                except (OSError, ValueError):
-                    continue
-            if not images:
-                continue
+        for rows, images in readable_batches(paths, self.batch_size):
             pixels = self._processor(images=images, return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
                 generated = self._model.generate(

