@@ -140,8 +140,15 @@ def make_tiny_tokenizer(vocab_size: int = 1024):
     return fast
 
 
-def make_tiny_llm(path: Path, seed: int = 0, hidden_size: int = 128, num_layers: int = 2) -> Path:
-    """Save a seeded random Llama (hidden 128, 2 layers, 4 heads) and its tokenizer to ``path``."""
+def make_tiny_llm(
+    path: Path, seed: int = 0, hidden_size: int = 128, num_layers: int = 2, chatty: bool = False
+) -> Path:
+    """Save a seeded random Llama (hidden 128, 2 layers, 4 heads) and its tokenizer to ``path``.
+
+    ``chatty``: an untied LM head with large random weights. With tied embeddings a random
+    model copies its last input token (a newline after the chat template) forever; an untied
+    head gives varied text, so generated summaries actually evolve.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -157,11 +164,14 @@ def make_tiny_llm(path: Path, seed: int = 0, hidden_size: int = 128, num_layers:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=not chatty,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
+    if chatty:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, 1.0)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
