@@ -17,7 +17,7 @@ from pathlib import Path
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
 from ranker.head import HEAD_FILE
 from ranker.run_tables import FILES as TABLE_FILES
-from tandem.artifacts import Manifest
+from tandem.artifacts import MANIFEST, Manifest
 
 SERVING_FILES = (
     CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, HEAD_FILE, *PROJECTOR_FILES.values(),
@@ -122,7 +122,7 @@ def same_retriever_files(manifest: Manifest, retriever_run: Path) -> bool:
     recorded figures were measured beside: a deterministic rebuild gets a new run id but the
     same model, and the figures then hold for it."""
     recorded = (manifest.metrics.get("results") or {}).get("retriever_files")
-    if not recorded or not (retriever_run / "manifest.json").is_file():
+    if not recorded or not (retriever_run / MANIFEST).is_file():
         return False
     return Manifest.read(retriever_run).files == recorded
 

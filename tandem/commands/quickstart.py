@@ -141,17 +141,16 @@ def _pick_ranker(
     if retriever_run is None or beside is None or beside == retriever_run.name:
         return shipped, llm, layers
     if same_retriever_files(manifest, retriever_run):
-        console.print(
-            f"      measured beside retriever {beside}; this machine serves "
-            f"{retriever_run.name}, the same files (hashes checked): the figures hold here"
-        )
+        verdict = "the same files (hashes checked): the figures hold here"
     else:
-        console.print(
-            f"      measured beside retriever {beside}; this machine serves {retriever_run.name}, "
-            "beside which its gain is not measured yet: "
-            f"`python benchmarks/ranker_quality.py --run {shipped} --retriever-run "
-            f"{retriever_run} --no-ablations` measures it"
+        verdict = (
+            "beside which its gain is not measured yet: `python benchmarks/ranker_quality.py "
+            f"--run {shipped} --retriever-run {retriever_run} --no-ablations` measures it"
         )
+    console.print(
+        f"      measured beside retriever {beside}; this machine serves {retriever_run.name}, "
+        + verdict
+    )
     return shipped, llm, layers
 
 
