@@ -205,6 +205,16 @@ def _second_half(soak_result: dict) -> str:
     )
 
 
+def cpu_model() -> str:
+    """The host CPU's model name: these figures move with the host, and a profile kept from an
+    earlier run may have been measured on another one (sessions do not always get the same)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -478,7 +488,10 @@ def run_profile(
     slow_plan = [(1, 10), (8, 24)] if quick else [(1, 60), (8, 160)]
     folder = work / (name if source == REPO else f"{name}-baseline")
     servers: list[ServerProcess] = []
-    info: dict = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " (aiohttp)"}
+    info: dict = {
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) + " (aiohttp)",
+        "cpu": cpu_model(),
+    }
     if name == "none":
         env, plan = {"TANDEM_RANKER_BACKEND": "none", **FAST_DEADLINES}, fast_plan
     elif name == "soak-head":
@@ -565,6 +578,7 @@ def main() -> None:
     results: dict = json.loads(out_json.read_text()) if out_json.exists() else {}
     results["machine"] = {
         "cpus": os.cpu_count(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -632,7 +646,8 @@ def report(results: dict) -> str:
             lines += [f"skipped: {profile['skipped']}", ""]
             continue
         measured = profile.get("measured", "an earlier run (load generator: httpx)")
-        lines += [f"measured: {measured}", ""]
+        host = f" on {profile['cpu']}" if "cpu" in profile else ""
+        lines += [f"measured: {measured}{host}", ""]
         if "ranker_run" in profile:
             lines += [f"ranker run: `{profile['ranker_run']}`", ""]
         lines += [
