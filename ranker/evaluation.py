@@ -44,6 +44,9 @@ class EvalConfig:
     mapb_users: int = 8  # CoT-Rec MAPB costs 20 passes per user and order
     mapb_permutations: int = 3  # orders averaged in the "with shuffling" MAPB
     fusion_users: int = 943  # validation users that tune the fusion weight (0 = no fusion)
+    # the weight the fused figures are measured at instead of the tuned one: what a ranker is
+    # served at (its manifest's weight) beside a retriever it was not tuned with; None = tuned
+    fusion_weight: float | None = None
     seed: int = 0
 
 
@@ -102,7 +105,8 @@ def evaluate(
             hit_inputs(inputs, valid, valid.hits),
             stage("fusion weight on validation", passes(len(valid.hits), ranker)),
         )
-        weight, curve = tune_fusion(valid, valid.hits, valid_scores)
+        tuned, curve = tune_fusion(valid, valid.hits, valid_scores)
+        weight = tuned if config.fusion_weight is None else config.fusion_weight
         fused = fused_two_stage_ranks(users, hits, scores, weight)
         valid_gain = paired_comparison(
             fused_two_stage_ranks(valid, valid.hits, valid_scores, weight),
@@ -110,10 +114,11 @@ def evaluate(
             config.seed,
         )
         report["fused"] = {
-            "weight": weight,
+            "weight": tuned,
             "valid_users": len(valid.users),
             "valid_ndcg@10_by_weight": curve,
             "valid_gain_ci95": valid_gain["ndcg10_diff_ci95"],
+            **({} if config.fusion_weight is None else {"fixed_weight": weight}),
             # what the gateway would serve: the weight only when its validation gain is real
             "served_weight": weight if valid_gain["ndcg10_diff_ci95"][0] > 0 else 0.0,
             **rounded(ranking_table(fused, ks)),
@@ -175,16 +180,18 @@ def evaluate_two_stage(
     threads: int | None = None,
     on_stage: Callable[[str, int], Progress] | None = None,
     retriever_run=None,
+    fusion_weight: float | None = None,
 ) -> dict:
     """Evaluate a ranker run end to end (what ``tandem evaluate --stage two`` prints).
 
     ``run`` is a ranker run (or its kind folder); ``zero_shot`` evaluates the bare LLM with the
     newest retriever instead. ``retriever_run`` serves another retriever than the one the run
     trained on (a ranker whose prompt reads no retriever-space vectors, trained on a teacher's
-    lists). The report goes to ``json_out`` and, when the run was served with its own
-    retriever, into the run's manifest (``report["stored_in"]``): an evaluation beside another
-    retriever is not the run's own record. FileNotFoundError / ValueError when a run, its
-    inputs or the LLM is missing or does not fit.
+    lists); ``fusion_weight`` measures the fused figures at that weight (the one it is served
+    at) instead of the validation-tuned one. The report goes to ``json_out`` and, when the run
+    was served with its own retriever, into the run's manifest (``report["stored_in"]``): an
+    evaluation beside another retriever is not the run's own record. FileNotFoundError /
+    ValueError when a run, its inputs or the LLM is missing or does not fit.
     """
     import json
     from pathlib import Path
@@ -233,6 +240,7 @@ def evaluate_two_stage(
         random_candidates=random_candidates,
         mapb_users=0 if head else mapb_users,
         fusion_users=fusion_users,
+        fusion_weight=fusion_weight,
     )
     report = evaluate(ranker, inputs, config, zero_shot=base, on_stage=on_stage)
     report["ranker_run"] = str(run_dir) if run_dir else "zero-shot"

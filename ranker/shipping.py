@@ -12,6 +12,7 @@ dataset being served.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, ITEM_EMBEDDINGS, ITEM_IDS, PROJECTOR_FILES
@@ -37,9 +38,19 @@ def export_run(
     reproduce: str,
     llm_layers: int | None,
     results: dict | None = None,
+    beside: Sequence[dict] = (),
 ) -> Manifest:
-    """Copy ``run_dir``'s serving files to ``out_dir`` with a manifest; refuse oversize copies."""
+    """Copy ``run_dir``'s serving files to ``out_dir`` with a manifest; refuse oversize copies.
+
+    ``beside``: evaluations of the same ranker beside other retrievers, at the weight it is
+    served at (``beside_entry``), so ``make run`` can report the pair it actually serves.
+    """
     source = Manifest.read(run_dir)
+    metrics = shipped_metrics(source.metrics, results)
+    if beside:
+        metrics["measured_beside"] = [
+            beside_entry(report, metrics.get("rank_weight")) for report in beside
+        ]
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,7 +73,7 @@ def export_run(
             "reproduce": reproduce,
         },
         data_fingerprint=source.data_fingerprint,
-        metrics=shipped_metrics(source.metrics, results),
+        metrics=metrics,
     )
     manifest.write(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -125,6 +136,43 @@ def same_retriever_files(manifest: Manifest, retriever_run: Path) -> bool:
     if not recorded or not (retriever_run / MANIFEST).is_file():
         return False
     return Manifest.read(retriever_run).files == recorded
+
+
+def beside_entry(report: dict, served_weight: float | None) -> dict:
+    """The figures of one evaluation beside another retriever that quickstart reports: which
+    retriever (by name and file hashes) and the test NDCG@10 of it alone and fused. Refused
+    unless it was measured at the weight the ranker is served at (``--weight``)."""
+    fused = report.get("fused") or {}
+    if "retriever_files" not in report or "ndcg10_diff_ci95" not in report:
+        raise ShippedRankerError(
+            "a report beside another retriever needs its file hashes and the fused comparison: "
+            "measure it with `python benchmarks/ranker_quality.py --retriever-run RUN --weight W`"
+        )
+    if fused.get("fixed_weight") != served_weight:
+        raise ShippedRankerError(
+            f"the report beside {Path(report['inputs']['retriever']).name} was measured at "
+            f"weight {fused.get('fixed_weight', fused.get('weight'))}, but the shipped ranker "
+            f"is served at {served_weight}: measure it again with `--weight {served_weight}`"
+        )
+    return {
+        "retriever": Path(report["inputs"]["retriever"]).name,
+        "retriever_files": report["retriever_files"],
+        "users": report["users"],
+        "weight": served_weight,
+        "retriever_ndcg@10": report["retriever"]["ndcg@10"],
+        "fused_ndcg@10": fused["ndcg@10"],
+        "ndcg10_diff_ci95": report["ndcg10_diff_ci95"],
+    }
+
+
+def measured_beside_files(manifest: Manifest, retriever_run: Path) -> dict | None:
+    """The recorded evaluation beside another retriever whose files ``retriever_run`` holds
+    (same hashes), if any: the figures that hold for the pair this machine serves."""
+    if not (retriever_run / MANIFEST).is_file():
+        return None
+    files = Manifest.read(retriever_run).files
+    entries = manifest.metrics.get("measured_beside") or []
+    return next((entry for entry in entries if entry["retriever_files"] == files), None)
 
 
 def validation_summary(manifest: Manifest) -> str:

@@ -95,7 +95,8 @@ def _pick_ranker(
     none. Prints which and its validation gain; a ranker whose tuned weight is 0 is named but
     the gateway will not load it (retriever order). A head ranker needs no LLM (None). When
     the shipped ranker was measured beside another run than the served ``retriever_run`` (a
-    fresh clone trains its own), says so and how to measure the pair that serves."""
+    fresh clone trains its own), says so: the figures hold when that run has the measured
+    files (hashes) or those of a retriever recorded beside it, else how to measure the pair."""
     from ranker.core import base_llm_dir
     from ranker.head import is_head_run
     from ranker.shipping import (
@@ -103,6 +104,7 @@ def _pick_ranker(
         check_shipped,
         llm_layers,
         measured_beside,
+        measured_beside_files,
         same_retriever_files,
         validation_summary,
     )
@@ -140,12 +142,21 @@ def _pick_ranker(
     beside = measured_beside(manifest)
     if retriever_run is None or beside is None or beside == retriever_run.name:
         return shipped, llm, layers
+    other = measured_beside_files(manifest, retriever_run)
     if same_retriever_files(manifest, retriever_run):
         verdict = "the same files (hashes checked): the figures hold here"
+    elif other is not None:
+        verdict = (
+            f"the same files (hashes checked) as retriever {other['retriever']}, beside which "
+            f"it was measured at the served weight {other['weight']}: test NDCG@10 "
+            f"{other['retriever_ndcg@10']:.4f} (retriever) vs {other['fused_ndcg@10']:.4f} "
+            f"(fused), difference interval {other['ndcg10_diff_ci95']}, {other['users']} users"
+        )
     else:
         verdict = (
             "beside which its gain is not measured yet: `python benchmarks/ranker_quality.py "
-            f"--run {shipped} --retriever-run {retriever_run} --no-ablations` measures it"
+            f"--run {shipped} --retriever-run {retriever_run} --no-ablations --weight "
+            f"{manifest.metrics['rank_weight']}` measures it at the served weight"
         )
     console.print(
         f"      measured beside retriever {beside}; this machine serves {retriever_run.name}, "

@@ -79,6 +79,15 @@ def export(
     results: Annotated[
         Path | None, typer.Option(help="A JSON report (e.g. its test evaluation) to include.")
     ] = None,
+    beside: Annotated[
+        list[Path] | None,
+        typer.Option(
+            metavar="REPORT",
+            help="A JSON report of the same ranker beside another retriever, at its served "
+            "weight (`benchmarks/ranker_quality.py --retriever-run RUN --weight W`); repeatable. "
+            "`make run` reports it when it serves that retriever's files."
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Default: <models>/ranker.")] = None,
 ) -> None:
     """Ship a trained ranker in the repository (models/, <= 20 MiB) for `make run` to serve."""
@@ -91,9 +100,11 @@ def export(
     out = out or models_root() / "ranker"
     try:
         report = json.loads(results.read_text()) if results else None
+        others = [json.loads(path.read_text()) for path in beside or []]
         manifest = export_run(
-            resolve_run(run), out, reproduce=reproduce, llm_layers=llm_layers, results=report
-        )
+            resolve_run(run), out, reproduce=reproduce, llm_layers=llm_layers, results=report,
+            beside=others,
+        )  # fmt: skip
     except (FileNotFoundError, ShippedRankerError, json.JSONDecodeError) as exc:
         fail(str(exc))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

@@ -106,3 +106,25 @@ def test_two_stage_cli_names_a_missing_run_cleanly(tmp_path) -> None:
     result = CliRunner().invoke(app, ["evaluate", "--stage", "two", "--run", str(tmp_path / "no")])
     assert result.exit_code == 2 and "no" in result.output
     assert not isinstance(result.exception, FileNotFoundError)
+
+
+def test_a_fixed_fusion_weight_measures_the_fused_figures_there(inputs, ranker):
+    """``fusion_weight`` (a ranker's served weight beside another retriever) replaces the
+    tuned weight in the fused figures: 0 is retriever order over the top-20, 1 the ranker's
+    own order; the tuned weight is still reported."""
+    fused = {}
+    for weight in (0.0, 1.0):
+        config = EvalConfig(
+            max_users=12, ablations=False, random_candidates=False, mapb_users=0,
+            fusion_users=12, fusion_weight=weight,
+        )  # fmt: skip
+        with one_torch_thread():
+            report = evaluate(ranker, inputs, config)
+        assert report["fused"]["fixed_weight"] == weight
+        assert report["fused"]["weight"] in WEIGHT_GRID
+        fused[weight] = report
+    at_zero, share = fused[0.0], fused[0.0]["retrieved_users"] / 12  # misses count as 0
+    assert at_zero["fused"]["ndcg@10"] == pytest.approx(
+        at_zero["retriever_on_retrieved"]["ndcg@10"] * share, abs=1e-3
+    )
+    assert fused[1.0]["fused"]["ndcg@10"] == fused[1.0]["two_stage"]["ndcg@10"]

@@ -213,6 +213,7 @@ def ship(head_run: Path, tmp_path: Path, monkeypatch):
         served_weight: float = 0.4,
         measured_beside: str | None = None,
         retriever_files: dict[str, str] | None = None,
+        beside: tuple[dict, ...] = (),
     ):
         fused = {"weight": 0.4, "served_weight": served_weight, "valid_gain_ci95": [0.01, 0.05],
                  "valid_users": 943, "ndcg@10": 0.12}  # fmt: skip
@@ -222,10 +223,24 @@ def ship(head_run: Path, tmp_path: Path, monkeypatch):
         if retriever_files:
             results["retriever_files"] = retriever_files
         export_run(head_run, tmp_path / "models" / "ranker", reproduce="r", llm_layers=None,
-                   results=results)  # fmt: skip
+                   results=results, beside=beside)  # fmt: skip
         return data
 
     return export
+
+
+@pytest.fixture
+def retriever_files_run(tmp_path: Path):
+    """``make(name, weights)``: a retriever run folder whose one file holds ``weights``."""
+
+    def make(name: str, weights: bytes) -> Path:
+        run = tmp_path / "retriever" / name
+        run.mkdir(parents=True)
+        (run / "model.safetensors").write_bytes(weights)
+        Manifest("retriever", name, "ml-100k", {}, "fp").write(run)
+        return run
+
+    return make
 
 
 def test_quickstart_serves_a_shipped_head_that_passed_validation_without_an_llm(ship, tmp_path):
@@ -254,18 +269,14 @@ def test_quickstart_says_when_the_shipped_head_was_measured_beside_another_retri
     assert "--retriever-run" in other
 
 
-def test_quickstart_recognises_a_rebuilt_retriever_by_its_file_hashes(ship, tmp_path: Path, capsys):
+def test_quickstart_recognises_a_rebuilt_retriever_by_its_file_hashes(
+    ship, retriever_files_run, capsys
+):
     """A deterministic rebuild of the measured retriever has a new run id but the same files:
     the shipped figures hold for it. Another model, same name pattern, does not pass."""
     from tandem.commands.quickstart import _pick_ranker
 
-    def retriever(name: str, weights: bytes) -> Path:
-        run = tmp_path / "retriever" / name
-        run.mkdir(parents=True)
-        (run / "model.safetensors").write_bytes(weights)
-        Manifest("retriever", name, "ml-100k", {}, "fp").write(run)
-        return run
-
+    retriever = retriever_files_run
     measured = retriever("lrurec-measured", b"weights")
     data = ship(measured_beside=measured.name, retriever_files=Manifest.read(measured).files)
     capsys.readouterr()
@@ -277,6 +288,52 @@ def test_quickstart_recognises_a_rebuilt_retriever_by_its_file_hashes(ship, tmp_
     assert "serves lrurec-rebuilt, the same files (hashes checked): the figures hold" in rebuilt
     assert "--retriever-run" not in rebuilt
     assert "serves lrurec-other, beside which its gain is not measured yet" in other
+
+
+def _beside_report(run: Path, fixed_weight: float) -> dict:
+    """What ``ranker_quality.py --retriever-run RUN --weight W`` records (the parts shipped)."""
+    fused = {"weight": 0.6, "fixed_weight": fixed_weight, "ndcg@10": 0.1306}
+    return {
+        "inputs": {"retriever": str(run)}, "retriever_files": Manifest.read(run).files,
+        "users": 943, "retriever": {"ndcg@10": 0.1116}, "fused": fused,
+        "ndcg10_diff_ci95": [0.0067, 0.0311],
+    }  # fmt: skip
+
+
+def test_quickstart_reports_the_figures_measured_beside_a_second_retriever(
+    ship, retriever_files_run, capsys
+):
+    """Hosts train one of two retrievers from the same command; the shipped ranker measured
+    beside both (at its served weight) reports, on each, the figures of the pair it serves."""
+    from tandem.commands.quickstart import _pick_ranker
+
+    measured = retriever_files_run("lrurec-measured", b"weights")
+    second = retriever_files_run("lrurec-second", b"second weights")
+    data = ship(
+        measured_beside=measured.name,
+        retriever_files=Manifest.read(measured).files,
+        beside=(_beside_report(second, fixed_weight=0.4),),
+    )
+    capsys.readouterr()
+    _pick_ranker(data, retriever_files_run("lrurec-second-rebuilt", b"second weights"))
+    rebuilt = " ".join(capsys.readouterr().out.split())
+    _pick_ranker(data, retriever_files_run("lrurec-third", b"third weights"))
+    third = " ".join(capsys.readouterr().out.split())
+
+    assert "the same files (hashes checked) as retriever lrurec-second" in rebuilt
+    assert "at the served weight 0.4: test NDCG@10 0.1116 (retriever) vs 0.1306 (fused)" in rebuilt
+    assert "--retriever-run" not in rebuilt
+    assert "serves lrurec-third, beside which its gain is not measured yet" in third
+
+
+def test_export_refuses_figures_beside_a_retriever_measured_at_another_weight(
+    ship, retriever_files_run
+):
+    from ranker.shipping import ShippedRankerError
+
+    second = retriever_files_run("lrurec-second", b"second weights")
+    with pytest.raises(ShippedRankerError, match=r"measured at weight 0\.6.*--weight 0\.4"):
+        ship(beside=(_beside_report(second, fixed_weight=0.6),))
 
 
 def test_the_cli_trains_from_a_teacher_and_refuses_one_without_a_held_out_tail(
