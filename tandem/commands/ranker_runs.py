@@ -85,7 +85,7 @@ def export(
             metavar="REPORT",
             help="A JSON report of the same ranker beside another retriever, at its served "
             "weight (`benchmarks/ranker_quality.py --retriever-run RUN --weight W`); repeatable. "
-            "`make run` reports it when it serves that retriever's files."
+            "`make run` reports it when it serves that retriever's files.",
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Default: <models>/ranker.")] = None,
