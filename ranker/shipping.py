@@ -11,6 +11,7 @@ dataset being served.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,14 +44,24 @@ def export_run(
     """Copy ``run_dir``'s serving files to ``out_dir`` with a manifest; refuse oversize copies.
 
     ``beside``: evaluations of the same ranker beside other retrievers, at the weight it is
-    served at (``beside_entry``), so ``make run`` can report the pair it actually serves.
+    served at (``beside_entry``), so ``make run`` can report the pair it actually serves; those
+    ``run_dir`` already records are kept while its served weight stays the same.
     """
     source = Manifest.read(run_dir)
     metrics = shipped_metrics(source.metrics, results)
-    if beside:
-        metrics["measured_beside"] = [
-            beside_entry(report, metrics.get("rank_weight")) for report in beside
-        ]
+    weight = metrics.get("rank_weight")
+    # a re-export keeps what was recorded beside other retrievers while the served weight
+    # stays; a new report for the same retriever files replaces the old one
+    entries = {
+        json.dumps(entry["retriever_files"], sort_keys=True): entry
+        for entry in metrics.pop("measured_beside", [])
+        if entry["weight"] == weight
+    }
+    for report in beside:
+        entry = beside_entry(report, weight)
+        entries[json.dumps(entry["retriever_files"], sort_keys=True)] = entry
+    if entries:
+        metrics["measured_beside"] = list(entries.values())
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

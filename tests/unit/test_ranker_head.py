@@ -384,3 +384,20 @@ def test_an_evaluation_beside_another_retriever_is_not_stored_in_the_run(
     assert (head_run / "manifest.json").read_text() == before and "stored_in" not in report
     assert report["retriever_files"] == Manifest.read(tiny_retriever_run).files
     assert json.loads((tmp_path / "report.json").read_text())["fused"]["ndcg@10"] >= 0
+
+
+def test_a_re_export_keeps_the_figures_beside_other_retrievers_while_the_weight_stays(
+    ship, retriever_files_run, tmp_path: Path
+):
+    second = retriever_files_run("lrurec-second", b"second weights")
+    ship(beside=(_beside_report(second, fixed_weight=0.4),))
+    shipped = tmp_path / "models" / "ranker"
+    results = Manifest.read(shipped).metrics["results"]
+
+    export_run(shipped, shipped, reproduce="r", llm_layers=None, results=results)
+    kept = Manifest.read(shipped).metrics["measured_beside"]
+    results["fused"]["served_weight"] = 0.5  # a new evaluation serves another weight
+    export_run(shipped, shipped, reproduce="r", llm_layers=None, results=results)
+
+    assert [entry["retriever"] for entry in kept] == ["lrurec-second"]
+    assert "measured_beside" not in Manifest.read(shipped).metrics
