@@ -85,6 +85,26 @@ def second_columns(
     return np.stack([relative_columns(score_columns(s)) for s in scores]).astype(np.float32)
 
 
+def fit_arm(train_x, base, labels, valid_x, valid, config: HeadTrainConfig) -> dict:
+    """A head fitted on ``train_x`` as ``fit_head`` fits it, on the validation lists: its
+    loss, tuned weight and NDCG@10, with per-user values for paired intervals."""
+    module = fit_head(ListwiseHead(train_x.shape[-1]), train_x, base, labels, config)
+    losses, alone = list_losses(module, valid_x, valid)
+    head = module.linear()
+    logits = np.stack([head.scores(r) for r in valid_x])
+    chosen = served_weight(logits, valid.labels, valid.retriever_scores)
+    ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, chosen["rank_weight_best"])
+    return {
+        "columns": int(train_x.shape[-1]),
+        "lists": len(labels),
+        **chosen,
+        "valid_loss": round(float(losses.mean()), 4),
+        "valid_retriever_loss": round(float(alone.mean()), 4),
+        "per_user": ndcg_per_user(ranks, 10),
+        "per_user_loss": losses,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-run", type=Path, action="append", required=True)
@@ -127,28 +147,14 @@ def main() -> None:
     valid_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
     valid_extra = second_columns(second(args.second_served), data.catalog, maker.lists)
 
-    arms = {}
-    for name, train_x, valid_x in (
-        ("without", rows, valid_rows),
-        ("with the second retriever", np.concatenate([rows, extra], -1),
-         np.concatenate([valid_rows, valid_extra], -1)),
-    ):  # fmt: skip
-        module = fit_head(ListwiseHead(train_x.shape[-1]), train_x, base, labels, config)
-        losses, alone = list_losses(module, valid_x, valid)
-        head = module.linear()
-        logits = np.stack([head.scores(r) for r in valid_x])
-        chosen = served_weight(logits, valid.labels, valid.retriever_scores)
-        best = chosen["rank_weight_best"]
-        ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, best)
-        arms[name] = {
-            "columns": int(train_x.shape[-1]),
-            "lists": len(labels),
-            **chosen,
-            "valid_loss": round(float(losses.mean()), 4),
-            "valid_retriever_loss": round(float(alone.mean()), 4),
-            "per_user": ndcg_per_user(ranks, 10),
-            "per_user_loss": losses,
-        }
+    arms = {
+        name: fit_arm(train_x, base, labels, valid_x, valid, config)
+        for name, train_x, valid_x in (
+            ("without", rows, valid_rows),
+            ("with the second retriever", np.concatenate([rows, extra], -1),
+             np.concatenate([valid_rows, valid_extra], -1)),
+        )
+    }  # fmt: skip
     with_, without = arms["with the second retriever"], arms["without"]
     results = {
         "teachers": [str(t) for t in args.teacher_run],
