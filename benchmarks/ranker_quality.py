@@ -11,6 +11,11 @@ each target with the value reached:
 - HitRatio@1 over the test item + 19 random candidates >= 0.30 (chance 0.05).
 
     python benchmarks/ranker_quality.py [--run DIR] [--max-users N] [--threads 2]
+                                        [--retriever-run RUN [--weight W]]
+
+``--retriever-run`` evaluates the run beside another retriever (a shipped head beside the one
+a fresh clone trains); ``--weight`` measures the fused figures at the weight the run is served
+at rather than the one this retriever's validation would tune.
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
             f"The weight {fused['weight']} was tuned on {fused['valid_users']} validation users; "
             f"its validation gain's interval {fused['valid_gain_ci95']} {excludes} 0, {served}."
         )
-        if "fixed_weight" in report["fused"]:
+        if "fixed_weight" in fused:
             weighting = (
                 f"Measured at the fixed weight {fused['fixed_weight']} (`--weight`: the one the "
                 f"run is served at); validation over {fused['valid_users']} users would tune "
