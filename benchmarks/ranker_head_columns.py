@@ -149,6 +149,22 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def head_report_opening(title: str, doc: str, command: str, results: dict) -> list[str]:
+    """The opening the head-column benchmarks' reports share: the title, what was done (the
+    module docstring's second paragraph), the command, the lists, and the arms table."""
+    return [
+        f"# Head ranker: {title}",
+        "",
+        doc.split("\n\n")[1].replace("\n", " "),
+        "",
+        f"Command: `{command}`; served retriever `{results['served_retriever']}`. "
+        f"{results['lists']:,} training lists; validation: the {results['valid_users']} "
+        "validation users whose item the served retriever puts in its top-20.",
+        "",
+        *arms_table(results["arms"]),
+    ]
+
+
 def arms_table(arms: dict) -> list[str]:
     """The markdown table of head arms (also ``ranker_head_second_retriever.py``'s)."""
     lines = [

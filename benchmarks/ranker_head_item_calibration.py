@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranker_head_columns import arms_table
+from ranker_head_columns import head_report_opening
 from ranker_head_second_retriever import RecordingMaker, fit_arm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,15 +181,7 @@ def report(results: dict) -> str:
         f"--smoothing {results['smoothing']}"
     )
     lines = [
-        "# Head ranker: does a per-item calibration column help?",
-        "",
-        __doc__.split("\n\n")[1].replace("\n", " "),
-        "",
-        f"Command: `{command}`; served retriever `{results['served_retriever']}`. "
-        f"{results['lists']:,} training lists; validation: the {results['valid_users']} "
-        "validation users whose item the served retriever puts in its top-20.",
-        "",
-        *arms_table(results["arms"]),
+        *head_report_opening("does a per-item calibration column help?", __doc__, command, results),
         "",
         "Against the head without either (the same users; loss below 0 is better):",
         "",

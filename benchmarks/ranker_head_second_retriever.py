@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranker_head_columns import arms_table
+from ranker_head_columns import head_report_opening
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -194,17 +194,7 @@ def report(results: dict) -> str:
         f"python benchmarks/ranker_head_second_retriever.py {pairs} "
         f"--second-served {results['second_served']}"
     )
-    lines = [
-        "# Head ranker: does a second retriever's score help?",
-        "",
-        __doc__.split("\n\n")[1].replace("\n", " "),
-        "",
-        f"Command: `{command}`; served retriever `{results['served_retriever']}`. "
-        f"{results['lists']:,} training lists; validation: the {results['valid_users']} "
-        "validation users whose item the served retriever puts in its top-20.",
-        "",
-        *arms_table(results["arms"]),
-    ]
+    lines = head_report_opening("does a second retriever's score help?", __doc__, command, results)
     lo, hi = results["ndcg10_diff_ci95"]
     loss_lo, loss_hi = results["loss_diff_ci95"]
     lines += [
