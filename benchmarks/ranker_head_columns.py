@@ -94,25 +94,13 @@ def main() -> None:
         name: fit_and_validate(served, teachers, tokens, dict.fromkeys(args.columns, on))
         for name, on in (("without", False), (added, True))
     }
-    with_, without = arms[added]["per_user"], arms["without"]["per_user"]
-    lo, hi = paired_bootstrap_ci(with_, without)
-    loss_lo, loss_hi = paired_bootstrap_ci(
-        arms[added]["per_user_loss"], arms["without"]["per_user_loss"]
-    )
     results = {
         "columns": args.columns,
         "teachers": [str(t) for t in args.teacher_run],
         "served_retriever": str(served_run),
-        "arms": {
-            k: {m: v for m, v in a.items() if not m.startswith("per_user")} for k, a in arms.items()
-        },
-        "valid_users": len(with_),
-        "ndcg10_diff": round(float(with_.mean() - without.mean()), 5),
-        "ndcg10_diff_ci95": [round(lo, 5), round(hi, 5)],
-        "loss_diff": round(
-            float(arms[added]["per_user_loss"].mean() - arms["without"]["per_user_loss"].mean()), 5
-        ),
-        "loss_diff_ci95": [round(loss_lo, 5), round(loss_hi, 5)],
+        "arms": arms_summary(arms),
+        "valid_users": len(arms[added]["per_user"]),
+        **paired_difference(arms[added], arms["without"]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "ranker_head_" + "_".join(args.columns)
@@ -147,6 +135,25 @@ def report(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def paired_difference(arm: dict, base: dict) -> dict:
+    """``arm`` minus ``base`` on the same validation users (their ``per_user`` NDCG@10 and
+    ``per_user_loss``): each mean difference and its paired bootstrap 95% interval."""
+    out = {}
+    for key, per_user in (("ndcg10", "per_user"), ("loss", "per_user_loss")):
+        lo, hi = paired_bootstrap_ci(arm[per_user], base[per_user])
+        out[f"{key}_diff"] = round(float(arm[per_user].mean() - base[per_user].mean()), 5)
+        out[f"{key}_diff_ci95"] = [round(lo, 5), round(hi, 5)]
+    return out
+
+
+def arms_summary(arms: dict) -> dict:
+    """The arms as reported: everything but the per-user arrays."""
+    return {
+        name: {k: v for k, v in arm.items() if not k.startswith("per_user")}
+        for name, arm in arms.items()
+    }
 
 
 def head_report_opening(title: str, doc: str, command: str, results: dict) -> list[str]:

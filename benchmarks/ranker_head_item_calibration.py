@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranker_head_columns import head_report_opening
+from ranker_head_columns import arms_summary, head_report_opening, paired_difference
 from ranker_head_second_retriever import RecordingMaker, fit_arm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,6 @@ from ranker.train_data import with_side_features  # noqa: E402
 from ranker.train_objective import retriever_log_softmax  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
 from tandem.data import Dataset  # noqa: E402
-from tandem.metrics import paired_bootstrap_ci  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -89,7 +88,9 @@ def lists_for(teachers, served, tokens, config: HeadTrainConfig, index_of):
     maker = RecordingMaker(served, example_config(config, 0, num_users), tokens)
     valid = maker.validation_set()
     valid_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
-    valid_items = np.stack([index_of(ids) for _, ids in maker.lists[-len(valid.layouts) :]])
+    if len(maker.lists) != len(valid.layouts):
+        raise RuntimeError("the validation set rendered other lists than its own")
+    valid_items = np.stack([index_of(ids) for _, ids in maker.lists])
     return (rows, base, labels, items), (valid, valid_rows, valid_items)
 
 
@@ -150,28 +151,15 @@ def main() -> None:
         "smoothing": args.smoothing,
         "lists": base_arm["lists"],
         "valid_users": len(valid_lists),
-        "arms": {
-            k: {m: v for m, v in a.items() if not m.startswith("per_user")} for k, a in arms.items()
-        },
+        "arms": arms_summary(arms),
         "against_shipped_columns": {
-            name: _paired(arm, base_arm) for name, arm in arms.items() if name != BASE_ARM
+            name: paired_difference(arm, base_arm) for name, arm in arms.items() if name != BASE_ARM
         },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ranker_head_item_calibration.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "ranker_head_item_calibration.md").write_text(report(results))
     print(report(results))
-
-
-def _paired(arm: dict, base: dict) -> dict:
-    """Arm minus base on the same validation users: loss and NDCG@10, with 95% intervals."""
-    out = {}
-    for key, per_user in (("loss", "per_user_loss"), ("ndcg10", "per_user")):
-        lo, hi = paired_bootstrap_ci(arm[per_user], base[per_user])
-        diff = float(arm[per_user].mean() - base[per_user].mean())
-        out[f"{key}_diff"] = round(diff, 5)
-        out[f"{key}_diff_ci95"] = [round(lo, 5), round(hi, 5)]
-    return out
 
 
 def report(results: dict) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranker_head_columns import head_report_opening
+from ranker_head_columns import arms_summary, head_report_opening, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,7 +51,7 @@ from ranker.train_data import ExampleMaker, with_side_features  # noqa: E402
 from ranker.train_validate import fused_ranks, served_weight  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
 from tandem.data import Catalog, Dataset  # noqa: E402
-from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
+from tandem.metrics import ndcg_per_user  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -155,7 +155,6 @@ def main() -> None:
              np.concatenate([valid_rows, valid_extra], -1)),
         )
     }  # fmt: skip
-    with_, without = arms["with the second retriever"], arms["without"]
     results = {
         "teachers": [str(t) for t in args.teacher_run],
         "second_runs": [str(s) for s in args.second_run],
@@ -163,26 +162,13 @@ def main() -> None:
         "second_served": str(args.second_served),
         "lists": len(labels),
         "valid_users": len(valid.labels),
-        "arms": {
-            k: {m: v for m, v in a.items() if not m.startswith("per_user")} for k, a in arms.items()
-        },
-        "ndcg10_diff": round(float(with_["per_user"].mean() - without["per_user"].mean()), 5),
-        "ndcg10_diff_ci95": _rounded(paired_bootstrap_ci(with_["per_user"], without["per_user"])),
-        "loss_diff": round(
-            float(with_["per_user_loss"].mean() - without["per_user_loss"].mean()), 5
-        ),
-        "loss_diff_ci95": _rounded(
-            paired_bootstrap_ci(with_["per_user_loss"], without["per_user_loss"])
-        ),
+        "arms": arms_summary(arms),
+        **paired_difference(arms["with the second retriever"], arms["without"]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ranker_head_second_retriever.json").write_text(json.dumps(results, indent=2))
     (RESULTS / "ranker_head_second_retriever.md").write_text(report(results))
     print(report(results))
-
-
-def _rounded(interval: tuple[float, float]) -> list[float]:
-    return [round(interval[0], 5), round(interval[1], 5)]
 
 
 def report(results: dict) -> str:

@@ -174,18 +174,20 @@ def markdown(report: dict, args: argparse.Namespace) -> str:
         lines += ["", f"CoT-Rec MAPB (lower = less position bias): {json.dumps(report['mapb'])}."]
     if "ndcg10_diff_ci95" in report:
         fused = report["fused"]
-        served = (
-            f"so the gateway would serve weight {fused['served_weight']}"
-            if "stored_in" in report or report["ranker_run"] == "zero-shot"
-            else "a weight for this retriever only: the run's manifest, whose weight the "
-            "gateway serves, does not record an evaluation beside another retriever"
-        )
         excludes = "excludes" if fused["served_weight"] else "includes"
-        weighting = (
-            f"The weight {fused['weight']} was tuned on {fused['valid_users']} validation users; "
-            f"its validation gain's interval {fused['valid_gain_ci95']} {excludes} 0, {served}."
-        )
-        if "fixed_weight" in fused:
+        if "fixed_weight" not in fused:
+            served = (
+                f"so the gateway would serve weight {fused['served_weight']}"
+                if "stored_in" in report or report["ranker_run"] == "zero-shot"
+                else "a weight for this retriever only: the run's manifest, whose weight the "
+                "gateway serves, does not record an evaluation beside another retriever"
+            )
+            weighting = (
+                f"The weight {fused['weight']} was tuned on {fused['valid_users']} validation "
+                f"users; its validation gain's interval {fused['valid_gain_ci95']} {excludes} 0, "
+                f"{served}."
+            )
+        else:
             weighting = (
                 f"Measured at the fixed weight {fused['fixed_weight']} (`--weight`: the one the "
                 f"run is served at); validation over {fused['valid_users']} users would tune "

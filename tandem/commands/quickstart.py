@@ -142,10 +142,9 @@ def _pick_ranker(
     beside = measured_beside(manifest)
     if retriever_run is None or beside is None or beside == retriever_run.name:
         return shipped, llm, layers
-    other = measured_beside_files(manifest, retriever_run)
     if same_retriever_files(manifest, retriever_run):
         verdict = "the same files (hashes checked): the figures hold here"
-    elif other is not None:
+    elif (other := measured_beside_files(manifest, retriever_run)) is not None:
         verdict = (
             f"the same files (hashes checked) as retriever {other['retriever']}, beside which "
             f"it was measured at the served weight {other['weight']}: test NDCG@10 "
