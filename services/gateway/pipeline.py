@@ -27,6 +27,7 @@ from ranker.prompts import PromptError, PromptInput, PromptItem
 from services.common.fallbacks import Fallback
 from services.common.metrics import GatewayMetrics
 from services.common.settings import GatewaySettings
+from services.gateway.request_items import RequestItems
 from services.gateway.schemas import ModelInfo, RecommendedItem, RecommendRequest, RecommendResponse
 from services.gateway.shadow import FollowUps, Job, ShadowScorer
 from services.gateway.sources import Retrieved
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from retriever.core import Retriever
 
 log = logging.getLogger(__name__)
-MAX_LISTED_IDS = 5
 STORE_ERRORS = {Exception: Fallback.FEATURE_STORE_UNAVAILABLE}  # any store failure degrades
 RANKER_ERRORS = {  # a backend failure, or inputs it cannot use; anything else is a bug
     RankerTimeout: Fallback.RANKER_TIMEOUT,  # the backend's own deadline
@@ -108,8 +108,7 @@ class RecommendPipeline:
         self.metrics = metrics
         self.retriever = retriever
         self.catalog = retriever.catalog
-        # Fallback titles when the feature store has none: one array lookup, no pandas per request.
-        self._titles = self.catalog.frame["title"].astype(str).to_numpy()
+        self.request_items = RequestItems(self.catalog)
         self.retrieval, self.user, self.items = retrieval, user, items
         self.variants = variants
         self.on_answer = on_answer
@@ -145,19 +144,19 @@ class RecommendPipeline:
         variant = self.variants.assign(request.user_id)
         shadows = self.variants.shadows()
         trace = Trace(self.metrics, time.monotonic() + s.deadline_ms / 1000, variant=variant.name)
-        exclude = self._known_exclude(request.exclude, trace)
+        exclude = self.request_items.known_exclude(request.exclude, trace)
 
         # Given history: retrieval need not wait for the user record, so both run at once.
         early: asyncio.Task[Retrieved | None] | None = None
         if request.history is not None:
-            history = self._known_history(request.history, trace, given=True)
+            history = self.request_items.known_history(request.history, trace, given=True)
             if history:
                 early = asyncio.create_task(self._retrieve(history, exclude, trace))
         user_read, store_down = await self._read_user(request.user_id, trace)
         user = user_read.user if user_read is not None else None
         if request.history is None:
             stored = list(user.history) if user is not None else []
-            history = self._known_history(stored, trace, given=False)
+            history = self.request_items.known_history(stored, trace, given=False)
 
         candidates: Candidates | None = None
         if not history:
@@ -347,36 +346,13 @@ class RecommendPipeline:
     def _prompt_item(self, item_id: str, records: dict[str, ItemRecord]) -> PromptItem:
         record = records.get(item_id)
         if record is None:
-            return PromptItem(title=self._catalog_title(item_id), item_id=item_id)
+            return PromptItem(title=self.request_items.titles([item_id])[0], item_id=item_id)
         return PromptItem(
             title=record.title,
             caption=record.caption,
             embedding=record.embedding,
             item_id=item_id,
         )
-
-    def _catalog_title(self, item_id: str) -> str:
-        return self._catalog_titles([item_id])[0]
-
-    def _catalog_titles(self, item_ids: Sequence[str]) -> list[str]:
-        return self._titles[self.catalog.index_of(item_ids) - 1].tolist()
-
-    def _known_history(self, history: Sequence[str], trace: Trace, *, given: bool) -> list[str]:
-        known, unknown = self.catalog.known(history)
-        if unknown:
-            source = "history" if given else "stored history"
-            trace.warnings.append(
-                f"dropped {len(unknown)} unknown {source} item(s): {_listed(unknown)}"
-            )
-        return known
-
-    def _known_exclude(self, exclude: Sequence[str], trace: Trace) -> list[str]:
-        known, unknown = self.catalog.known(exclude)
-        if unknown:
-            trace.warnings.append(
-                f"ignored {len(unknown)} unknown exclude item(s): {_listed(unknown)}"
-            )
-        return known
 
     def _respond(
         self,
@@ -390,7 +366,8 @@ class RecommendPipeline:
         positions = order(ranked.scores)[: request.k]
         ids = [ranked.ids[i] for i in positions]
         missing = [i for i in ids if i not in ranked.titles]
-        titles = {**dict(zip(missing, self._catalog_titles(missing), strict=True)), **ranked.titles}
+        fallback = dict(zip(missing, self.request_items.titles(missing), strict=True))
+        titles = {**fallback, **ranked.titles}
         items = [
             RecommendedItem(
                 item_id=item_id,
@@ -413,8 +390,3 @@ class RecommendPipeline:
             model=variant.model.model_copy(update={"feature_version": version}),
             timings_ms=trace.timings_ms,
         )
-
-
-def _listed(ids: Sequence[str]) -> str:
-    shown = ", ".join(repr(i) for i in ids[:MAX_LISTED_IDS])
-    return shown + (f" (+{len(ids) - MAX_LISTED_IDS} more)" if len(ids) > MAX_LISTED_IDS else "")
