@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -74,16 +75,31 @@ def calibration_column(
     return np.stack([raw, rel], axis=-1).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class TrainingLists:
+    """The teachers' lists as ``tandem ranker train-head`` builds them, with what each one
+    showed: its candidates' item indices and the length of the history it was decided after."""
+
+    rows: np.ndarray  # [n, 20, F]
+    base: np.ndarray  # the teacher's log-softmax, [n, 20]
+    labels: np.ndarray  # the true candidate, [n]
+    items: np.ndarray  # catalog indices, [n, 20]
+    history_lengths: np.ndarray  # [n]
+    holdouts: np.ndarray  # the teacher's --holdout-last, [n]
+
+
 def lists_for(teachers, served, tokens, config: HeadTrainConfig, index_of):
-    """Training lists (rows, retriever log-softmax, labels, item indices) over every teacher,
-    and the served retriever's validation set with its rows and item indices."""
+    """The ``TrainingLists`` over every teacher, and the served retriever's validation set with
+    its rows, item indices and history lengths."""
     parts = []
     for inputs, holdout in teachers:
         maker = RecordingMaker(inputs, example_config(config, holdout, 0), tokens)
         rows, base, labels = collect(maker, config.max_lists)
-        shown = [ids for _, ids in maker.lists if len(ids) == 20][: len(labels)]
-        parts.append((rows, base, labels, np.stack([index_of(ids) for ids in shown])))
-    rows, base, labels, items = (np.concatenate(p) for p in zip(*parts, strict=True))
+        shown = [(h, ids) for h, ids in maker.lists if len(ids) == 20][: len(labels)]
+        items = np.stack([index_of(ids) for _, ids in shown])
+        lengths = np.asarray([len(h) for h, _ in shown])
+        parts.append((rows, base, labels, items, lengths, np.full(len(labels), holdout)))
+    train = TrainingLists(*(np.concatenate(p) for p in zip(*parts, strict=True)))
     num_users = served.dataset.split().num_users
     maker = RecordingMaker(served, example_config(config, 0, num_users), tokens)
     valid = maker.validation_set()
@@ -91,7 +107,8 @@ def lists_for(teachers, served, tokens, config: HeadTrainConfig, index_of):
     if len(maker.lists) != len(valid.layouts):
         raise RuntimeError("the validation set rendered other lists than its own")
     valid_items = np.stack([index_of(ids) for _, ids in maker.lists])
-    return (rows, base, labels, items), (valid, valid_rows, valid_items)
+    valid_lengths = np.asarray([len(h) for h, _ in maker.lists])
+    return train, (valid, valid_rows, valid_items, valid_lengths)
 
 
 def main() -> None:
@@ -122,10 +139,10 @@ def main() -> None:
     arms, valid_lists = {}, None
     for demographics in (False, True):
         config = HeadTrainConfig(demographics=demographics)
-        train, (valid, valid_rows, valid_items) = lists_for(
+        train, (valid, valid_rows, valid_items, _) = lists_for(
             teachers, served, tokens, config, data.catalog.index_of
         )
-        rows, base, labels, items = train
+        rows, base, labels, items = train.rows, train.base, train.labels, train.items
         if valid_lists is None:
             valid_lists = valid.labels
         elif not np.array_equal(valid_lists, valid.labels):
