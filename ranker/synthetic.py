@@ -100,7 +100,8 @@ def train_synthetic(llm_dir: Path, task: SyntheticConfig, config, on_progress=No
     Returns examples seen, minutes, held-out accuracy (with ``task.valid_candidates``
     candidates) and the validation curve.
     """
-    from ranker.train import TrainState, fit, new_model, optimizer_for
+    from ranker.train import TrainState, fit
+    from ranker.train_model import new_model, optimizer_for
     from ranker.train_validate import validate
 
     torch.set_num_threads(config.threads)

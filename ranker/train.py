@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO
 
-import numpy as np
 import torch
 
 from ranker.core import ADAPTER_DIR, CONFIG_FILE, RankerConfig, write_run_tables
@@ -39,9 +38,11 @@ from ranker.train_data import (
 from ranker.train_model import (
     CHECKPOINT_DIR,
     RankerModel,
-    calibrated_projector,
     load_optimizer,
     load_projectors,
+    new_model,
+    optimizer_for,
+    probe,
     save_checkpoint,
     with_lora,
     write_weights,
@@ -168,60 +169,6 @@ class TrainResult:
     state: TrainState
     metrics: dict
     stopped_by: str
-
-
-def optimizer_for(model: RankerModel, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = [{"params": model.lora_parameters(), "lr": config.lr, "base_lr": config.lr}]
-    if model.projectors:
-        lr = config.projector_lr
-        groups.append({"params": model.projector_parameters(), "lr": lr, "base_lr": lr})
-    return torch.optim.AdamW(groups, weight_decay=0.0)
-
-
-def new_model(
-    llm, source: ExampleSource, tokens: PromptTokenizer, config: TrainConfig
-) -> RankerModel:
-    """Fresh LoRA and projectors, each projector calibrated on a first batch's soft inputs."""
-    prompt = config.prompt
-    if prompt.candidate_signals and not prompt.candidate_letters and not config.letter_anchors:
-        raise ValueError(
-            "candidates without written letters need letter anchors: nothing would tell the "
-            "model which letter names which candidate"
-        )
-    sample = source.batch(0, 32, MAX_CANDIDATES).layouts
-    projectors = {}
-    kinds = sorted({kind for layout in sample for kind in layout.soft_kinds})
-    for n, kind in enumerate(kinds):
-        rows = np.stack(
-            [
-                r
-                for layout in sample
-                for r, k in zip(layout.soft_inputs, layout.soft_kinds, strict=True)
-                if k == kind
-            ]
-        )
-        candidate = kind == "candidate"
-        anchors = tokens.letter_ids if candidate and config.letter_anchors else ()
-        row_norm = not (candidate and prompt.relative_signals)
-        projectors[kind] = calibrated_projector(
-            llm, rows, config.seed + n, anchors, row_norm, config.projector_hidden
-        )
-    return RankerModel(
-        with_lora(llm, config, None),
-        projectors,
-        tokens.placeholder_id,
-        config.precision,
-        probe(llm, config),
-        config.device,
-    )
-
-
-def probe(llm, config: TrainConfig) -> torch.nn.Linear | None:
-    """The training-only per-candidate probe (``RankerModel``), when ``aux_weight`` asks."""
-    if not config.aux_weight or not config.prompt.candidate_signals:
-        return None
-    torch.manual_seed(config.seed + 99)
-    return torch.nn.Linear(llm.get_input_embeddings().weight.shape[1], 1)
 
 
 def fit(

@@ -1,4 +1,4 @@
-"""The trainable ranker: LoRA-wrapped LLM + projectors, their set-up and their checkpoints.
+"""The trainable ranker: LoRA-wrapped LLM + projectors, their set-up, optimizer and checkpoints.
 
 Checkpoints are safetensors + JSON (no pickle): the adapter, the projectors, the optimizer's
 tensors with its scalars in the file's metadata, and the loop's state.
@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,7 +20,12 @@ from safetensors.torch import load_file, save_file
 from ranker.core import ADAPTER_DIR, PROJECTOR_FILES
 from ranker.forward import autocast, collate, letter_logits, project_soft_rows
 from ranker.projector import Projector, ProjectorConfig
-from ranker.prompts import PromptLayout
+from ranker.prompts import PromptLayout, PromptTokenizer
+from ranker.verbalizer import MAX_CANDIDATES
+
+if TYPE_CHECKING:
+    from ranker.train import TrainConfig
+    from ranker.train_data import ExampleSource
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -127,6 +133,60 @@ def calibrated_projector(
         if anchor_ids:
             projector.anchor.copy_(table[torch.as_tensor(list(anchor_ids))].float())
     return projector
+
+
+def optimizer_for(model: RankerModel, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = [{"params": model.lora_parameters(), "lr": config.lr, "base_lr": config.lr}]
+    if model.projectors:
+        lr = config.projector_lr
+        groups.append({"params": model.projector_parameters(), "lr": lr, "base_lr": lr})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def new_model(
+    llm, source: ExampleSource, tokens: PromptTokenizer, config: TrainConfig
+) -> RankerModel:
+    """Fresh LoRA and projectors, each projector calibrated on a first batch's soft inputs."""
+    prompt = config.prompt
+    if prompt.candidate_signals and not prompt.candidate_letters and not config.letter_anchors:
+        raise ValueError(
+            "candidates without written letters need letter anchors: nothing would tell the "
+            "model which letter names which candidate"
+        )
+    sample = source.batch(0, 32, MAX_CANDIDATES).layouts
+    projectors = {}
+    kinds = sorted({kind for layout in sample for kind in layout.soft_kinds})
+    for n, kind in enumerate(kinds):
+        rows = np.stack(
+            [
+                r
+                for layout in sample
+                for r, k in zip(layout.soft_inputs, layout.soft_kinds, strict=True)
+                if k == kind
+            ]
+        )
+        candidate = kind == "candidate"
+        anchors = tokens.letter_ids if candidate and config.letter_anchors else ()
+        row_norm = not (candidate and prompt.relative_signals)
+        projectors[kind] = calibrated_projector(
+            llm, rows, config.seed + n, anchors, row_norm, config.projector_hidden
+        )
+    return RankerModel(
+        with_lora(llm, config, None),
+        projectors,
+        tokens.placeholder_id,
+        config.precision,
+        probe(llm, config),
+        config.device,
+    )
+
+
+def probe(llm, config: TrainConfig) -> torch.nn.Linear | None:
+    """The training-only per-candidate probe (``RankerModel``), when ``aux_weight`` asks."""
+    if not config.aux_weight or not config.prompt.candidate_signals:
+        return None
+    torch.manual_seed(config.seed + 99)
+    return torch.nn.Linear(llm.get_input_embeddings().weight.shape[1], 1)
 
 
 def with_lora(llm, config, adapter: Path | None):
