@@ -172,6 +172,24 @@ def head_report_opening(title: str, doc: str, command: str, results: dict) -> li
     ]
 
 
+def paired_table(against: str, pairs: dict) -> list[str]:
+    """The markdown table of ``paired_difference`` results against ``against``."""
+    lines = [
+        f"Against {against} (the same users; loss below 0 is better):",
+        "",
+        "| head | loss difference, 95% interval | NDCG@10 difference, 95% interval |",
+        "|---|---|---|",
+    ]
+    for name, paired in pairs.items():
+        lo, hi = paired["loss_diff_ci95"]
+        nlo, nhi = paired["ndcg10_diff_ci95"]
+        lines.append(
+            f"| {name} | {paired['loss_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+            f"| {paired['ndcg10_diff']:+.4f} [{nlo:+.4f}, {nhi:+.4f}] |"
+        )
+    return lines
+
+
 def arms_table(arms: dict) -> list[str]:
     """The markdown table of head arms (also ``ranker_head_second_retriever.py``'s)."""
     lines = [

@@ -30,7 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranker_head_columns import arms_summary, head_report_opening, paired_difference
+from ranker_head_columns import (
+    arms_summary,
+    head_report_opening,
+    paired_difference,
+    paired_table,
+)
 from ranker_head_second_retriever import RecordingMaker, fit_arm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +116,26 @@ def lists_for(teachers, served, tokens, config: HeadTrainConfig, index_of):
     return train, (valid, valid_rows, valid_items, valid_lengths)
 
 
+def head_inputs(teacher_runs: list[Path], retriever_run: Path | None, llm: Path | None):
+    """What the head benchmarks read: ML-100K, the tokenizer that renders the rows, the served
+    retriever's inputs and run folder, and each teacher's inputs with its ``--holdout-last``."""
+    root = artifacts_root()
+    data = Dataset.load(dataset_dir("ml-100k"))
+    tokens = PromptTokenizer(load_tokenizer(llm or root / "llm-2"))
+
+    def inputs(run: Path | None):
+        runs = resolve_inputs(
+            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
+        )
+        return with_side_features(load_inputs(data, runs)), runs.retriever
+
+    teachers = [
+        (inputs(run)[0], Manifest.read(resolve_run(run)).config["train"]["holdout_last"])
+        for run in teacher_runs
+    ]
+    return data, tokens, inputs(retriever_run), teachers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-run", type=Path, action="append", required=True)
@@ -120,21 +145,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = artifacts_root()
-    data = Dataset.load(dataset_dir("ml-100k"))
-    tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
-
-    def inputs(run: Path | None):
-        runs = resolve_inputs(
-            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
-        )
-        return with_side_features(load_inputs(data, runs)), runs.retriever
-
-    served, served_run = inputs(args.retriever_run)
-    teachers = []
-    for run in args.teacher_run:
-        holdout = Manifest.read(resolve_run(run)).config["train"]["holdout_last"]
-        teachers.append((inputs(run)[0], holdout))
+    data, tokens, (served, served_run), teachers = head_inputs(
+        args.teacher_run, args.retriever_run, args.llm
+    )
     size = len(data.catalog) + 1
     arms, valid_lists = {}, None
     for demographics in (False, True):
@@ -188,18 +201,8 @@ def report(results: dict) -> str:
     lines = [
         *head_report_opening("does a per-item calibration column help?", __doc__, command, results),
         "",
-        "Against the head without either (the same users; loss below 0 is better):",
-        "",
-        "| head | loss difference, 95% interval | NDCG@10 difference, 95% interval |",
-        "|---|---|---|",
+        *paired_table("the head without either", results["against_shipped_columns"]),
     ]
-    for name, paired in results["against_shipped_columns"].items():
-        lo, hi = paired["loss_diff_ci95"]
-        nlo, nhi = paired["ndcg10_diff_ci95"]
-        lines.append(
-            f"| {name} | {paired['loss_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-            f"| {paired['ndcg10_diff']:+.4f} [{nlo:+.4f}, {nhi:+.4f}] |"
-        )
     return "\n".join(lines) + "\n"
 
 

@@ -30,23 +30,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ranker_head_columns import arms_summary, head_report_opening, paired_difference
-from ranker_head_item_calibration import lists_for
+from ranker_head_columns import (
+    arms_summary,
+    head_report_opening,
+    paired_difference,
+    paired_table,
+)
+from ranker_head_item_calibration import head_inputs, lists_for
 from ranker_head_second_retriever import fit_arm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ranker.head_train import HeadTrainConfig, ListwiseHead, fit_head  # noqa: E402
-from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
-from ranker.llm import load_tokenizer  # noqa: E402
-from ranker.prompts import PromptTokenizer  # noqa: E402
-from ranker.train_data import with_side_features  # noqa: E402
 from ranker.train_objective import retriever_log_softmax  # noqa: E402
-from tandem.artifacts import Manifest, resolve_run  # noqa: E402
-from tandem.data import Dataset  # noqa: E402
 from tandem.metrics import paired_bootstrap_ci  # noqa: E402
-from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 SHIPPED = "shipped recipe"
@@ -124,21 +122,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = artifacts_root()
-    data = Dataset.load(dataset_dir("ml-100k"))
-    tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
-
-    def inputs(run: Path | None):
-        runs = resolve_inputs(
-            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
-        )
-        return with_side_features(load_inputs(data, runs)), runs.retriever
-
-    served, served_run = inputs(args.retriever_run)
-    teachers, holdouts = [], []
-    for run in args.teacher_run:
-        holdouts.append(Manifest.read(resolve_run(run)).config["train"]["holdout_last"])
-        teachers.append((inputs(run)[0], holdouts[-1]))
+    data, tokens, (served, served_run), teachers = head_inputs(
+        args.teacher_run, args.retriever_run, args.llm
+    )
+    holdouts = [holdout for _, holdout in teachers]
     config = HeadTrainConfig()
     train, (valid, valid_rows, _, valid_lengths) = lists_for(
         teachers, served, tokens, config, data.catalog.index_of
@@ -215,18 +202,8 @@ def report(results: dict) -> str:
     lines = [
         *head_report_opening("where does the validation loss stop?", __doc__, command, results),
         "",
-        "Against the shipped recipe (the same users; loss below 0 is better):",
-        "",
-        "| head | loss difference, 95% interval | NDCG@10 difference, 95% interval |",
-        "|---|---|---|",
+        *paired_table("the shipped recipe", results["against_shipped"]),
     ]
-    for name, paired in results["against_shipped"].items():
-        lo, hi = paired["loss_diff_ci95"]
-        nlo, nhi = paired["ndcg10_diff_ci95"]
-        lines.append(
-            f"| {name} | {paired['loss_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-            f"| {paired['ndcg10_diff']:+.4f} [{nlo:+.4f}, {nhi:+.4f}] |"
-        )
     lines += [
         "",
         "The shipped recipe's head on the lists it was fitted on and on the served ones:",
