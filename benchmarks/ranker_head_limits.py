@@ -7,8 +7,9 @@ validation lists; the shipped columns, every head fitted as ``fit_head`` fits it
 shift from teachers' to served lists: the head's gain over the retriever's own loss on the
 lists it trained on against the served ones, and heads refitted on the served validation
 lists themselves (10-fold cross-validation: recalibrated, i.e. the retriever's scale and one
-temperature on the head's term; refitted from the teachers' head; fitted from scratch). If
-the shift cost much, a refit on served lists would beat the teachers' head. (2) A
+temperature on the head's term; refitted from the teachers' head; fitted from scratch). If the
+two kinds of list differed in calibration, the recalibration would beat the teachers' head;
+~300 lists are too few to refit all the weights, so the other two bound little. (2) A
 per-user retriever confidence: the retriever's log-softmax times the list's entropy, its
 top-1 margin and the user's history length (standardised on the training lists), so the
 head can trust the retriever more for some users than others. (3) The fit: epochs, learning
