@@ -38,7 +38,7 @@ from ranker_head_columns import (
     paired_table,
 )
 from ranker_head_item_calibration import head_inputs, lists_for
-from ranker_head_second_retriever import fit_arm
+from ranker_head_second_retriever import fit_arm, head_arm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -134,7 +134,8 @@ def main() -> None:
     rows, base, labels = train.rows, train.base, train.labels
     valid_base = retriever_log_softmax(valid.retriever_scores).numpy()
 
-    arms = {SHIPPED: fit_arm(rows, base, labels, valid_rows, valid, config)}
+    head = fit_head(ListwiseHead(rows.shape[-1]), rows, base, labels, config)
+    arms = {SHIPPED: head_arm(head, len(labels), valid_rows, valid)}
     confidence = confidence_columns(base, train.history_lengths)
     mean, std = confidence.mean(0), confidence.std(0)
     valid_confidence = confidence_columns(valid_base, valid_lengths)
@@ -146,16 +147,16 @@ def main() -> None:
     for name, changes in FIT_VARIANTS.items():
         arms[name] = fit_arm(rows, base, labels, valid_rows, valid, replace(config, **changes))
 
-    head = fit_head(ListwiseHead(rows.shape[-1]), rows, base, labels, config)
     with torch.no_grad():
         own = head(torch.as_tensor(rows), torch.as_tensor(base)).numpy()
+        served_logits = head(torch.as_tensor(valid_rows), torch.as_tensor(valid_base)).numpy()
     shipped_losses = arms[SHIPPED]["per_user_loss"]
     lists = {
         f"teacher, last {h} held out (trained on)": _losses(base[mask], own[mask], labels[mask])
         for h in holdouts
         for mask in [train.holdouts == h]
     }
-    lists["served validation lists"] = _losses(valid_base, None, valid.labels, shipped_losses)
+    lists["served validation lists"] = _losses(valid_base, served_logits, valid.labels)
     refits = {}
     for mode in ("recalibrate", "refit", "scratch"):
         losses = refit_served(head, valid_rows, valid_base, valid.labels, mode, config.seed)
@@ -185,10 +186,10 @@ def main() -> None:
     print(report(results))
 
 
-def _losses(base, logits, labels, head_losses=None) -> dict:
+def _losses(base, logits, labels) -> dict:
     """The retriever's and the head's mean loss over some lists, and the head's gain."""
     retriever = float(cross_entropy(base, labels).mean())
-    head = float((cross_entropy(logits, labels) if head_losses is None else head_losses).mean())
+    head = float(cross_entropy(logits, labels).mean())
     return {
         "lists": len(labels),
         "retriever_loss": round(retriever, 4),

@@ -86,17 +86,23 @@ def second_columns(
 
 
 def fit_arm(train_x, base, labels, valid_x, valid, config: HeadTrainConfig) -> dict:
-    """A head fitted on ``train_x`` as ``fit_head`` fits it, on the validation lists: its
-    loss, tuned weight and NDCG@10, with per-user values for paired intervals."""
+    """A head fitted on ``train_x`` as ``fit_head`` fits it, on the validation lists
+    (``head_arm``)."""
     module = fit_head(ListwiseHead(train_x.shape[-1]), train_x, base, labels, config)
+    return head_arm(module, len(labels), valid_x, valid)
+
+
+def head_arm(module: ListwiseHead, lists: int, valid_x, valid) -> dict:
+    """A fitted head (on ``lists`` training lists) on the validation lists: its loss, tuned
+    weight and NDCG@10, with per-user values for paired intervals."""
     losses, alone = list_losses(module, valid_x, valid)
     head = module.linear()
     logits = np.stack([head.scores(r) for r in valid_x])
     chosen = served_weight(logits, valid.labels, valid.retriever_scores)
     ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, chosen["rank_weight_best"])
     return {
-        "columns": int(train_x.shape[-1]),
-        "lists": len(labels),
+        "columns": int(valid_x.shape[-1]),
+        "lists": lists,
         **chosen,
         "valid_loss": round(float(losses.mean()), 4),
         "valid_retriever_loss": round(float(alone.mean()), 4),
