@@ -23,45 +23,18 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from head_lists import CV_FOLDS, cross_fitted_losses, fit_arm, head_inputs, lists_for
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ranker.head_train import (  # noqa: E402
-    HeadTrainConfig,
-    Teacher,
-    fit_on_teachers,
-    validate_head,
-)
-from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
-from ranker.llm import load_tokenizer  # noqa: E402
-from ranker.prompts import PromptTokenizer  # noqa: E402
-from ranker.train_validate import fused_ranks  # noqa: E402
-from tandem.artifacts import Manifest, resolve_run  # noqa: E402
-from tandem.data import Dataset  # noqa: E402
-from tandem.metrics import ndcg_per_user, paired_bootstrap_ci  # noqa: E402
-from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
+from ranker.head_train import HeadTrainConfig  # noqa: E402
+from tandem.metrics import paired_bootstrap_ci  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 COLUMNS = ("demographics", "ease")  # HeadTrainConfig switches (each arm sets them explicitly)
-
-
-def fit_and_validate(served, teachers, tokens, columns: dict[str, bool]) -> dict:
-    """A head fitted as ``tandem ranker train-head`` fits it (``columns`` switched on or off,
-    the rest its defaults), validated on ``served``'s lists."""
-    config = HeadTrainConfig(**columns)
-    module, per_teacher = fit_on_teachers(teachers, tokens, config)
-    valid = validate_head(module, served, tokens, config)
-    weight = valid.metrics["rank_weight_best"]
-    ranks = fused_ranks(valid.logits, valid.labels, valid.retriever_scores, weight)
-    return {
-        "lists": sum(per_teacher),
-        "columns": int(valid.rows.shape[-1]),
-        **valid.metrics,
-        "per_user": ndcg_per_user(ranks, 10),
-        "per_user_loss": valid.losses,
-    }
 
 
 def main() -> None:
@@ -73,27 +46,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    root = artifacts_root()
-    data = Dataset.load(dataset_dir("ml-100k"))
-
-    def inputs(run: Path | None):
-        runs = resolve_inputs(
-            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
-        )
-        return load_inputs(data, runs), runs.retriever
-
-    served, served_run = inputs(args.retriever_run)
-    teachers = []
-    for run in args.teacher_run:
-        run = resolve_run(run)
-        holdout = Manifest.read(run).config["train"]["holdout_last"]
-        teachers.append(Teacher(inputs(run)[0], holdout))
-    tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
+    data, tokens, (served, served_run), teachers = head_inputs(
+        args.teacher_run, args.retriever_run, args.llm
+    )
     added = "with " + " + ".join(args.columns)
-    arms = {
-        name: fit_and_validate(served, teachers, tokens, dict.fromkeys(args.columns, on))
-        for name, on in (("without", False), (added, True))
-    }
+    arms, cross_fitted, shown = {}, {}, None
+    for name, on in (("without", False), (added, True)):
+        config = HeadTrainConfig(**dict.fromkeys(args.columns, on))
+        train, (valid, valid_rows, _, _) = lists_for(
+            teachers, served, tokens, config, data.catalog.index_of
+        )
+        if shown is None:
+            shown = (train.users, train.labels, valid.labels)
+        elif not all(map(np.array_equal, shown, (train.users, train.labels, valid.labels))):
+            raise RuntimeError("the two arms were built on different lists")
+        arms[name] = fit_arm(train.rows, train.base, train.labels, valid_rows, valid, config)
+        cross_fitted[name] = cross_fitted_losses(train, config)
     results = {
         "columns": args.columns,
         "teachers": [str(t) for t in args.teacher_run],
@@ -101,6 +69,7 @@ def main() -> None:
         "arms": arms_summary(arms),
         "valid_users": len(arms[added]["per_user"]),
         **paired_difference(arms[added], arms["without"]),
+        "cross_fitted": cross_fitted_summary(cross_fitted[added], cross_fitted["without"]),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "ranker_head_" + "_".join(args.columns)
@@ -133,8 +102,23 @@ def report(results: dict) -> str:
         f"interval [{results['loss_diff_ci95'][0]:+.4f}, {results['loss_diff_ci95'][1]:+.4f}] "
         "(the same users, the training objective: below 0 is better).",
         "",
+        *cross_fitted_lines(results["cross_fitted"]),
+        "",
     ]
     return "\n".join(lines)
+
+
+def cross_fitted_summary(with_: np.ndarray, without: np.ndarray) -> dict:
+    """Per-user cross-fitted losses (``head_lists.cross_fitted_losses``) of two arms on the
+    same lists: their means and the paired bootstrap 95% interval of the difference."""
+    lo, hi = paired_bootstrap_ci(with_, without)
+    return {
+        "users": len(with_),
+        "loss_without": round(float(without.mean()), 4),
+        "loss_with": round(float(with_.mean()), 4),
+        "loss_diff": round(float(with_.mean() - without.mean()), 5),
+        "loss_diff_ci95": [round(lo, 5), round(hi, 5)],
+    }
 
 
 def paired_difference(arm: dict, base: dict) -> dict:
@@ -146,6 +130,17 @@ def paired_difference(arm: dict, base: dict) -> dict:
         out[f"{key}_diff"] = round(float(arm[per_user].mean() - base[per_user].mean()), 5)
         out[f"{key}_diff_ci95"] = [round(lo, 5), round(hi, 5)]
     return out
+
+
+def cross_fitted_lines(cv: dict) -> list[str]:
+    """The report's sentence for ``cross_fitted_summary``."""
+    lo, hi = cv["loss_diff_ci95"]
+    return [
+        f"Cross-fitted on the teachers' own lists ({CV_FOLDS} folds of users, each user's lists "
+        f"scored by heads fitted on the other users' only; {cv['users']} users): loss "
+        f"{cv['loss_with']} with, {cv['loss_without']} without, {cv['loss_diff']:+.4f}, paired "
+        f"interval [{lo:+.4f}, {hi:+.4f}].",
+    ]
 
 
 def arms_summary(arms: dict) -> dict:

@@ -7,14 +7,19 @@ next. The teachers' held-out lists measure exactly that. For item ``i`` over eve
 list: ``hits_i`` (lists where ``i`` was the next item) and ``expected_i`` (the sum of the
 retriever's in-list probability of ``i``); the column is ``log((hits_i + a) / (expected_i +
 a))``, with ``a`` smoothing rare items towards 0, appended raw and relative to the list (as
-the rows' own columns are). A training list's own target and probability are left out of its
-value (leave-own-list-out), so no list sees itself; validation lists read the full table.
+the rows' own columns are). Validation lists read the full table; a training list must not
+see its own target counted. Leaving out only the list itself is not enough: the teachers'
+positions overlap (``--holdout-last 5``'s are inside 10's and 15's), so a user's position can
+appear in three lists with the same target, and the other two copies still count it. Both are
+measured: each list's own list left out, and each list's user's lists all left out.
 
 Each list is built exactly as ``tandem ranker train-head`` builds it (the teachers' held-out
 lists, the served retriever's validation lists; ``RecordingMaker`` records the candidates), with
 and without the ``demographics`` columns; every head is fitted as ``fit_head`` fits it. The
 table reports each head's validation loss and tuned NDCG@10, and paired bootstrap intervals
-against the head without either (the shipped configuration).
+against the head without either (the shipped configuration). A second measurement has ~30x the
+lists: cross-fitted on the teachers' own lists (``head_lists.cross_fitted_losses``), each fold's
+table counted on the fitted users' lists only.
 
     python benchmarks/ranker_head_item_calibration.py --teacher-run T10 --teacher-run T15 \
         --teacher-run T5 [--retriever-run SERVED] [--smoothing 0.5] [--llm artifacts/llm-2]
@@ -25,32 +30,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from head_lists import CV_FOLDS, TrainingLists, cross_fitted_losses, fit_arm, head_inputs, lists_for
 from ranker_head_columns import (
     arms_summary,
+    cross_fitted_summary,
     head_report_opening,
     paired_difference,
     paired_table,
 )
-from ranker_head_second_retriever import RecordingMaker, fit_arm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ranker.head_train import HeadTrainConfig, candidate_rows, collect, example_config  # noqa: E402
-from ranker.inputs import load_inputs, resolve_inputs  # noqa: E402
-from ranker.llm import load_tokenizer  # noqa: E402
-from ranker.prompts import PromptTokenizer  # noqa: E402
+from ranker.head_train import (  # noqa: E402
+    HeadTrainConfig,
+)
 from ranker.signals import relative_columns  # noqa: E402
-from ranker.train_data import with_side_features  # noqa: E402
 from ranker.train_objective import retriever_log_softmax  # noqa: E402
-from tandem.artifacts import Manifest, resolve_run  # noqa: E402
-from tandem.data import Dataset  # noqa: E402
-from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 BASE_ARM = "without (shipped columns)"
@@ -67,73 +67,63 @@ def calibration_table(items: np.ndarray, base: np.ndarray, labels: np.ndarray, s
 
 
 def calibration_column(
-    table, items: np.ndarray, base: np.ndarray, smoothing: float, labels: np.ndarray | None
+    table,
+    items: np.ndarray,
+    base: np.ndarray,
+    smoothing: float,
+    labels: np.ndarray | None,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[n, 20, 2]``: each candidate's ``log((hits + a) / (expected + a))``, raw and relative
-    to its list; with ``labels`` (training lists) each list's own contribution is left out."""
-    hits, expected = (t[items].copy() for t in table)
+    to its list. With ``labels`` (training lists) what each list's group added to the table
+    is left out: ``groups`` (e.g. the lists' users; default: each list alone)."""
+    hits, expected = (t[items].astype(np.float64) for t in table)
     if labels is not None:
-        hits -= items == items[np.arange(len(items)), labels][:, None]
-        expected = np.maximum(expected - np.exp(base), 0.0)
+        own_hits, own_expected = group_contributions(items, base, labels, groups)
+        hits = np.maximum(hits - own_hits, 0.0)
+        expected = np.maximum(expected - own_expected, 0.0)
     raw = np.log((hits + smoothing) / (expected + smoothing))
     rel = np.stack([relative_columns(row[:, None])[:, 0] for row in raw])
     return np.stack([raw, rel], axis=-1).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class TrainingLists:
-    """The teachers' lists as ``tandem ranker train-head`` builds them, with what each one
-    showed: its candidates' item indices and the length of the history it was decided after."""
-
-    rows: np.ndarray  # [n, 20, F]
-    base: np.ndarray  # the teacher's log-softmax, [n, 20]
-    labels: np.ndarray  # the true candidate, [n]
-    items: np.ndarray  # catalog indices, [n, 20]
-    history_lengths: np.ndarray  # [n]
-    holdouts: np.ndarray  # the teacher's --holdout-last, [n]
-
-
-def lists_for(teachers, served, tokens, config: HeadTrainConfig, index_of):
-    """The ``TrainingLists`` over every teacher, and the served retriever's validation set with
-    its rows, item indices and history lengths."""
-    parts = []
-    for inputs, holdout in teachers:
-        maker = RecordingMaker(inputs, example_config(config, holdout, 0), tokens)
-        rows, base, labels = collect(maker, config.max_lists)
-        shown = [(h, ids) for h, ids in maker.lists if len(ids) == 20][: len(labels)]
-        items = np.stack([index_of(ids) for _, ids in shown])
-        lengths = np.asarray([len(h) for h, _ in shown])
-        parts.append((rows, base, labels, items, lengths, np.full(len(labels), holdout)))
-    train = TrainingLists(*(np.concatenate(p) for p in zip(*parts, strict=True)))
-    num_users = served.dataset.split().num_users
-    maker = RecordingMaker(served, example_config(config, 0, num_users), tokens)
-    valid = maker.validation_set()
-    valid_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
-    if len(maker.lists) != len(valid.layouts):
-        raise RuntimeError("the validation set rendered other lists than its own")
-    valid_items = np.stack([index_of(ids) for _, ids in maker.lists])
-    valid_lengths = np.asarray([len(h) for h, _ in maker.lists])
-    return train, (valid, valid_rows, valid_items, valid_lengths)
+def group_contributions(items, base, labels, groups=None):
+    """``[n, 20]`` each: what the lists of each list's group added to ``calibration_table``'s
+    ``hits`` and ``expected`` for its candidates."""
+    n = len(items)
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    targets = items[np.arange(n), labels]
+    probs = np.exp(base)
+    hits, expected = np.zeros(items.shape), np.zeros(items.shape)
+    order = np.argsort(groups, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(groups[order]) != 0])
+    for at in np.split(order, starts[1:]):
+        shown, inverse = np.unique(items[at], return_inverse=True)
+        inverse = inverse.reshape(len(at), -1)
+        group_hits = np.bincount(np.searchsorted(shown, targets[at]), minlength=len(shown))
+        group_expected = np.bincount(inverse.ravel(), probs[at].ravel(), minlength=len(shown))
+        hits[at], expected[at] = group_hits[inverse], group_expected[inverse]
+    return hits, expected
 
 
-def head_inputs(teacher_runs: list[Path], retriever_run: Path | None, llm: Path | None):
-    """What the head benchmarks read: ML-100K, the tokenizer that renders the rows, the served
-    retriever's inputs and run folder, and each teacher's inputs with its ``--holdout-last``."""
-    root = artifacts_root()
-    data = Dataset.load(dataset_dir("ml-100k"))
-    tokens = PromptTokenizer(load_tokenizer(llm or root / "llm-2"))
+def cross_fitted_calibration(train: TrainingLists, config: HeadTrainConfig, smoothing, size):
+    """``cross_fitted_losses`` with the calibration column appended, each fold's table counted
+    on the fitted users' lists only (their column leaving each user's own lists out)."""
 
-    def inputs(run: Path | None):
-        runs = resolve_inputs(
-            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
+    def columns(fit, held):
+        table = calibration_table(train.items[fit], train.base[fit], train.labels[fit], size)
+        fit_column = calibration_column(
+            table, train.items[fit], train.base[fit], smoothing, train.labels[fit], train.users[fit]
         )
-        return with_side_features(load_inputs(data, runs)), runs.retriever
+        held_column = calibration_column(
+            table, train.items[held], train.base[held], smoothing, None
+        )
+        return (
+            np.concatenate([train.rows[fit], fit_column], -1),
+            np.concatenate([train.rows[held], held_column], -1),
+        )
 
-    teachers = [
-        (inputs(run)[0], Manifest.read(resolve_run(run)).config["train"]["holdout_last"])
-        for run in teacher_runs
-    ]
-    return data, tokens, inputs(retriever_run), teachers
+    return cross_fitted_losses(train, config, columns)
 
 
 def main() -> None:
@@ -149,7 +139,7 @@ def main() -> None:
         args.teacher_run, args.retriever_run, args.llm
     )
     size = len(data.catalog) + 1
-    arms, valid_lists = {}, None
+    arms, cross_fitted, valid_lists = {}, {}, None
     for demographics in (False, True):
         config = HeadTrainConfig(demographics=demographics)
         train, (valid, valid_rows, valid_items, _) = lists_for(
@@ -162,18 +152,24 @@ def main() -> None:
             raise RuntimeError("the two collections built different validation lists")
         table = calibration_table(items, base, labels, size)
         valid_base = retriever_log_softmax(valid.retriever_scores).numpy()
-        column = calibration_column(table, items, base, args.smoothing, labels)
         valid_column = calibration_column(table, valid_items, valid_base, args.smoothing, None)
-        with_column = (
-            np.concatenate([rows, column], -1),
-            np.concatenate([valid_rows, valid_column], -1),
-        )
         name = "demographics" if demographics else ""
-        for arm, (train_x, valid_x) in (
-            (name or BASE_ARM, (rows, valid_rows)),
-            (" + ".join(filter(None, [name, "item calibration"])), with_column),
-        ):
-            arms[arm] = fit_arm(train_x, base, labels, valid_x, valid, config)
+        arms[name or BASE_ARM] = fit_arm(rows, base, labels, valid_rows, valid, config)
+        for left_out, groups in (("own list", None), ("own user", train.users)):
+            column = calibration_column(table, items, base, args.smoothing, labels, groups)
+            arm = " + ".join(filter(None, [name, f"item calibration ({left_out} left out)"]))
+            arms[arm] = fit_arm(
+                np.concatenate([rows, column], -1),
+                base,
+                labels,
+                np.concatenate([valid_rows, valid_column], -1),
+                valid,
+                config,
+            )
+        cross_fitted[name or "shipped columns"] = cross_fitted_summary(
+            cross_fitted_calibration(train, config, args.smoothing, size),
+            cross_fitted_losses(train, config),
+        )
     base_arm = arms[BASE_ARM]
     results = {
         "teachers": [str(t) for t in args.teacher_run],
@@ -182,6 +178,7 @@ def main() -> None:
         "lists": base_arm["lists"],
         "valid_users": len(valid_lists),
         "arms": arms_summary(arms),
+        "cross_fitted_on_teachers_lists": cross_fitted,
         "against_shipped_columns": {
             name: paired_difference(arm, base_arm) for name, arm in arms.items() if name != BASE_ARM
         },
@@ -202,6 +199,20 @@ def report(results: dict) -> str:
         *head_report_opening("does a per-item calibration column help?", __doc__, command, results),
         "",
         *paired_table("the head without either", results["against_shipped_columns"]),
+        "",
+        f"Cross-fitted on the teachers' lists ({CV_FOLDS} folds of users; each user's mean loss "
+        "on their own lists, scored by heads that never saw that user; the column leaves each "
+        "user's own lists out):",
+        "",
+        "| columns | users | loss without | loss with the column "
+        "| with minus without, 95% interval |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {cv['users']} | {cv['loss_without']} | {cv['loss_with']} | "
+            f"{cv['loss_diff']:+.4f} [{cv['loss_diff_ci95'][0]:+.4f}, "
+            f"{cv['loss_diff_ci95'][1]:+.4f}] |"
+            for name, cv in results["cross_fitted_on_teachers_lists"].items()
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from head_lists import fit_arm, head_arm, head_inputs, lists_for
 from ranker_head_columns import (
     arms_summary,
     head_report_opening,
     paired_difference,
     paired_table,
 )
-from ranker_head_item_calibration import head_inputs, lists_for
-from ranker_head_second_retriever import fit_arm, head_arm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from head_lists import RecordingMaker, fit_arm
 from ranker_head_columns import arms_summary, head_report_opening, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,38 +37,20 @@ sys.path.insert(0, str(REPO))
 from ranker.examples import CandidateSource  # noqa: E402
 from ranker.head_train import (  # noqa: E402
     HeadTrainConfig,
-    ListwiseHead,
     candidate_rows,
     collect,
     example_config,
-    fit_head,
-    list_losses,
 )
 from ranker.inputs import load_inputs, load_retriever, resolve_inputs  # noqa: E402
 from ranker.llm import load_tokenizer  # noqa: E402
 from ranker.prompts import PromptTokenizer  # noqa: E402
 from ranker.signals import relative_columns, score_columns  # noqa: E402
-from ranker.train_data import ExampleMaker, with_side_features  # noqa: E402
-from ranker.train_validate import fused_ranks, served_weight  # noqa: E402
+from ranker.train_data import with_side_features  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
 from tandem.data import Catalog, Dataset  # noqa: E402
-from tandem.metrics import ndcg_per_user  # noqa: E402
 from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-
-
-class RecordingMaker(ExampleMaker):
-    """An ``ExampleMaker`` that also records each rendered list's history and candidate ids,
-    in render order (one list per kept example), so a second model can score the same lists."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lists: list[tuple[list[str], list[str]]] = []
-
-    def _render(self, inp, rng=None, own=None):
-        self.lists.append(([h.item_id for h in inp.history], [c.item_id for c in inp.candidates]))
-        return super()._render(inp, rng, own)
 
 
 def second_columns(
@@ -83,32 +66,6 @@ def second_columns(
     )
     scores = np.einsum("bnd,bd->bn", source.item_table[candidates], vectors).astype(np.float64)
     return np.stack([relative_columns(score_columns(s)) for s in scores]).astype(np.float32)
-
-
-def fit_arm(train_x, base, labels, valid_x, valid, config: HeadTrainConfig) -> dict:
-    """A head fitted on ``train_x`` as ``fit_head`` fits it, on the validation lists
-    (``head_arm``)."""
-    module = fit_head(ListwiseHead(train_x.shape[-1]), train_x, base, labels, config)
-    return head_arm(module, len(labels), valid_x, valid)
-
-
-def head_arm(module: ListwiseHead, lists: int, valid_x, valid) -> dict:
-    """A fitted head (on ``lists`` training lists) on the validation lists: its loss, tuned
-    weight and NDCG@10, with per-user values for paired intervals."""
-    losses, alone = list_losses(module, valid_x, valid)
-    head = module.linear()
-    logits = np.stack([head.scores(r) for r in valid_x])
-    chosen = served_weight(logits, valid.labels, valid.retriever_scores)
-    ranks = fused_ranks(logits, valid.labels, valid.retriever_scores, chosen["rank_weight_best"])
-    return {
-        "columns": int(valid_x.shape[-1]),
-        "lists": lists,
-        **chosen,
-        "valid_loss": round(float(losses.mean()), 4),
-        "valid_retriever_loss": round(float(alone.mean()), 4),
-        "per_user": ndcg_per_user(ranks, 10),
-        "per_user_loss": losses,
-    }
 
 
 def main() -> None:
