@@ -34,7 +34,7 @@ from ranker.head_train import HeadTrainConfig  # noqa: E402
 from tandem.metrics import paired_bootstrap_ci  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-COLUMNS = ("demographics", "ease")  # HeadTrainConfig switches (each arm sets them explicitly)
+COLUMNS = ("demographics", "ease", "lifecycle")  # HeadTrainConfig switches (each arm sets them)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ vLLM server). A trained run folder holds everything except the base LLM:
     covisit.safetensors          other people's item-to-item co-visitation (ranker.covisit)
     demographics.safetensors     item popularity by user group (ranker.demographics), when used
     ease.safetensors             item-item co-occurrence for the history's EASE score (ranker.ease)
+    lifecycle.safetensors        each item's interaction times (ranker.lifecycle), when used
     item_ids.json                the table's row ids (row i + 1 is item_ids[i]); when present the
                                  ranker reads item rows from its own table, so what it serves is
                                  exactly what it was trained on, whatever the feature store holds

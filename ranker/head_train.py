@@ -51,6 +51,7 @@ class HeadTrainConfig:
     covisit: bool = True  # co-visitation columns (ranker.covisit)
     demographics: bool = False  # lift in the user's gender / age / occupation groups
     ease: bool = True  # the history's EASE score, own row left out (ranker.ease; helped on valid)
+    lifecycle: bool = False  # use before the decision and age per candidate (ranker.lifecycle)
     seed: int = 0
 
 
@@ -144,8 +145,8 @@ def fit_head(
 def example_config(config: HeadTrainConfig, steps_per_user: int, valid_users: int):
     return ExampleConfig(
         prompt=PROMPT, candidates="retrieved", trends=config.trends, covisit=config.covisit,
-        demographics=config.demographics, ease=config.ease, shuffle=True, valid_users=valid_users,
-        steps_per_user=steps_per_user, seed=config.seed,
+        demographics=config.demographics, ease=config.ease, lifecycle=config.lifecycle,
+        shuffle=True, valid_users=valid_users, steps_per_user=steps_per_user, seed=config.seed,
     )  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 Each table turns (user, history, candidates) into a few columns appended to the candidates'
 context, and is built from training interactions only: recent popularity (``ranker.trends``),
 what other people watched next (``ranker.covisit``), lift in the user's groups
-(``ranker.demographics``) and what the whole history predicts (``ranker.ease``). Training,
+(``ranker.demographics``), what the whole history predicts (``ranker.ease``) and where each
+candidate stood in its life at the decision (``ranker.lifecycle``). Training,
 evaluation and serving append them through this one ``apply``, in this one order, so the rows
 a ranker serves are the rows it was trained on; ``save``/``load`` keep each table in its own
 safetensors file in the run folder.
@@ -26,6 +27,7 @@ import numpy as np
 from ranker.covisit import COVISIT_FILE, CovisitTable
 from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
 from ranker.ease import EASE_FILE, EaseTable
+from ranker.lifecycle import LIFECYCLE_FILE, LifecycleTable
 from ranker.prompts import PromptInput, with_candidate_context
 from ranker.trends import TREND_FILE, TrendTable
 
@@ -35,6 +37,7 @@ FILES = {
     "covisit": (COVISIT_FILE, CovisitTable),
     "demographics": (DEMOGRAPHICS_FILE, DemographicTable),
     "ease": (EASE_FILE, EaseTable),
+    "lifecycle": (LIFECYCLE_FILE, LifecycleTable),
 }
 
 
@@ -44,6 +47,7 @@ class RunTables:
     covisit: CovisitTable | None = None  # other people's item-to-item co-visitation
     demographics: DemographicTable | None = None  # item popularity by user group
     ease: EaseTable | None = None  # the history's EASE score, the user's own row left out
+    lifecycle: LifecycleTable | None = None  # consumed before the decision, days since first
 
     @property
     def empty(self) -> bool:
@@ -69,6 +73,8 @@ class RunTables:
             columns.append(self.demographics.features(inp.user_attributes, items, own))
         if self.ease is not None:
             columns.append(self.ease.features(history, items, own))
+        if self.lifecycle is not None:
+            columns.append(self.lifecycle.features(inp.timestamp, items))
         return with_candidate_context(inp, np.concatenate(columns, axis=1)) if columns else inp
 
     def save(self, run_dir: Path) -> None:

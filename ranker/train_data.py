@@ -30,6 +30,7 @@ from ranker.covisit import CovisitTable
 from ranker.demographics import DemographicTable, attributes_of
 from ranker.ease import EaseTable
 from ranker.examples import CandidateSource, ItemFeatures, prompt_input, sample_candidates
+from ranker.lifecycle import LifecycleTable
 from ranker.prompts import PromptConfig, PromptInput, PromptLayout, PromptTokenizer, render_prompt
 from ranker.run_tables import RunTables
 from ranker.trends import TrendTable
@@ -65,6 +66,7 @@ class ExampleConfig:
     covisit: bool = False  # candidates carry other people's co-visitation (ranker.covisit)
     demographics: bool = False  # candidates carry their lift in the user's groups
     ease: bool = False  # candidates carry the history's EASE score (ranker.ease)
+    lifecycle: bool = False  # candidates carry their use so far and age (ranker.lifecycle)
     shuffle: bool = True  # retrieved mode: show the top-20 in a random order (see below)
     seed: int = 0
 
@@ -160,9 +162,9 @@ class ExampleMaker:
     def _build_tables(self, config: ExampleConfig) -> RunTables:
         """The run tables ``config`` asks for, from training interactions only."""
         train = self.split.train
-        trends = covisit = demographics = ease = None
+        trends = covisit = demographics = ease = lifecycle = None
+        times = np.concatenate([t[: len(s)] for t, s in zip(self.times, train, strict=True)])
         if config.trends:
-            times = np.concatenate([t[: len(s)] for t, s in zip(self.times, train, strict=True)])
             trends = TrendTable.build(times, np.concatenate(train), self.num_items)
         if config.covisit:
             covisit = CovisitTable.build(train, self.num_items)
@@ -170,7 +172,9 @@ class ExampleMaker:
             demographics = DemographicTable.build(self.attributes, train, self.num_items)
         if config.ease:
             ease = EaseTable.build(train, self.num_items)
-        return RunTables(trends, covisit, demographics, ease)
+        if config.lifecycle:
+            lifecycle = LifecycleTable.build(times, np.concatenate(train), self.num_items)
+        return RunTables(trends, covisit, demographics, ease, lifecycle)
 
     @lru_cache(maxsize=2)  # noqa: B019 - one maker per run; the cache holds two permutations
     def _epoch(self, epoch: int) -> np.ndarray:

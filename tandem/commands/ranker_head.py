@@ -50,6 +50,13 @@ def train_head(
             "benchmarks/results/ranker_head_ease.md)."
         ),
     ] = True,
+    lifecycle: Annotated[
+        bool,
+        typer.Option(
+            help="Columns of each candidate's interactions before the decision and days since "
+            "its first (off until shown to help: benchmarks/results/ranker_head_lifecycle.md)."
+        ),
+    ] = False,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of the list order and the optimiser.")] = 0,
 ) -> None:
@@ -74,7 +81,7 @@ def train_head(
     root = artifacts_root()
     config = HeadTrainConfig(
         epochs=epochs, lr=lr, weight_decay=weight_decay, max_lists=max_lists, trends=trends,
-        covisit=covisit, demographics=demographics, ease=ease, seed=seed,
+        covisit=covisit, demographics=demographics, ease=ease, lifecycle=lifecycle, seed=seed,
     )  # fmt: skip
     try:
         data = Dataset.load(dataset_dir(dataset))

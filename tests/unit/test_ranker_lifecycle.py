@@ -1,0 +1,58 @@
+"""Each candidate's use before the decision and its age, strictly causal; and the run tables
+that carry them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ranker.lifecycle import DAY, LifecycleTable
+from ranker.prompts import PromptInput, PromptItem
+from ranker.run_tables import RunTables
+
+T0 = 880_000_000  # epoch seconds, in ML-100K's years
+#            item 1: days 0, 1, 5     item 2: day 3     item 3: never
+TIMES = np.array([T0 + 5 * DAY, T0, T0 + DAY, T0 + 3 * DAY])
+ITEMS = np.array([1, 1, 1, 2])
+NUM_ITEMS = 3
+
+
+def table() -> LifecycleTable:
+    return LifecycleTable.build(TIMES, ITEMS, NUM_ITEMS)
+
+
+def test_a_decision_sees_only_interactions_before_it():
+    got = table().features(T0 + 3 * DAY, np.array([1, 2, 3]))
+    # item 1: two before (days 0 and 1), first 3 days ago; item 2's day-3 one is not before
+    np.testing.assert_allclose(got[0], [np.log1p(2), np.log1p(3), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], [0.0, 0.0, 1.0])
+    np.testing.assert_allclose(got[2], [0.0, 0.0, 1.0])
+    later = table().features(T0 + 3 * DAY + 1, np.array([2]))
+    np.testing.assert_allclose(later[0], [np.log1p(1), np.log1p(1 / DAY), 0.0], rtol=1e-6)
+
+
+def test_serving_now_reads_the_tables_end_and_unknown_items_are_never_seen():
+    got = table().features(None, np.array([1, 0, 99]))
+    end = T0 + 5 * DAY + 1
+    np.testing.assert_allclose(got[0], [np.log1p(3), np.log1p((end - T0) / DAY), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(got[1:], [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+    # today's clock, years after the data, sees the ages training saw
+    np.testing.assert_allclose(table().features(T0 + 9_000 * DAY, np.array([1])), got[:1])
+
+
+def test_run_tables_round_trip_and_append_the_columns(tmp_path: Path):
+    RunTables(lifecycle=table()).save(tmp_path)
+    back = RunTables.load(tmp_path)
+    assert back.lifecycle is not None and back.ease is None
+    np.testing.assert_array_equal(back.lifecycle.times, table().times)
+    inp = PromptInput(
+        history=[PromptItem("h", item_id="3")],
+        candidates=[PromptItem(str(k), item_id=str(k)) for k in (1, 2)],
+        timestamp=float(T0 + 2 * DAY),
+        candidate_context=np.ones((2, 1), np.float32),
+    )
+    out = back.apply(inp, {str(k): k for k in range(1, NUM_ITEMS + 1)})
+    assert out.candidate_context.shape == (2, 4) and (out.candidate_context[:, 0] == 1).all()
+    want = table().features(T0 + 2 * DAY, np.array([1, 2]))
+    np.testing.assert_allclose(out.candidate_context[:, 1:], want)
