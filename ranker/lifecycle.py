@@ -24,7 +24,6 @@ import numpy as np
 
 DAY = 86_400
 LIFECYCLE_FILE = "lifecycle.safetensors"
-WIDTH = 3  # log1p(count before t), log1p(days since first), no interaction yet
 
 
 @dataclass(frozen=True)
@@ -37,22 +36,21 @@ class LifecycleTable:
         """From parallel arrays of interaction times (epoch seconds) and item indices."""
         times = np.asarray(times, dtype=np.int64)
         items = np.asarray(items, dtype=np.int64)
+        if not len(times):
+            raise ValueError("a lifecycle table needs at least one training interaction")
         order = np.lexsort((times, items))
         offsets = np.searchsorted(items[order], np.arange(num_items + 2))
         return cls(times[order], offsets.astype(np.int64))
 
-    @property
-    def width(self) -> int:
-        return WIDTH
-
     def features(self, t: float | None, items: np.ndarray) -> np.ndarray:
-        """``[n, 3]`` for the candidates ``items`` at decision time ``t`` (``None`` or later: the
+        """``[n, 3]``: log1p(interactions before ``t``), log1p(days since the first), and 1 for
+        none yet, for the candidates ``items`` at decision time ``t`` (``None`` or later: the
         table's end). Index 0 and items outside the table read as never seen."""
         items = np.asarray(items, dtype=np.int64)
         known = (items > 0) & (items < len(self.offsets) - 1)
         safe = np.where(known, items, 0)
         start, stop = self.offsets[safe], self.offsets[safe + 1]
-        end = int(self.times.max()) + 1 if len(self.times) else 0
+        end = int(self.times.max()) + 1
         now = end if t is None else min(int(t), end)
         before = np.array(
             [np.searchsorted(self.times[a:b], now) for a, b in zip(start, stop, strict=True)],

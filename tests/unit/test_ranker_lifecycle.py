@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ranker.lifecycle import DAY, LifecycleTable
 from ranker.prompts import PromptInput, PromptItem
@@ -56,3 +57,8 @@ def test_run_tables_round_trip_and_append_the_columns(tmp_path: Path):
     assert out.candidate_context.shape == (2, 4) and (out.candidate_context[:, 0] == 1).all()
     want = table().features(T0 + 2 * DAY, np.array([1, 2]))
     np.testing.assert_allclose(out.candidate_context[:, 1:], want)
+
+
+def test_a_table_without_interactions_is_refused():
+    with pytest.raises(ValueError, match="at least one"):
+        LifecycleTable.build(np.array([], dtype=np.int64), np.array([], dtype=np.int64), 3)
