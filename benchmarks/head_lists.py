@@ -11,6 +11,7 @@ from noise, but on lists of the teachers' kind rather than the served one's).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,23 @@ def lists_for(teachers, served, tokens, config: HeadTrainConfig, index_of):
     valid_items = np.stack([index_of(ids) for _, ids in maker.lists])
     valid_lengths = np.asarray([len(h) for h, _ in maker.lists])
     return train, (valid, valid_rows, valid_items, valid_lengths)
+
+
+def head_parser(description: str) -> argparse.ArgumentParser:
+    """The options every head benchmark takes (each adds its own): the teachers, the served
+    retriever, the LLM whose tokenizer renders the rows, torch threads (``parsed_inputs``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
+    parser.add_argument("--retriever-run", type=Path, default=None)
+    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
+    parser.add_argument("--threads", type=int, default=2)
+    return parser
+
+
+def parsed_inputs(args: argparse.Namespace):
+    """``head_inputs`` for a ``head_parser``'s arguments, with torch on ``--threads``."""
+    torch.set_num_threads(args.threads)
+    return head_inputs(args.teacher_run, args.retriever_run, args.llm)
 
 
 def head_inputs(teacher_runs: list[Path], retriever_run: Path | None, llm: Path | None):

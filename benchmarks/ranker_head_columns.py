@@ -18,14 +18,12 @@ difference (with minus without) over the validation users. The head with them is
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from head_lists import CV_FOLDS, cross_fitted_losses, fit_arm, head_inputs, lists_for
+from head_lists import CV_FOLDS, cross_fitted_losses, fit_arm, head_parser, lists_for, parsed_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -38,17 +36,10 @@ COLUMNS = ("demographics", "ease", "lifecycle")  # HeadTrainConfig switches (eac
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = head_parser(__doc__.splitlines()[0])
     parser.add_argument("--columns", action="append", choices=COLUMNS, required=True)
-    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
-    parser.add_argument("--retriever-run", type=Path, default=None)
-    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data, tokens, (served, served_run), teachers = head_inputs(
-        args.teacher_run, args.retriever_run, args.llm
-    )
+    data, tokens, (served, served_run), teachers = parsed_inputs(args)
     added = "with " + " + ".join(args.columns)
     arms, cross_fitted, shown = {}, {}, None
     for name, on in (("without", False), (added, True)):

@@ -27,14 +27,20 @@ table counted on the fitted users' lists only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from head_lists import CV_FOLDS, TrainingLists, cross_fitted_losses, fit_arm, head_inputs, lists_for
+from head_lists import (
+    CV_FOLDS,
+    TrainingLists,
+    cross_fitted_losses,
+    fit_arm,
+    head_parser,
+    lists_for,
+    parsed_inputs,
+)
 from ranker_head_columns import (
     arms_summary,
     cross_fitted_summary,
@@ -127,17 +133,10 @@ def cross_fitted_calibration(train: TrainingLists, config: HeadTrainConfig, smoo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
-    parser.add_argument("--retriever-run", type=Path, default=None)
+    parser = head_parser(__doc__.splitlines()[0])
     parser.add_argument("--smoothing", type=float, default=0.5, help="a, in expected listings")
-    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data, tokens, (served, served_run), teachers = head_inputs(
-        args.teacher_run, args.retriever_run, args.llm
-    )
+    data, tokens, (served, served_run), teachers = parsed_inputs(args)
     size = len(data.catalog) + 1
     arms, cross_fitted, valid_lists = {}, {}, None
     for demographics in (False, True):

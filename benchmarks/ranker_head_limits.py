@@ -22,7 +22,6 @@ validation loss and tuned NDCG@10, with paired bootstrap intervals against the s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from head_lists import fit_arm, head_arm, head_inputs, lists_for
+from head_lists import fit_arm, head_arm, head_parser, lists_for, parsed_inputs
 from ranker_head_columns import (
     arms_summary,
     head_report_opening,
@@ -115,16 +114,9 @@ def refit_served(head: ListwiseHead, rows, base, labels, mode: str, seed: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
-    parser.add_argument("--retriever-run", type=Path, default=None)
-    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
-    parser.add_argument("--threads", type=int, default=2)
+    parser = head_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    data, tokens, (served, served_run), teachers = head_inputs(
-        args.teacher_run, args.retriever_run, args.llm
-    )
+    data, tokens, (served, served_run), teachers = parsed_inputs(args)
     holdouts = [holdout for _, holdout in teachers]
     config = HeadTrainConfig()
     train, (valid, valid_rows, _, valid_lengths) = lists_for(

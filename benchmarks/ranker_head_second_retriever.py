@@ -21,14 +21,12 @@ and tuned NDCG@10, and paired bootstrap intervals of the differences (with minus
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from head_lists import RecordingMaker, fit_arm
+from head_lists import RecordingMaker, fit_arm, head_parser, parsed_inputs
 from ranker_head_columns import arms_summary, head_report_opening, paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +39,10 @@ from ranker.head_train import (  # noqa: E402
     collect,
     example_config,
 )
-from ranker.inputs import load_inputs, load_retriever, resolve_inputs  # noqa: E402
-from ranker.llm import load_tokenizer  # noqa: E402
-from ranker.prompts import PromptTokenizer  # noqa: E402
+from ranker.inputs import load_retriever  # noqa: E402
 from ranker.signals import relative_columns, score_columns  # noqa: E402
-from ranker.train_data import with_side_features  # noqa: E402
 from tandem.artifacts import Manifest, resolve_run  # noqa: E402
-from tandem.data import Catalog, Dataset  # noqa: E402
-from tandem.paths import artifacts_root, dataset_dir  # noqa: E402
+from tandem.data import Catalog  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -69,42 +63,29 @@ def second_columns(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-run", type=Path, action="append", required=True)
+    parser = head_parser(__doc__.splitlines()[0])
     parser.add_argument("--second-run", type=Path, action="append", required=True)
     parser.add_argument("--second-served", type=Path, required=True)
-    parser.add_argument("--retriever-run", type=Path, default=None)
-    parser.add_argument("--llm", type=Path, default=None, help="its tokenizer renders the rows")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if len(args.teacher_run) != len(args.second_run):
         parser.error("one --second-run per --teacher-run, in the same order")
-    torch.set_num_threads(args.threads)
-    root = artifacts_root()
-    data = Dataset.load(dataset_dir("ml-100k"))
-    tokens = PromptTokenizer(load_tokenizer(args.llm or root / "llm-2"))
+    data, tokens, (served, served_run), teachers = parsed_inputs(args)
     config = HeadTrainConfig()
-
-    def inputs(run: Path | None):
-        runs = resolve_inputs(
-            root, "ml-100k", retriever=run, items="none", captions="none", preferences="none"
-        )
-        return with_side_features(load_inputs(data, runs)), runs.retriever
 
     def second(run: Path) -> CandidateSource:
         return CandidateSource(load_retriever(resolve_run(run)))
 
     parts = []
-    for teacher, other in zip(args.teacher_run, args.second_run, strict=True):
-        holdout = Manifest.read(resolve_run(teacher)).config["train"]["holdout_last"]
+    for run, (teacher, holdout), other in zip(
+        args.teacher_run, teachers, args.second_run, strict=True
+    ):
         if Manifest.read(resolve_run(other)).config["train"]["holdout_last"] != holdout:
-            parser.error(f"{other} does not hold out the last {holdout} items as {teacher} does")
-        maker = RecordingMaker(inputs(teacher)[0], example_config(config, holdout, 0), tokens)
+            parser.error(f"{other} does not hold out the last {holdout} items as {run} does")
+        maker = RecordingMaker(teacher, example_config(config, holdout, 0), tokens)
         rows, base, labels = collect(maker, config.max_lists)
         parts.append((rows, second_columns(second(other), data.catalog, maker.lists), base, labels))
     rows, extra, base, labels = (np.concatenate(p) for p in zip(*parts, strict=True))
 
-    served, served_run = inputs(args.retriever_run)
     maker = RecordingMaker(served, example_config(config, 0, data.split().num_users), tokens)
     valid = maker.validation_set()
     valid_rows = np.stack([candidate_rows(layout) for layout in valid.layouts])
