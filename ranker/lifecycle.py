@@ -8,6 +8,8 @@ arrived. This table says it, strictly causally: for a decision at time ``t``, ea
 interactions before ``t`` (log1p), the days since its first one (log1p), and whether it had
 none yet. A time past the table's end reads the table's end: serving "now" (``None``, or
 today's clock) sees the ages training saw, not ages grown by every day since the table was built.
+These are sizes that mean something from one list to the next, so the rows carry them as
+measures, outside the context group's scale (``ranker.signals``).
 
 The counts include everyone's interactions before ``t``. The requesting user's own are among
 them only as their history, whose items are never candidates (the retriever masks them), so

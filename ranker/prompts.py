@@ -59,6 +59,8 @@ class PromptInput:
     history_ids: Sequence[str] | None = field(default=None, compare=False)
     # the user's whole known history (ids, oldest first) for the run tables (ranker.run_tables),
     # when it is longer than ``history``; None = the ids of ``history``
+    candidate_measures: np.ndarray | None = field(default=None, compare=False)  # [n, m] extra
+    # per-candidate quantities kept on their own scale (ranker.lifecycle), not the context's
 
 
 def with_candidate_context(inp: PromptInput, extra: np.ndarray) -> PromptInput:
@@ -66,6 +68,13 @@ def with_candidate_context(inp: PromptInput, extra: np.ndarray) -> PromptInput:
     context = inp.candidate_context
     merged = extra if context is None else np.concatenate([np.asarray(context), extra], axis=1)
     return replace(inp, candidate_context=merged)
+
+
+def with_candidate_measures(inp: PromptInput, extra: np.ndarray) -> PromptInput:
+    """``inp`` with ``extra`` (``[n, m]``) appended to its candidates' measures."""
+    measures = inp.candidate_measures
+    merged = extra if measures is None else np.concatenate([np.asarray(measures), extra], axis=1)
+    return replace(inp, candidate_measures=merged)
 
 
 @dataclass(frozen=True)
@@ -363,6 +372,7 @@ def signal_rows(inp: PromptInput, config: PromptConfig) -> np.ndarray:
         inp.candidate_context,
         config.relative_signals,
         config.signal_embeddings,
+        inp.candidate_measures,
     )
 
 
@@ -393,10 +403,14 @@ def _soft_inputs(
 
 def reorder(inp: PromptInput, order: Sequence[int]) -> PromptInput:
     """The same input with candidates shown in ``order`` (position -> candidate index)."""
-    scores, context = inp.retriever_scores, inp.candidate_context
+
+    def shown(columns):
+        return None if columns is None else np.asarray(columns)[list(order)]
+
     return replace(
         inp,
         candidates=[inp.candidates[i] for i in order],
-        retriever_scores=None if scores is None else np.asarray(scores)[list(order)],
-        candidate_context=None if context is None else np.asarray(context)[list(order)],
+        retriever_scores=shown(inp.retriever_scores),
+        candidate_context=shown(inp.candidate_context),
+        candidate_measures=shown(inp.candidate_measures),
     )

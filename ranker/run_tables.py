@@ -1,7 +1,8 @@
 """``RunTables``: the per-candidate evidence a ranker run carries beside its item rows.
 
 Each table turns (user, history, candidates) into a few columns appended to the candidates'
-context, and is built from training interactions only: recent popularity (``ranker.trends``),
+context (the lifecycle's to their measures, kept on their own scale: ``ranker.signals``), and is
+built from training interactions only: recent popularity (``ranker.trends``),
 what other people watched next (``ranker.covisit``), lift in the user's groups
 (``ranker.demographics``), what the whole history predicts (``ranker.ease``) and where each
 candidate stood in its life at the decision (``ranker.lifecycle``). Training,
@@ -28,7 +29,7 @@ from ranker.covisit import COVISIT_FILE, CovisitTable
 from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
 from ranker.ease import EASE_FILE, EaseTable
 from ranker.lifecycle import LIFECYCLE_FILE, LifecycleTable
-from ranker.prompts import PromptInput, with_candidate_context
+from ranker.prompts import PromptInput, with_candidate_context, with_candidate_measures
 from ranker.trends import TREND_FILE, TrendTable
 
 TABLE_HISTORY = 200  # newest history items the tables read: the feature store's history cap
@@ -56,7 +57,8 @@ class RunTables:
     def apply(
         self, inp: PromptInput, index_of: dict[str, int], own: np.ndarray | None = None
     ) -> PromptInput:
-        """``inp`` with every present table's columns appended, in field order. ``own``: the
+        """``inp`` with every present table's columns appended, in field order (the lifecycle's
+        as measures). ``own``: the
         user's item indices left out of the counts (default: the history window)."""
         ids = inp.history_ids if inp.history_ids is not None else [h.item_id for h in inp.history]
         window = list(ids)[-TABLE_HISTORY:]  # cut before the lookups: a given history may be long
@@ -73,9 +75,11 @@ class RunTables:
             columns.append(self.demographics.features(inp.user_attributes, items, own))
         if self.ease is not None:
             columns.append(self.ease.features(history, items, own))
-        if self.lifecycle is not None:
-            columns.append(self.lifecycle.features(inp.timestamp, items))
-        return with_candidate_context(inp, np.concatenate(columns, axis=1)) if columns else inp
+        if columns:
+            inp = with_candidate_context(inp, np.concatenate(columns, axis=1))
+        if self.lifecycle is not None:  # on its own scale (ranker.signals: measures)
+            inp = with_candidate_measures(inp, self.lifecycle.features(inp.timestamp, items))
+        return inp
 
     def save(self, run_dir: Path) -> None:
         for name, (file, _) in FILES.items():

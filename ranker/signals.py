@@ -20,6 +20,12 @@ each scalar standardised. A listwise softmax only sees differences between candi
 per-row layer norm (the projector's default) would rescale each candidate's evidence by its
 own size, which blurs exactly the comparison the LLM must make.
 
+``measures`` are quantities whose size means something across lists (``ranker.lifecycle``:
+interactions so far, days since the first). The context group's one scale would let the other
+columns' spread in each list decide theirs, so they are appended outside it, twice: centred
+(the list's own spread kept) and standardised per column (the order within the list). On the
+teachers' lists that form helped more than the group's (``ranker_head_lifecycle.md``).
+
 Pure functions of their inputs: training, evaluation and serving call the same code.
 """
 
@@ -48,6 +54,7 @@ def candidate_signals(
     context: np.ndarray | None = None,
     relative: bool = False,
     embeddings: bool = True,
+    measures: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[n, signal_dim]`` float32 rows for ``n`` candidates.
 
@@ -59,7 +66,9 @@ def candidate_signals(
     live in one retriever's vector space are left out (``x_c``'s and the profile product's
     first ``d``, and ``u * x_c``): what is left (scores, side features, cosines, context)
     means the same under any retriever, so a ranker trained on a teacher retriever's lists
-    can serve another's (``signal_dim(item_dim - user_dim, 0)`` columns).
+    can serve another's (``signal_dim(item_dim - user_dim, 0)`` columns). ``measures``
+    (``[n, m]``, optional) add ``2 m`` columns: centred, and standardised per column, in either
+    mode (module docstring).
     """
     user = np.asarray(user, dtype=np.float32)
     candidates = np.asarray(candidates, dtype=np.float32)
@@ -87,6 +96,9 @@ def candidate_signals(
         groups = [_centred(g) / _rms(_centred(g)) if g.size else g for g in groups]
         scalars = relative_columns(scalars)
     parts = [*groups[:3], scalars.astype(np.float32), *groups[3:]]
+    if measures is not None:
+        measures = np.asarray(measures, dtype=np.float32).reshape(n, -1)
+        parts += [_centred(measures), relative_columns(measures)]
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
