@@ -2,9 +2,10 @@
 
 The column sets (``HeadTrainConfig`` switches, issue 13's "features the ID retriever never
 sees"): ``demographics`` (``ranker.demographics``: each candidate's log lift among users of the
-user's gender, age band and occupation) and ``ease`` (``ranker.ease``: the EASE score of the
-whole history); each leaves the user's own interactions out, so a training list never sees
-its own target counted.
+user's gender, age band and occupation), ``ease`` (``ranker.ease``: the EASE score of the
+whole history), each leaving the user's own interactions out, so a training list never sees
+its own target counted; and ``lifecycle`` (``ranker.lifecycle``: each candidate's
+interactions before the decision and days since its first, strictly causal).
 
 Both heads are fitted exactly as ``tandem ranker train-head`` fits them (same teachers, lists,
 epochs, seed) and validated on the served retriever's lists; the table reports each one's

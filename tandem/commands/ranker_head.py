@@ -54,7 +54,8 @@ def train_head(
         bool,
         typer.Option(
             help="Columns of each candidate's interactions before the decision and days since "
-            "its first (off until shown to help: benchmarks/results/ranker_head_lifecycle.md)."
+            "its first (they lower the validation loss but not the ranking, so off: "
+            "benchmarks/results/ranker_head_lifecycle.md)."
         ),
     ] = False,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 2,
