@@ -404,7 +404,7 @@ def _soft_inputs(
 def reorder(inp: PromptInput, order: Sequence[int]) -> PromptInput:
     """The same input with candidates shown in ``order`` (position -> candidate index)."""
 
-    def shown(columns):
+    def shown(columns: np.ndarray | None) -> np.ndarray | None:
         return None if columns is None else np.asarray(columns)[list(order)]
 
     return replace(

@@ -58,8 +58,8 @@ class RunTables:
         self, inp: PromptInput, index_of: dict[str, int], own: np.ndarray | None = None
     ) -> PromptInput:
         """``inp`` with every present table's columns appended, in field order (the lifecycle's
-        as measures). ``own``: the
-        user's item indices left out of the counts (default: the history window)."""
+        as measures). ``own``: the user's item indices left out of the counts (default: the
+        history window)."""
         ids = inp.history_ids if inp.history_ids is not None else [h.item_id for h in inp.history]
         window = list(ids)[-TABLE_HISTORY:]  # cut before the lookups: a given history may be long
         history = np.array([index_of.get(i, 0) for i in window], dtype=np.int64)

@@ -23,8 +23,9 @@ own size, which blurs exactly the comparison the LLM must make.
 ``measures`` are quantities whose size means something across lists (``ranker.lifecycle``:
 interactions so far, days since the first). The context group's one scale would let the other
 columns' spread in each list decide theirs, so they are appended outside it, twice: centred
-(the list's own spread kept) and standardised per column (the order within the list). On the
-teachers' lists that form helped more than the group's (``ranker_head_lifecycle.md``).
+(the list's own spread kept) and standardised per column (the order within the list).
+Cross-fitted on the teachers' lists, that form helped more than the group's (README, "Validation
+loss ≤ 2.7").
 
 Pure functions of their inputs: training, evaluation and serving call the same code.
 """
