@@ -20,6 +20,7 @@ the run, so serving reads exactly what training counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,11 @@ class LifecycleTable:
         offsets = np.searchsorted(items[order], np.arange(num_items + 2))
         return cls(times[order], offsets.astype(np.int64))
 
+    @cached_property
+    def end(self) -> int:
+        """Just after the last interaction: what "now" reads (computed once, not per request)."""
+        return int(self.times.max()) + 1
+
     def features(self, t: float | None, items: np.ndarray) -> np.ndarray:
         """``[n, 3]``: log1p(interactions before ``t``), log1p(days since the first), and 1 for
         none yet, for the candidates ``items`` at decision time ``t`` (``None`` or later: the
@@ -52,8 +58,7 @@ class LifecycleTable:
         known = (items > 0) & (items < len(self.offsets) - 1)
         safe = np.where(known, items, 0)
         start, stop = self.offsets[safe], self.offsets[safe + 1]
-        end = int(self.times.max()) + 1
-        now = end if t is None else min(int(t), end)
+        now = self.end if t is None else min(int(t), self.end)
         before = np.array(
             [np.searchsorted(self.times[a:b], now) for a, b in zip(start, stop, strict=True)],
             dtype=np.float64,

@@ -63,18 +63,10 @@ class PromptInput:
     # per-candidate quantities kept on their own scale (ranker.lifecycle), not the context's
 
 
-def with_candidate_context(inp: PromptInput, extra: np.ndarray) -> PromptInput:
-    """``inp`` with ``extra`` (``[n, k]``) appended to its candidates' context columns."""
-    context = inp.candidate_context
-    merged = extra if context is None else np.concatenate([np.asarray(context), extra], axis=1)
-    return replace(inp, candidate_context=merged)
-
-
-def with_candidate_measures(inp: PromptInput, extra: np.ndarray) -> PromptInput:
-    """``inp`` with ``extra`` (``[n, m]``) appended to its candidates' measures."""
-    measures = inp.candidate_measures
-    merged = extra if measures is None else np.concatenate([np.asarray(measures), extra], axis=1)
-    return replace(inp, candidate_measures=merged)
+def appended_columns(columns: np.ndarray | None, extra: np.ndarray) -> np.ndarray:
+    """Per-candidate ``columns`` (``[n, k]``, or None for none yet) with ``extra`` (``[n, m]``)
+    after them: how the run tables add to ``candidate_context`` and ``candidate_measures``."""
+    return extra if columns is None else np.concatenate([np.asarray(columns), extra], axis=1)
 
 
 @dataclass(frozen=True)

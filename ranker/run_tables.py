@@ -20,7 +20,7 @@ sequence, which is what the tables counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from ranker.covisit import COVISIT_FILE, CovisitTable
 from ranker.demographics import DEMOGRAPHICS_FILE, DemographicTable
 from ranker.ease import EASE_FILE, EaseTable
 from ranker.lifecycle import LIFECYCLE_FILE, LifecycleTable
-from ranker.prompts import PromptInput, with_candidate_context, with_candidate_measures
+from ranker.prompts import PromptInput, appended_columns
 from ranker.trends import TREND_FILE, TrendTable
 
 TABLE_HISTORY = 200  # newest history items the tables read: the feature store's history cap
@@ -76,9 +76,13 @@ class RunTables:
         if self.ease is not None:
             columns.append(self.ease.features(history, items, own))
         if columns:
-            inp = with_candidate_context(inp, np.concatenate(columns, axis=1))
+            context = appended_columns(inp.candidate_context, np.concatenate(columns, axis=1))
+            inp = replace(inp, candidate_context=context)
         if self.lifecycle is not None:  # on its own scale (ranker.signals: measures)
-            inp = with_candidate_measures(inp, self.lifecycle.features(inp.timestamp, items))
+            measures = appended_columns(
+                inp.candidate_measures, self.lifecycle.features(inp.timestamp, items)
+            )
+            inp = replace(inp, candidate_measures=measures)
         return inp
 
     def save(self, run_dir: Path) -> None:
